@@ -1,0 +1,111 @@
+"""Optimized BLAS for the Linux CPU backend.
+
+The ``mlx[cpu]`` wheel links a reference BLAS: a float32 1024^3 matmul runs at ~8 GFLOP/s on our machines and at
+~257 GFLOP/s with Debian's OpenBLAS preloaded (DESIGN.md §3). A library can only be preloaded when a process
+starts, so every process we launch gets ``LD_PRELOAD`` in its environment, and entry points re-exec themselves
+once when they were started without it. macOS (Accelerate) and CUDA need none of this: every function here is a
+no-op off Linux.
+
+Run ``python -m common.blas -- CMD ...`` to run any command with the preload (the Makefile runs pytest this way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_LIB_NAMES = ("libopenblas.so.0", "libopenblas.so", "libblis.so.4", "libmkl_rt.so")
+_SEARCH_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+)
+# Set by us on re-exec so a process whose preload failed to take never loops.
+_REEXEC_MARK = "MLX_PPO_BLAS_REEXEC"
+INSTALL_HINT = (
+    "no optimized BLAS found: MLX on this Linux CPU will be ~30x slower. "
+    "Install one with: apt-get install libopenblas0-pthread (or run 'make setup' as root)"
+)
+
+
+def is_linux() -> bool:
+    return sys.platform.startswith("linux")
+
+
+def find_fast_blas() -> str | None:
+    """Path of an optimized BLAS shared library on this Linux machine, or None (always None off Linux)."""
+    if not is_linux():
+        return None
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        listing = ""
+    for name in _LIB_NAMES:
+        for line in listing.splitlines():
+            parts = line.strip().split(" => ")
+            if len(parts) == 2 and parts[0].split(" ")[0] == name and Path(parts[1]).exists():
+                return parts[1]
+    for directory in _SEARCH_DIRS:
+        for name in _LIB_NAMES:
+            candidate = Path(directory) / name
+            if candidate.exists():
+                return str(candidate)
+    return None
+
+
+def is_preloaded(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``env`` (default: this process's) already preloads an optimized BLAS."""
+    preload = (os.environ if env is None else env).get("LD_PRELOAD", "")
+    return any(name.split(".so")[0] in preload for name in _LIB_NAMES)
+
+
+def env_with_fast_blas(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default: os.environ) that preloads the optimized BLAS when this is Linux and one exists."""
+    out = dict(os.environ if env is None else env)
+    lib = find_fast_blas()
+    if lib is None or is_preloaded(out):
+        return out
+    out["LD_PRELOAD"] = f"{lib} {out['LD_PRELOAD']}".strip() if out.get("LD_PRELOAD") else lib
+    return out
+
+
+def reexec_with_fast_blas(argv: Sequence[str] | None = None) -> None:
+    """Re-exec this Python process with the BLAS preloaded, once; warn in one line when none is available.
+
+    Call first thing in a ``__main__``, before MLX is imported. Returns normally when nothing needs doing.
+    """
+    if not is_linux() or is_preloaded() or os.environ.get(_REEXEC_MARK):
+        return
+    env = env_with_fast_blas()
+    if not is_preloaded(env):
+        logger.warning(INSTALL_HINT)
+        return
+    env[_REEXEC_MARK] = "1"
+    args = [sys.executable, *(sys.argv if argv is None else argv)]
+    os.execve(sys.executable, args, env)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m common.blas [--] CMD ARGS...``: run CMD with the optimized BLAS preloaded when available."""
+    args = list(argv[1:] if argv[:1] == ["--"] else argv)
+    if not args:
+        print(f"fast BLAS: {find_fast_blas() or 'none'}; preloaded here: {is_preloaded()}")
+        return 0
+    env = env_with_fast_blas()
+    if is_linux() and not is_preloaded(env):
+        print(f"warning: {INSTALL_HINT}", file=sys.stderr)
+    os.execvpe(args[0], args, env)
+    return 127  # unreachable: execvpe replaces this process or raises
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

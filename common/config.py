@@ -1,0 +1,260 @@
+"""The one configuration tree: frozen dataclasses, defaults < TOML file < ``--set`` overrides.
+
+Every option is declared once, here, with its meaning in the attribute docstring. ``load_config`` builds the
+tree and ``validate`` lists every problem at once; a bad config never starts a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "default"
+    """'default' (bundled SmolLM2-135M-Instruct), 'tiny' (random-init test llama), a local mlx-lm folder, or a
+    Hugging Face id."""
+    dtype: str = "auto"
+    """'auto' (float32 on CPU, the checkpoint's own dtype on Metal/CUDA), 'float32', 'bfloat16' or 'float16'."""
+    cache_dir: str = ""
+    """Where converted models are kept; '' means $MLX_PPO_CACHE or ~/.cache/mlx-ppo."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha; the adapter output is scaled by alpha / rank (mlx-lm's 'scale')."""
+    dropout: float = 0.0
+    """Dropout on the adapter input. 0 keeps actor and learner log-probs identical, which PPO wants."""
+    num_layers: int = -1
+    """Adapt the last N transformer blocks; -1 adapts all of them."""
+    keys: tuple[str, ...] = ()
+    """Module paths inside a block to adapt (e.g. 'self_attn.q_proj'); empty adapts every linear layer."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature (> 0 for training; behaviour log-probs are taken under it)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; log-probs are of the truncated, renormalised distribution."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off); log-probs are of the truncated distribution."""
+    max_new_tokens: int = 64
+    """Response length limit; a response stops earlier at the end-of-sequence token."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this are rejected (counted), never silently cut."""
+    batch_size: int = 16
+    """Sequences an actor generates together."""
+    seed: int = 0
+    """Base seed; each sequence's randomness is derived from it and the sequence's own id."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/latest"
+    """Where the run writes its config, logs, metrics and checkpoints."""
+    seed: int = 0
+    """Seed for model initialisation and everything not seeded elsewhere."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(value: Any, kind: Any, where: str, problems: list[str]) -> Any:
+    """Check one value against its declared type; ints are accepted where floats are declared."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{where}: expected a list of strings, got {value!r}")
+            return None
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        problems.append(f"{where}: expected true or false, got {value!r}")
+        return None
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return None
+    if kind in (float, str) and not isinstance(value, kind):
+        problems.append(f"{where}: expected {kind.__name__}, got {value!r}")
+        return None
+    return value
+
+
+def _parse_override_value(text: str) -> Any:
+    """Read a ``--set`` value the way TOML would; bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Turn ``["section.key=value", ...]`` into a nested dict; malformed items raise ConfigError."""
+    nested: dict[str, dict[str, Any]] = {}
+    problems = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        nested.setdefault(section, {})[name] = _parse_override_value(text.strip())
+    if problems:
+        raise ConfigError(problems)
+    return nested
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, values in extra.items():
+        if not isinstance(values, Mapping):
+            base.setdefault("__bad__", {})[section] = values
+            continue
+        base.setdefault(section, {}).update(values)
+
+
+def build_config(layers: Iterable[Mapping[str, Mapping[str, Any]]]) -> Config:
+    """Apply layers of ``{section: {key: value}}`` over the defaults, then validate; raises ConfigError."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        _merge(merged, layer)
+    problems = [f"[{name}]: expected a table of settings" for name in merged.pop("__bad__", {})]
+    sections = _section_types()
+    built = {}
+    for section, values in merged.items():
+        if section not in sections:
+            problems.append(f"unknown section [{section}] (known: {', '.join(sections)})")
+            continue
+        types_ = _field_types(sections[section])
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types_:
+                problems.append(f"unknown setting {section}.{key} (known: {', '.join(types_)})")
+                continue
+            coerced = _coerce(value, types_[key], f"{section}.{key}", problems)
+            if coerced is not None:
+                kwargs[key] = coerced
+        built[section] = sections[section](**kwargs)
+    if problems:
+        raise ConfigError(problems)
+    cfg = Config(**built)
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults < TOML file at ``path`` < ``section.key=value`` overrides; raises ConfigError listing all."""
+    layers: list[Mapping[str, Mapping[str, Any]]] = []
+    if path is not None:
+        try:
+            layers.append(tomllib.loads(Path(path).read_text()))
+        except FileNotFoundError as e:
+            raise ConfigError([f"config file {path} does not exist"]) from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([f"config file {path} is not valid TOML: {e}"]) from e
+    layers.append(parse_overrides(overrides))
+    return build_config(layers)
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with ``cfg``, each saying what is wrong and with which values; empty when it can run."""
+    p: list[str] = []
+    m, lo, s = cfg.model, cfg.lora, cfg.sampling
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        p.append(f"model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16")
+    if not m.name.strip():
+        p.append("model.name is empty: use default, tiny, a model folder or a Hugging Face id")
+    if lo.rank < 1:
+        p.append(f"lora.rank={lo.rank} must be >= 1")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0")
+    if not 0.0 <= lo.dropout < 1.0:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    if lo.num_layers == 0 or lo.num_layers < -1:
+        p.append(f"lora.num_layers={lo.num_layers} must be -1 (all blocks) or >= 1")
+    if not s.temperature > 0:
+        p.append(f"sampling.temperature={s.temperature} must be > 0 (behaviour log-probs need a distribution)")
+    if not 0.0 < s.top_p <= 1.0:
+        p.append(f"sampling.top_p={s.top_p} must be in (0, 1]")
+    if s.top_k < 0:
+        p.append(f"sampling.top_k={s.top_k} must be >= 0 (0 = off)")
+    if s.max_new_tokens < 1:
+        p.append(f"sampling.max_new_tokens={s.max_new_tokens} must be >= 1")
+    if s.max_prompt_tokens < 1:
+        p.append(f"sampling.max_prompt_tokens={s.max_prompt_tokens} must be >= 1")
+    if s.batch_size < 1:
+        p.append(f"sampling.batch_size={s.batch_size} must be >= 1")
+    return p
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of the config (tuples become lists), suitable for JSON, TOML and msgpack."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable hash of the settings both sides must agree on (run_dir excluded: it is per machine)."""
+    d = config_to_dict(cfg)
+    d["run"].pop("run_dir", None)
+    d["model"].pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that ``load_config`` reads back to an equal Config."""
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+

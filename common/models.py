@@ -1,0 +1,119 @@
+"""One loading path for every model: a name is resolved to an mlx-lm folder, then ``mlx_lm.load`` reads it.
+
+Names: ``default`` (the bundled SmolLM2-135M-Instruct, converted once into the cache), ``tiny`` (a random-init
+test llama written into the cache), a local mlx-lm folder, or a Hugging Face id (``org/name``, downloaded by
+mlx-lm when a network is there). On the CPU backend floating weights run in float32: bf16/fp16 matmuls have no
+fast path there (DESIGN.md §3); elsewhere the checkpoint's own dtype is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from common.config import ModelConfig
+from common.gguf_import import CONVERTER_VERSION, BundledModelMissing, bundled_gguf_path, convert_gguf
+from common.tiny_model import TINY_VERSION, write_tiny_model
+
+logger = logging.getLogger(__name__)
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model name that could not be turned into a loaded model; the message says what was tried and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    path: Path | None
+    """The mlx-lm folder it came from (None for a hub id mlx-lm resolved itself)."""
+    dtype: mx.Dtype
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MLX_PPO_CACHE") or Path.home() / ".cache" / "mlx-ppo")
+
+
+def resolve_model_folder(name: str, cache_dir: str | Path = "") -> Path | str:
+    """The folder (or hub id) that ``name`` stands for, building cached folders for 'default' and 'tiny'."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name == "default":
+        try:
+            gguf = bundled_gguf_path()
+        except BundledModelMissing as e:
+            raise ModelLoadError(str(e)) from e
+        return convert_gguf(gguf, cache / "models" / f"smollm2-135m-instruct-v{CONVERTER_VERSION}")
+    if name == "tiny":
+        return write_tiny_model(cache / "models" / f"tiny-llama-v{TINY_VERSION}", seed=0)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model {name!r} is a file; pass the mlx-lm model folder that contains it")
+        return path
+    if _HF_ID.match(name) and not name.startswith((".", "~")):
+        return name
+    raise ModelLoadError(
+        f"unknown model {name!r}: it is not 'default' or 'tiny', no folder {path.resolve()} exists, and it is not "
+        "a Hugging Face id of the form org/name. Use --model default (bundled SmolLM2-135M-Instruct), "
+        "--model tiny, a local mlx-lm folder, or an org/name id."
+    )
+
+
+def compute_dtype(requested: str, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype floating weights should run in on this device."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return checkpoint_dtype
+
+
+def _checkpoint_dtype(model: nn.Module) -> mx.Dtype:
+    from mlx.utils import tree_flatten
+
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return p.dtype
+    return mx.float32
+
+
+def _load_folder(target: Path | str) -> tuple[nn.Module, Any]:
+    from mlx_lm import load as mlx_lm_load
+
+    try:
+        return mlx_lm_load(str(target))
+    except Exception as e:  # mlx-lm raises many kinds (OSError, ValueError, hub errors, JSON errors)
+        if isinstance(target, Path):
+            raise ModelLoadError(
+                f"could not load the model folder {target}: {type(e).__name__}: {e}. A model folder needs "
+                "config.json, *.safetensors weights and tokenizer files (as mlx_lm.convert writes them); "
+                "re-create it, or delete it if it is a cached copy so it is rebuilt."
+            ) from e
+        raise ModelLoadError(
+            f"could not fetch {target!r} from the Hugging Face hub: {type(e).__name__}: {e}. If this machine is "
+            "offline, download the model where there is a network (mlx_lm.convert --hf-path ...) and pass the "
+            "folder, or use --model default."
+        ) from e
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Resolve ``cfg.name`` and load model + tokenizer in the dtype for this device (see module docstring)."""
+    target = resolve_model_folder(cfg.name, cfg.cache_dir)
+    model, tokenizer = _load_folder(target)
+    dtype = compute_dtype(cfg.dtype, _checkpoint_dtype(model))
+    # set_dtype casts floating parameters only, so quantized (uint32) weights stay quantized.
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    logger.info("loaded model %s (%s) as %s", cfg.name, target, dtype)
+    return LoadedModel(model, tokenizer, target if isinstance(target, Path) else None, dtype)
