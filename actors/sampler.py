@@ -1,0 +1,161 @@
+"""Batched sampling with a KV cache that records the behaviour log-prob of every sampled token.
+
+mlx-lm's generators report log-probs taken *before* temperature/top-k/top-p and ``batch_generate`` drops the stop
+token (DESIGN.md §5). PPO needs the log-prob under the distribution that actually drew each token, stop token
+included, so this module runs its own decode loop on mlx-lm models and caches:
+
+- prompts are left-padded into one ``BatchKVCache`` (per-row RoPE offsets and masks, so padding is invisible);
+- every sequence draws from its own seeded stream of uniforms (inverse-CDF sampling), so its tokens do not depend
+  on which batch it was generated in;
+- finished rows leave the batch at once; the next step is queued before the host reads the current one
+  (``mx.async_eval``), as mlx-lm does, so the device never waits on Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from common.config import SamplingConfig
+from common.logprobs import gather_token_logprobs, sample_from_logprobs, sample_on_host, sampling_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    prefill_step_size: int = 512
+    """Prompt tokens per forward pass during prefill (bounds activation memory for long prompts)."""
+
+    @classmethod
+    def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens)
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    """Sampled tokens, the stop token included when the sequence stopped on one."""
+    logprobs: np.ndarray
+    """``[len(response_ids)]`` float32 behaviour log-prob of each response token under the sampling distribution."""
+    finish_reason: str
+    """'stop' (a stop token was sampled) or 'length' (max_new_tokens reached)."""
+
+
+def sequence_uniforms(seed: int, n: int) -> np.ndarray:
+    """The ``[n]`` uniforms in (0, 1] a sequence with this seed samples with, one per new token."""
+    return 1.0 - np.random.default_rng(seed).random(n, dtype=np.float64).astype(np.float32)
+
+
+def make_batch_cache(model: nn.Module, left_padding: list[int]) -> list:
+    """A batched KV cache for ``model`` whose rows are left-padded by ``left_padding`` tokens."""
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
+
+    if not hasattr(model, "make_cache"):
+        return [BatchKVCache(left_padding) for _ in model.layers]
+    batch_cache = []
+    for c in model.make_cache():
+        if type(c) is KVCache:
+            batch_cache.append(BatchKVCache(left_padding))
+        elif type(c) is RotatingKVCache and c.keep == 0:
+            batch_cache.append(BatchRotatingKVCache(c.max_size, left_padding))
+        else:
+            raise NotImplementedError(f"batched sampling does not support {type(c).__name__} caches yet")
+    return batch_cache
+
+
+def _prefill(model: nn.Module, tokens: mx.array, cache: list, step: int) -> mx.array:
+    """Run the prompt through the cache and return ``[B, V]`` logits of the last position only.
+
+    All but the last prompt token go through the trunk alone, so no ``[B, L, V]`` logits are ever built.
+    """
+    trunk = getattr(model, "model", None)
+    head_start = tokens.shape[1] - 1
+    for start in range(0, head_start, step):
+        chunk = tokens[:, start : min(start + step, head_start)]
+        (trunk or model)(chunk, cache=cache)
+        mx.eval([c.state for c in cache])
+    return model(tokens[:, head_start:], cache=cache)[:, -1, :]
+
+
+def _left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
+    longest = max(len(p) for p in prompts)
+    padding = [longest - len(p) for p in prompts]
+    rows = [[0] * pad + list(p) for p, pad in zip(prompts, padding, strict=True)]
+    return mx.array(rows, dtype=mx.int32), padding
+
+
+def _sample_step(logits: mx.array, uniforms: np.ndarray, params: SamplingParams) -> tuple[mx.array, mx.array]:
+    """Draw one token per row: ``[B, V]`` logits, ``[B]`` uniforms -> ``[B]`` tokens and their log-probs.
+
+    On the CPU backend the draw runs in NumPy (see ``sample_on_host``); on a GPU it stays on the device, lazy.
+    """
+    if mx.default_device() == mx.cpu:
+        tokens, logprobs = sample_on_host(
+            np.array(logits.astype(mx.float32)), uniforms, params.temperature, params.top_k, params.top_p
+        )
+        return mx.array(tokens.astype(np.int32)), mx.array(logprobs)
+    logprobs = sampling_logprobs(logits, params.temperature, params.top_k, params.top_p)
+    tokens = sample_from_logprobs(logprobs, mx.array(uniforms))
+    return tokens, gather_token_logprobs(logprobs, tokens)
+
+
+def generate_completions(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop_ids: set[int] | frozenset[int],
+    seeds: Sequence[int],
+) -> list[Completion]:
+    """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    n_new = params.max_new_tokens
+    padded, padding = _left_pad(prompts)
+    cache = make_batch_cache(model, padding)
+    uniforms = np.stack([sequence_uniforms(s, n_new) for s in seeds])  # [B, n_new]
+    rows = list(range(len(prompts)))  # row r of the live batch is sequence rows[r]
+    responses: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    finish: list[str] = ["length"] * len(prompts)
+
+    tokens, token_lp = _sample_step(_prefill(model, padded, cache, params.prefill_step_size), uniforms[:, 0], params)
+    mx.async_eval(tokens, token_lp)
+    for step in range(n_new):
+        if step + 1 < n_new:  # queue the next step before reading this one
+            logits = model(tokens[:, None], cache=cache)[:, -1, :]
+            next_tokens, next_lp = _sample_step(logits, uniforms[:, step + 1], params)
+            mx.async_eval(next_tokens, next_lp)
+        keep = []
+        for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
+            seq = rows[r]
+            responses[seq].append(tok)
+            logprobs[seq].append(lp)
+            if tok in stop_ids:
+                finish[seq] = "stop"
+            else:
+                keep.append(r)
+        if step + 1 == n_new or not keep:
+            break
+        if len(keep) < len(rows):
+            keep_idx = mx.array(keep)
+            for c in cache:
+                c.filter(keep_idx)
+            next_tokens, next_lp, uniforms = next_tokens[keep_idx], next_lp[keep_idx], uniforms[keep]
+            rows = [rows[r] for r in keep]
+        tokens, token_lp = next_tokens, next_lp
+    return [
+        Completion(list(p), responses[i], np.asarray(logprobs[i], dtype=np.float32), finish[i])
+        for i, p in enumerate(prompts)
+    ]

@@ -1,0 +1,27 @@
+"""Shared fixtures: real (tiny or bundled) MLX models, loaded once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import ModelConfig
+from common.models import LoadedModel, load_model
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh cache for models the tests build themselves (the tiny model)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny(model_cache: Path) -> LoadedModel:
+    return load_model(ModelConfig(name="tiny", cache_dir=str(model_cache)))
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    """The bundled SmolLM2-135M-Instruct, converted into the user's cache once per machine."""
+    return load_model(ModelConfig(name="default"))

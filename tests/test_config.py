@@ -1,0 +1,70 @@
+import dataclasses
+
+import pytest
+
+from common.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    config_to_toml,
+    load_config,
+    parse_overrides,
+)
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = load_config()
+    assert cfg == Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sampling.temperature = 2.0  # type: ignore[misc]
+
+
+def test_precedence_defaults_then_file_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[sampling]\ntemperature = 0.5\nmax_new_tokens = 32\n[model]\nname = "tiny"\n')
+    cfg = load_config(path, ["sampling.temperature=0.9", "lora.keys=self_attn.q_proj,self_attn.v_proj"])
+    assert cfg.sampling.temperature == 0.9  # override beats file
+    assert cfg.sampling.max_new_tokens == 32  # file beats default
+    assert cfg.model.name == "tiny"
+    assert cfg.lora.rank == 16  # default kept
+    assert cfg.lora.keys == ("self_attn.q_proj", "self_attn.v_proj")
+
+
+def test_zero_seed_is_honoured():
+    assert load_config(None, ["sampling.seed=0", "run.seed=0"]).sampling.seed == 0
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[sampling]\ntemperature = 0\ntop_p = 1.5\nbatch_size = "many"\n[nonsense]\nx = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["lora.rank=0", "lora.colour=3"])
+    text = str(err.value)
+    for fragment in ("sampling.batch_size: expected an integer", "unknown section [nonsense]", "lora.colour"):
+        assert fragment in text
+    # Type errors stop construction before range checks; fix them and the range problems are all listed.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sampling.temperature=0", "sampling.top_p=1.5", "lora.rank=0", "model.dtype=int8"])
+    assert len(err.value.problems) == 4
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["temperature=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "broken.toml").write_text("[sampling\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+
+
+def test_toml_round_trip_and_hash(tmp_path):
+    cfg = load_config(None, ["sampling.top_k=5", "lora.keys=self_attn.q_proj", 'model.name="tiny"'])
+    path = tmp_path / "resolved.toml"
+    path.write_text(config_to_toml(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(None, ["sampling.top_k=6"])) != config_hash(cfg)
+    # Where a run writes its files does not change what it computes.
+    assert config_hash(load_config(path, ['run.run_dir="elsewhere"'])) == config_hash(cfg)
