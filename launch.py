@@ -26,12 +26,18 @@ DEMO_PROMPTS = (
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="TOML file with settings (sections: model, lora, sampling, run)")
     parser.add_argument("--model", help="default | tiny | a local mlx-lm folder | a Hugging Face id")
     parser.add_argument("--run-dir", help="where the resolved config and outputs go (run.run_dir)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set sampling.temperature=0.7 (repeatable)",
     )
     return parser.parse_args(argv)
@@ -72,17 +78,28 @@ def run_sampling_demo(cfg) -> int:
         return 2
     attach_lora(loaded.model, cfg.lora)
     tok = loaded.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in DEMO_PROMPTS]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in DEMO_PROMPTS
+    ]
     start = time.perf_counter()
     completions = generate_completions(
-        loaded.model, prompts, SamplingParams.from_config(cfg.sampling), set(tok.eos_token_ids),
+        loaded.model,
+        prompts,
+        SamplingParams.from_config(cfg.sampling),
+        set(tok.eos_token_ids),
         seeds=[cfg.sampling.seed * 1_000_003 + i for i in range(len(prompts))],
     )
     elapsed = time.perf_counter() - start
     n_tokens = sum(len(c.response_ids) for c in completions)
     for question, c in zip(DEMO_PROMPTS, completions, strict=True):
-        logger.info("%s -> %r (%s, mean logprob %.3f)", question, tok.decode(c.response_ids), c.finish_reason,
-                    float(c.logprobs.mean()))
+        logger.info(
+            "%s -> %r (%s, mean logprob %.3f)",
+            question,
+            tok.decode(c.response_ids),
+            c.finish_reason,
+            float(c.logprobs.mean()),
+        )
     logger.info("sampled %d tokens in %.2fs (%.1f tok/s)", n_tokens, elapsed, n_tokens / elapsed)
     return 0
 

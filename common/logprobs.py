@@ -11,7 +11,9 @@ import mlx.core as mx
 import numpy as np
 
 
-def sampling_logprobs(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> mx.array:
+def sampling_logprobs(
+    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> mx.array:
     """Log-probs of the distribution a sampler with these settings draws from.
 
     Args:
@@ -82,7 +84,9 @@ def sample_on_host(
 
 def _truncate_on_host(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """``sampling_logprobs``' top-k then top-p cut on temperature-scaled logits ``[B, V]`` (-inf outside)."""
-    lse = np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) + scaled.max(-1, keepdims=True)
+    lse = np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) + scaled.max(
+        -1, keepdims=True
+    )
     logprobs = scaled - lse
     if 0 < top_k < logprobs.shape[-1]:
         kth_largest = -np.partition(-logprobs, top_k - 1, axis=-1)[:, top_k - 1 : top_k]

@@ -64,7 +64,9 @@ def _check_keys(model: nn.Module, keys: list[str]) -> None:
     names = {name for name, _ in model.layers[0].named_modules()}
     unknown = [k for k in keys if k not in names]
     if unknown:
-        linears = sorted(n for n, m in model.layers[0].named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear))
+        linears = sorted(
+            n for n, m in model.layers[0].named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)
+        )
         raise ValueError(f"lora.keys {unknown} name no module in a block; linear layers there: {linears}")
 
 

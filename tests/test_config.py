@@ -59,12 +59,12 @@ def test_malformed_override_and_missing_file(tmp_path):
 
 
 def test_toml_round_trip_and_hash(tmp_path):
-    cfg = load_config(None, ["sampling.top_k=5", "lora.keys=self_attn.q_proj", 'model.name="tiny"'])
+    cfg = load_config(None, ["sampling.temperature=0.7", "lora.keys=self_attn.q_proj", 'model.name="tiny"'])
     path = tmp_path / "resolved.toml"
     path.write_text(config_to_toml(cfg))
     again = load_config(path)
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
-    assert config_hash(load_config(None, ["sampling.top_k=6"])) != config_hash(cfg)
+    assert config_hash(load_config(None, ["sampling.temperature=0.8"])) != config_hash(cfg)
     # Where a run writes its files does not change what it computes.
     assert config_hash(load_config(path, ['run.run_dir="elsewhere"'])) == config_hash(cfg)

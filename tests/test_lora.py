@@ -22,7 +22,10 @@ from common.models import load_model
 TOKENS = mx.array([[1, 40, 41, 42, 43, 44, 2]])
 
 
-def _adapted_model(model_cache, seed=0, cfg=LoraConfig(rank=4, alpha=8.0)):
+SMALL_LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def _adapted_model(model_cache, seed=0, cfg=SMALL_LORA):
     """The tiny model with LoRA whose B matrices are non-zero, so the adapters change the output."""
     loaded = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache)))
     base_logits = loaded.model(TOKENS)

@@ -1,0 +1,161 @@
+"""Generation throughput: our sampler vs ``mlx_lm.batch_generate``, with vs without the optimized BLAS.
+
+    python bench/generation.py [--model default] [--batch-sizes 1,8,32] [--new-tokens 64] [--skip-stock]
+
+Runs one worker process per BLAS setting (the preload must be in place when a process starts); each worker
+times both samplers on the same model, prompts and settings, alternating, after a warm-up. Every sequence
+generates exactly ``--new-tokens`` tokens (stop tokens ignored) so both sides do the same work. Prints a
+markdown table and writes ``bench/results/generation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a short poem about autumn leaves falling in a quiet park.",
+    "Explain photosynthesis to a ten year old.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue? Give the physical reason in two sentences.",
+    "Translate 'good morning' into Spanish.",
+    "What is 17 times 3?",
+    "Describe the taste of a lemon to someone who has never had one, using at least two comparisons.",
+]
+
+
+def _prompts(tokenizer, n: int) -> list[list[int]]:
+    chats = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+
+
+def _time_ours(loaded, prompts, new_tokens: int) -> tuple[int, float]:
+    from actors.sampler import SamplingParams, generate_completions
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    out = generate_completions(loaded.model, prompts, params, stop_ids=set(), seeds=list(range(len(prompts))))
+    return sum(len(c.response_ids) for c in out), time.perf_counter() - start
+
+
+def _time_mlx_lm(loaded, prompts, new_tokens: int) -> tuple[int, float]:
+    from mlx_lm import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    start = time.perf_counter()
+    out = batch_generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        max_tokens=new_tokens,
+        sampler=make_sampler(temp=1.0),
+        return_token_ids=True,
+        completion_batch_size=max(32, len(prompts)),
+        prefill_batch_size=len(prompts),
+    )
+    return sum(len(t) for t in out.token_ids), time.perf_counter() - start
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Measure both samplers in this process and print one JSON line per measurement."""
+    from common.blas import is_preloaded
+    from common.config import ModelConfig
+    from common.models import load_model
+
+    loaded = load_model(ModelConfig(name=args.model))
+    loaded.tokenizer._eos_token_ids = set()  # both sides generate exactly --new-tokens tokens
+    blas = "openblas" if is_preloaded() else "stock"
+    samplers = {"ours": _time_ours, "mlx_lm.batch_generate": _time_mlx_lm}
+    for fn in samplers.values():  # warm-up: first-call allocation and kernel setup
+        fn(loaded, _prompts(loaded.tokenizer, 2), 4)
+    for batch in args.batch_sizes:
+        prompts = _prompts(loaded.tokenizer, batch)
+        for name, fn in samplers.items():
+            tokens, seconds = fn(loaded, prompts, args.new_tokens)
+            row = {"blas": blas, "batch": batch, "sampler": name, "tokens": tokens, "seconds": seconds}
+            print(json.dumps(row), flush=True)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def _table(rows: list[dict], batch_sizes: list[int]) -> str:
+    rate = {(r["blas"], r["batch"], r["sampler"]): r["tokens"] / r["seconds"] for r in rows}
+    lines = [
+        "| batch | BLAS | ours tok/s | mlx_lm.batch_generate tok/s | ours / mlx_lm | ours: openblas / stock |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for batch in batch_sizes:
+        for blas in ("openblas", "stock"):
+            ours, theirs = rate.get((blas, batch, "ours")), rate.get((blas, batch, "mlx_lm.batch_generate"))
+            if ours is None or theirs is None:
+                continue
+            stock = rate.get(("stock", batch, "ours"))
+            speedup = f"{ours / stock:.1f}x" if blas == "openblas" and stock else ""
+            lines.append(
+                f"| {batch} | {blas} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {speedup} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--batch-sizes", default="1,8,32", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-stock", action="store_true", help="only the optimized-BLAS worker")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    from common.blas import env_with_fast_blas
+
+    fast_env = env_with_fast_blas()
+    stock_env = {k: v for k, v in fast_env.items() if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE")}
+    envs = [fast_env] if args.skip_stock else [fast_env, stock_env]
+    worker = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
+    worker += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    rows = []
+    for env in envs:
+        out = subprocess.run(worker, env=env, capture_output=True, text=True, check=True)
+        rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    header = f"Machine: {_machine()}; date {date.today()}; model {args.model}; {args.new_tokens} new tokens/sequence."
+    print(header)
+    print(_table(rows, args.batch_sizes))
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "generation.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

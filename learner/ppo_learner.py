@@ -1,0 +1,225 @@
+"""``PPOLearner``: the learner's state (model container, optimizer, KL controller, policy version) and the update.
+
+The math lives in ``learner/advantages.py`` and ``learner/ppo.py``; this class only sequences it. Tests drive it
+directly in one process; the learner process wraps it with sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from common.config import PPOUpdateConfig
+from common.logprobs import gather_token_logprobs, sampling_logprobs
+from common.lora import adapters_disabled
+from learner import advantages as adv
+from learner.kl_control import make_kl_controller
+from learner.models import PolicyAndValue, share_weights_clone
+from learner.ppo import explained_variance
+from learner.update import (
+    Experience,
+    LossWeights,
+    TrainBatch,
+    collate,
+    pad_per_token,
+    policy_logprobs,
+    ppo_objective,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_STATS = ("is/weight_max",)
+
+
+class PPOLearner:
+    """Holds what persists across updates and runs one update per call to ``update``."""
+
+    def __init__(
+        self,
+        container: PolicyAndValue,
+        cfg: PPOUpdateConfig,
+        temperature: float,
+        compile_step: bool = True,
+        pad_multiple: int = 32,
+    ):
+        self.container = container
+        self.cfg = cfg
+        self.temperature = temperature
+        self.policy_version = 0
+        self.pad_multiple = pad_multiple
+        self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+        self.optimizer = optim.Adam(learning_rate=cfg.learning_rate)
+        self.optimizer.init(container.trainable_parameters())
+        # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
+        self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
+        self.rng = np.random.default_rng(0)
+        self.weights = LossWeights(
+            temperature, cfg.clip_coef, cfg.value_clip, cfg.vf_coef, cfg.ent_coef, cfg.is_cap
+        )
+        self._grad_fn = self._make_grad_fn(compile_step)
+        self._apply_fn = self._make_apply_fn(compile_step)
+
+    def _make_grad_fn(self, compile_step: bool):
+        loss_and_grad = nn.value_and_grad(self.container, partial(ppo_objective, w=self.weights))
+
+        def grad_step(mb: dict[str, mx.array]):
+            (_, stats), grads = loss_and_grad(self.container, mb)
+            return stats, grads
+
+        # value_and_grad writes the parameters back into the module, so they are outputs too (as in mlx-lm).
+        state = [self.container.state, mx.random.state]
+        return mx.compile(grad_step, inputs=state, outputs=state) if compile_step else grad_step
+
+    def _make_apply_fn(self, compile_step: bool):
+        def apply(grads):
+            grad_norm = mx.array(0.0)
+            if self.cfg.max_grad_norm > 0:
+                grads, grad_norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+            self.optimizer.update(self.container, grads)
+            return grad_norm
+
+        state = [self.container.state, self.optimizer.state]
+        return mx.compile(apply, inputs=state, outputs=state) if compile_step else apply
+
+    # -- step 1: recompute with the current weights ---------------------------------------------------------
+
+    def _forward_no_grad(
+        self, batch: TrainBatch, micro: int
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Proximal log-probs, old values and reference log-probs ``[B, T]`` for the whole batch."""
+        proximal, values, ref = [], [], []
+        for start in range(0, batch.size, micro):
+            sl = slice(start, start + micro)
+            tokens, positions, response = (
+                mx.array(a[sl]) for a in (batch.tokens, batch.positions, batch.response)
+            )
+            logits, v = self.container.response_outputs(tokens, positions)
+            proximal.append(gather_token_logprobs(sampling_logprobs(logits, self.temperature), response))
+            values.append(v)
+            ref.append(self._reference_logprobs(tokens, positions, response))
+            mx.eval(proximal[-1], values[-1], ref[-1])
+        cat = lambda xs: np.concatenate([np.array(x) for x in xs])  # noqa: E731
+        return cat(proximal), (cat(values) if self.container.has_value else None), cat(ref)
+
+    def _reference_logprobs(self, tokens: mx.array, positions: mx.array, response: mx.array) -> mx.array:
+        if self.reference is not None:
+            return policy_logprobs(self.reference, tokens, positions, response, self.temperature)
+        with adapters_disabled(self.container.policy):
+            return policy_logprobs(self.container.policy, tokens, positions, response, self.temperature)
+
+    # -- step 2: rewards and advantages ---------------------------------------------------------------------
+
+    def _advantages(self, scores: np.ndarray, kl: np.ndarray, values: np.ndarray | None, mask: np.ndarray):
+        kl_coef = self.kl_controller.value
+        if self.cfg.is_critic_free:
+            penalised = scores - kl_coef * (kl * mask).sum(axis=1)
+            seq_adv = adv.group_advantages(penalised, self.cfg.group_size, self.cfg.algorithm)
+            return adv.broadcast_to_tokens(seq_adv, mask), None
+        rewards = adv.shape_rewards(scores, kl, mask, kl_coef)
+        advantages, returns = adv.compute_gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
+        if self.cfg.whiten_advantages:
+            advantages = adv.masked_whiten(advantages, mask)
+        return advantages, returns
+
+    def prepare(self, exp: Experience) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Collate and compute everything the epochs need; returns the arrays and their statistics."""
+        batch = collate(exp, self.pad_multiple)
+        proximal, values, ref = self._forward_no_grad(batch, self.cfg.micro_batch_size)
+        if exp.ref_logprobs is not None:
+            ref = pad_per_token(exp.ref_logprobs, batch.mask.shape[1])
+        mask = batch.mask
+        kl = adv.kl_estimate(proximal, ref, self.cfg.kl_estimator) * mask
+        advantages, returns = self._advantages(np.asarray(exp.scores, np.float32), kl, values, mask)
+        arrays = {
+            "tokens": batch.tokens,
+            "positions": batch.positions,
+            "response": batch.response,
+            "mask": mask,
+            "behaviour": batch.behaviour,
+            "proximal": proximal,
+            "advantages": advantages,
+        }
+        if values is not None:
+            arrays.update(old_values=values, returns=returns)
+        seq_kl = float((kl.sum(axis=1)).mean())
+        mismatch = adv.kl_estimate(batch.behaviour, proximal, "k3") * mask
+        stats = {
+            "kl/ref_mean": seq_kl,
+            "kl/coef": self.kl_controller.value,
+            "rollout/score_mean": float(np.mean(exp.scores)),
+            "rollout/score_std": float(np.std(exp.scores)),
+            "rollout/response_len_mean": float(mask.sum(axis=1).mean()),
+            "mismatch/behaviour_proximal_kl": adv.masked_mean(mismatch, mask),
+        }
+        self.kl_controller.update(seq_kl, batch.size)
+        return arrays, stats
+
+    # -- step 3: epochs x minibatches x micro-batches ------------------------------------------------------
+
+    def _minibatch_step(self, arrays: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, mx.array]:
+        num_tokens = mx.array(arrays["mask"][indices].sum(), dtype=mx.float32)
+        grads, stats = None, {}
+        micro = self.cfg.micro_batch_size
+        for start in range(0, len(indices), micro):
+            mb = {k: mx.array(v[indices[start : start + micro]]) for k, v in arrays.items()}
+            mb["num_tokens"] = num_tokens
+            mb_stats, mb_grads = self._grad_fn(mb)
+            grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
+            for k, v in mb_stats.items():
+                stats[k] = (
+                    v if k not in stats else (mx.maximum(stats[k], v) if k in _MAX_STATS else stats[k] + v)
+                )
+        stats["grad/norm"] = self._apply_fn(grads)
+        mx.eval(self.container.parameters(), self.optimizer.state, stats)
+        return stats
+
+    def optimize(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        """Run the epochs; returns stats averaged over the minibatch steps taken."""
+        size = len(arrays["tokens"])
+        per_minibatch = size // self.cfg.num_minibatches
+        history: list[dict[str, float]] = []
+        for _ in range(self.cfg.update_epochs):
+            order = self.rng.permutation(size)
+            for start in range(0, size, per_minibatch):
+                stats = self._minibatch_step(arrays, order[start : start + per_minibatch])
+                history.append({k: float(v.item()) for k, v in stats.items()})
+                if self.cfg.target_kl > 0 and history[-1]["policy/approx_kl"] > self.cfg.target_kl:
+                    return self._average(history, early_stop=True)
+        return self._average(history, early_stop=False)
+
+    @staticmethod
+    def _average(history: list[dict[str, float]], early_stop: bool) -> dict[str, float]:
+        out = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        out["update/minibatch_steps"] = float(len(history))
+        out["update/early_stop"] = float(early_stop)
+        return out
+
+    def update(self, exp: Experience) -> dict[str, Any]:
+        """One full PPO update on ``exp``; bumps ``policy_version`` and returns the metrics."""
+        start = time.perf_counter()
+        mx.reset_peak_memory()
+        arrays, stats = self.prepare(exp)
+        stats.update(self.optimize(arrays))
+        if self.container.has_value:
+            values, returns, mask = (mx.array(arrays[k]) for k in ("old_values", "returns", "mask"))
+            stats["value/explained_var"] = explained_variance(values, returns, mask).item()
+        self.policy_version += 1
+        elapsed = time.perf_counter() - start
+        trained_tokens = sum(len(p) + len(r) for p, r in zip(exp.prompt_ids, exp.response_ids, strict=True))
+        stats.update(
+            {
+                "policy_version": self.policy_version,
+                "perf/update_s": elapsed,
+                "perf/train_tokens_per_s": trained_tokens * self.cfg.update_epochs / elapsed,
+                "memory/peak_gb": mx.get_peak_memory() / 1e9,
+            }
+        )
+        return stats

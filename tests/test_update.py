@@ -1,0 +1,146 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from actors.sampler import SamplingParams, generate_completions
+from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
+from common.lora import adapter_weights
+from common.models import load_model
+from learner.models import build_policy_and_value
+from learner.ppo_learner import PPOLearner
+from learner.update import Experience, collate
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def make_learner(model_cache, value_kind="separate", seed=0, **overrides):
+    loaded = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache)))
+    mx.random.seed(seed)
+    container = build_policy_and_value(loaded.model, LORA, value_kind=value_kind)
+    # Non-zero B matrices so that the adapters matter from the first step.
+    mx.random.seed(seed + 1)
+    container.policy.load_weights(
+        [
+            (k, mx.random.normal(v.shape) * 0.05)
+            for k, v in adapter_weights(container.policy).items()
+            if k.endswith("lora_b")
+        ],
+        strict=False,
+    )
+    settings = dict(batch_size=8, num_minibatches=1, micro_batch_size=8, update_epochs=1, learning_rate=1e-3)
+    settings.update(overrides)
+    return PPOLearner(container, PPOUpdateConfig(**settings), temperature=1.0, compile_step=False), loaded
+
+
+def sample_experience(learner, tokenizer, n=8, seed=0, max_new=6):
+    prompts = [[1] + tokenizer.encode(f"question {i}") for i in range(n)]
+    completions = generate_completions(
+        learner.container.policy,
+        prompts,
+        SamplingParams(max_new_tokens=max_new),
+        set(),
+        seeds=[seed * 100 + i for i in range(n)],
+    )
+    target = tokenizer.encode("a")[0]
+    scores = np.array(
+        [np.mean([t == target for t in c.response_ids]) + 0.1 * i for i, c in enumerate(completions)],
+        np.float32,
+    )
+    return Experience(
+        [c.prompt_ids for c in completions],
+        [c.response_ids for c in completions],
+        [c.logprobs for c in completions],
+        scores,
+        np.zeros(n, np.int64),
+    )
+
+
+def test_collate_pads_and_positions():
+    exp = Experience(
+        [[1, 2, 3], [4]],
+        [[5, 6], [7, 8, 9]],
+        [np.array([-1.0, -2.0]), np.array([-3.0, -4.0, -5.0])],
+        np.zeros(2),
+        np.zeros(2),
+    )
+    batch = collate(exp, pad_multiple=4)
+    assert batch.tokens.shape == (2, 8) and batch.response.shape == (2, 4)
+    assert batch.tokens[0, :5].tolist() == [1, 2, 3, 5, 6] and batch.tokens[1, :4].tolist() == [4, 7, 8, 9]
+    assert batch.positions[0, :2].tolist() == [2, 3] and batch.positions[1, :3].tolist() == [0, 1, 2]
+    assert batch.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    assert batch.behaviour[1].tolist() == [-3, -4, -5, 0]
+
+
+def test_proximal_logprobs_match_behaviour_on_policy(model_cache):
+    learner, loaded = make_learner(model_cache)
+    exp = sample_experience(learner, loaded.tokenizer)
+    arrays, stats = learner.prepare(exp)
+    mask = arrays["mask"]
+    np.testing.assert_allclose(arrays["proximal"] * mask, collate(exp).behaviour, atol=1e-4)
+    assert stats["mismatch/behaviour_proximal_kl"] < 1e-6
+    assert stats["kl/ref_mean"] != 0.0  # adapters are non-zero: the policy differs from the reference
+
+
+def test_padding_does_not_change_the_batch(model_cache):
+    learner, loaded = make_learner(model_cache)
+    exp = sample_experience(learner, loaded.tokenizer)
+    learner.pad_multiple = 8
+    a, _ = learner.prepare(exp)
+    learner.pad_multiple = 96
+    b, _ = learner.prepare(exp)
+    steps = a["mask"].shape[1]
+    assert b["mask"].shape[1] == 96 and b["mask"][:, steps:].sum() == 0
+    for key in ("proximal", "advantages", "returns", "old_values"):
+        np.testing.assert_allclose(b[key][:, :steps], a[key], atol=1e-5, err_msg=key)
+
+
+def test_importance_weight_is_one_on_policy_and_update_changes_only_adapters(model_cache):
+    learner, loaded = make_learner(model_cache)
+    base_before = {k: v for k, v in tree_flatten(learner.container.policy.parameters()) if "lora" not in k}
+    lora_before = {k: np.array(v) for k, v in adapter_weights(learner.container.policy).items()}
+    value_before = {k: np.array(v) for k, v in tree_flatten(learner.container.value.trainable_parameters())}
+    stats = learner.update(sample_experience(learner, loaded.tokenizer))
+    assert stats["is/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert stats["policy_version"] == 1 and learner.policy_version == 1
+    for k, v in adapter_weights(learner.container.policy).items():
+        if k.endswith("lora_a"):
+            assert not np.allclose(np.array(v), lora_before[k]), k
+    value_after = dict(tree_flatten(learner.container.value.trainable_parameters()))
+    assert any(not np.allclose(np.array(value_after[k]), value_before[k]) for k in value_before)
+    for k, v in tree_flatten(learner.container.policy.parameters()):
+        if "lora" not in k:
+            assert v is base_before[k] or mx.array_equal(v, base_before[k]).item(), k
+
+
+def test_one_minibatch_equals_accumulated_micro_batches(model_cache):
+    whole, loaded = make_learner(model_cache, micro_batch_size=8)
+    pieces, _ = make_learner(model_cache, micro_batch_size=1)
+    exp = sample_experience(whole, loaded.tokenizer)
+    s1, s2 = whole.update(exp), pieces.update(exp)
+    for key in ("loss/policy", "loss/value", "policy/clipfrac", "grad/norm"):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-4, abs=1e-6), key
+    a, b = adapter_weights(whole.container.policy), adapter_weights(pieces.container.policy)
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
+
+
+def test_value_trunk_shares_the_base_but_not_the_adapters(model_cache):
+    learner, _ = make_learner(model_cache)
+    policy_q = learner.container.policy.model.layers[0].self_attn.q_proj
+    value_q = learner.container.value.trunk.layers[0].self_attn.q_proj
+    assert policy_q.linear.weight is value_q.linear.weight  # one copy of the base weights
+    assert policy_q is not value_q and policy_q.lora_a is not value_q.lora_a
+
+
+def test_compiled_step_matches_eager(model_cache):
+    eager, loaded = make_learner(model_cache)
+    compiled, _ = make_learner(model_cache)
+    compiled._grad_fn = compiled._make_grad_fn(True)
+    compiled._apply_fn = compiled._make_apply_fn(True)
+    exp = sample_experience(eager, loaded.tokenizer)
+    s1, s2 = eager.update(exp), compiled.update(exp)
+    assert s1["loss/total"] == pytest.approx(s2["loss/total"], rel=1e-4)
+    a, b = adapter_weights(eager.container.policy), adapter_weights(compiled.container.policy)
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
