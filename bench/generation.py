@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import describe_machine  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -86,18 +86,6 @@ def run_worker(args: argparse.Namespace) -> None:
             print(json.dumps(row), flush=True)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
-
-
 def _table(rows: list[dict], batch_sizes: list[int]) -> str:
     rate = {(r["blas"], r["batch"], r["sampler"]): r["tokens"] / r["seconds"] for r in rows}
     lines = [
@@ -149,7 +137,7 @@ def main() -> None:
     for env in envs:
         out = subprocess.run(worker, env=env, capture_output=True, text=True, check=True)
         rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    header = f"Machine: {_machine()}; date {date.today()}; model {args.model}; {args.new_tokens} new tokens/sequence."
+    header = f"Machine: {describe_machine()}; date {date.today()}; model {args.model}; {args.new_tokens} new tokens/sequence."
     print(header)
     print(_table(rows, args.batch_sizes))
     results = Path(__file__).parent / "results"

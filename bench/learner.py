@@ -1,0 +1,147 @@
+"""Learner update throughput, MFU and peak memory on the bundled SmolLM2-135M with LoRA.
+
+    python bench/learner.py [--model default] [--batch 16] [--prompt-len 64] [--response-len 64] [--repeats 3]
+
+One process measures, side by side: the float32 matmul peak of this machine (best of a few 2048^3 GEMMs), then
+one PPO update (1 epoch, 1 minibatch, micro-batches of 8) for each value option (a separate value network, or
+a value head on the policy trunk), after a warm-up update that also compiles the step. MFU counts the matmul
+FLOPs the update really performs (see ``update_flops``) over the measured time and peak. Prints a markdown
+table and writes ``bench/results/learner.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.machine import describe_machine  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def trunk_params(args) -> int:
+    """Matmul weights in the transformer blocks (what each token multiplies through once per trunk pass)."""
+    head_dim = args.hidden_size // args.num_attention_heads
+    kv = args.num_key_value_heads * head_dim
+    attention = 2 * args.hidden_size * args.hidden_size + 2 * args.hidden_size * kv
+    mlp = 3 * args.hidden_size * args.intermediate_size
+    return args.num_hidden_layers * (attention + mlp)
+
+
+def update_flops(args, tokens: int, response_tokens: int, separate_value: bool, epochs: int) -> float:
+    """Matmul FLOPs of one update: the no-grad pass (policy, value, reference) and per epoch forward + backward.
+
+    Backward through a frozen base computes input gradients only (2 FLOPs per weight per token, as the forward);
+    LoRA matrices and attention scores are small next to these and are left out.
+    """
+    trunk = 2 * trunk_params(args) * tokens
+    head = 2 * args.hidden_size * args.vocab_size * response_tokens
+    trunks = 2 if separate_value else 1
+    prepare = (
+        trunks + 1
+    ) * trunk + 2 * head  # policy (+ value) trunk, reference trunk; two vocab projections
+    per_epoch = 2 * (trunks * trunk + head)  # forward + input-gradient backward
+    return prepare + epochs * per_epoch
+
+
+def synthetic_experience(tokenizer, batch: int, prompt_len: int, response_len: int, seed: int = 0):
+    from learner.update import Experience
+
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer.vocab) if hasattr(tokenizer, "vocab") else 49152
+    prompts = [rng.integers(20, vocab, prompt_len).tolist() for _ in range(batch)]
+    responses = [rng.integers(20, vocab, response_len).tolist() for _ in range(batch)]
+    logprobs = [np.full(response_len, -5.0, np.float32) for _ in range(batch)]
+    return Experience(
+        prompts, responses, logprobs, rng.normal(size=batch).astype(np.float32), np.zeros(batch)
+    )
+
+
+def measure(value_kind: str, opts) -> dict:
+    from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
+    from common.models import load_model
+    from learner.models import build_policy_and_value
+    from learner.ppo_learner import PPOLearner
+
+    loaded = load_model(ModelConfig(name=opts.model))
+    container = build_policy_and_value(loaded.model, LoraConfig(), value_kind=value_kind)
+    cfg = PPOUpdateConfig(
+        batch_size=opts.batch, num_minibatches=1, micro_batch_size=opts.micro, update_epochs=1, group_size=1
+    )
+    learner = PPOLearner(container, cfg, temperature=1.0)
+    exp = synthetic_experience(loaded.tokenizer, opts.batch, opts.prompt_len, opts.response_len)
+    learner.update(exp)  # warm-up and compile
+    times, peaks = [], []
+    for _ in range(opts.repeats):
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        learner.update(exp)
+        times.append(time.perf_counter() - start)
+        peaks.append(mx.get_peak_memory() / 1e9)
+    tokens = opts.batch * (opts.prompt_len + opts.response_len)
+    seconds = float(np.median(times))
+    flops = update_flops(
+        loaded.model.args, tokens, opts.batch * opts.response_len, value_kind == "separate", 1
+    )
+    return {
+        "value_model": value_kind,
+        "update_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "gflops": flops / seconds / 1e9,
+        "peak_gb": max(peaks),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--response-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    opts = parser.parse_args()
+    peak = matmul_peak_gflops()
+    rows = [measure(kind, opts) for kind in ("separate", "shared")]
+    header = (
+        f"Machine: {describe_machine()}; date {date.today()}; model {opts.model}; batch {opts.batch} x "
+        f"({opts.prompt_len} prompt + {opts.response_len} response); float32 matmul peak {peak:.0f} GFLOP/s."
+    )
+    print(header)
+    print("| value model | update s | train tokens/s | achieved GFLOP/s | MFU | peak memory GB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['value_model']} | {r['update_s']:.2f} | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | "
+            f"{r['gflops'] / peak:.1%} | {r['peak_gb']:.2f} |"
+        )
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "learner.json").write_text(
+        json.dumps({"machine": header, "peak_gflops": peak, "rows": rows}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

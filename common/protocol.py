@@ -1,0 +1,387 @@
+"""The wire protocol between actors and learners: versioned messages as ``[header, msgpack body, *array frames]``.
+
+Header (7 bytes): magic ``b"MPPO"``, protocol version (uint16, big-endian), message type (uint8). It is checked
+before the body is parsed; on PUB/SUB it doubles as the topic. The body is a msgpack map. Arrays travel as raw
+little-endian frames after the body, each described in the body's ``"arrays"`` list by name, dtype and shape, in
+frame order. Nothing is ever unpickled.
+
+Rules: within a version, fields may only be added (with defaults on decode); renaming, removing or changing the
+meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v1`` holds golden bytes.
+
+``decode`` raises ``ProtocolError`` with a short ``reason`` (used as a ``reject/<reason>`` counter) for every
+malformed input: the receiver counts, logs and drops it, and keeps running.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+MAGIC: Final = b"MPPO"
+PROTOCOL_VERSION: Final = 1
+HEADER = struct.Struct(">4sHB")
+DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
+# Wire dtypes; bfloat16 travels as its raw 16-bit pattern (NumPy has no bfloat16).
+DTYPES: Final = {
+    "int32": np.int32,
+    "int64": np.int64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "uint32": np.uint32,
+}
+
+
+class MsgType(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REFUSE = 3
+    EXPERIENCE = 4
+    WEIGHTS = 5
+    WEIGHTS_REQUEST = 6
+    HEARTBEAT = 7
+    SHUTDOWN = 8
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; ``reason`` is a short counter name such as 'bad_magic'."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Actor -> learner over DEALER/ROUTER: who I am and what I run."""
+
+    actor_id: int
+    config_hash: str
+    protocol_version: int = PROTOCOL_VERSION
+    host: str = ""
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Learner -> actor: accepted; the current policy version and the run id to echo."""
+
+    policy_version: int
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Learner -> actor: not accepted, and why (the actor logs it and exits non-zero)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Sequence_:
+    """One sampled sequence inside an ``ExperienceBatch`` (its token arrays live in the batch's frames)."""
+
+    prompt_len: int
+    response_len: int
+    score: float
+    finish_reason: str
+    prompt_index: int = 0
+
+
+@dataclass(frozen=True)
+class ExperienceBatch:
+    """Actor -> learner over PUSH/PULL: scored sequences sampled with policy ``policy_version``.
+
+    ``tokens`` concatenates every sequence's prompt then response ids; ``behaviour_logprobs`` (and the optional
+    ``ref_logprobs``) concatenate the per-response-token values, in sequence order.
+    """
+
+    actor_id: int
+    batch_id: int
+    policy_version: int
+    sequences: tuple[Sequence_, ...]
+    tokens: np.ndarray
+    behaviour_logprobs: np.ndarray
+    ref_logprobs: np.ndarray | None = None
+    gen_tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Learner -> actors over PUB (and as the reply to a request): the full adapter set of one policy version."""
+
+    policy_version: int
+    checksum: str
+    names: tuple[str, ...]
+    tensors: tuple[np.ndarray, ...]
+    dtypes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WeightsRequest:
+    """Actor -> learner: send me the current snapshot (joining late, or having missed an update)."""
+
+    actor_id: int
+    have_version: int = -1
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Either direction: alive, with the sender's stats (actors echo the version and adapter checksum in use)."""
+
+    sender: str
+    policy_version: int
+    checksum: str = ""
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Either direction: stop now, and why."""
+
+    reason: str
+
+
+Message = Hello | Welcome | Refuse | ExperienceBatch | Weights | WeightsRequest | Heartbeat | Shutdown
+_TYPES: dict[type, MsgType] = {
+    Hello: MsgType.HELLO,
+    Welcome: MsgType.WELCOME,
+    Refuse: MsgType.REFUSE,
+    ExperienceBatch: MsgType.EXPERIENCE,
+    Weights: MsgType.WEIGHTS,
+    WeightsRequest: MsgType.WEIGHTS_REQUEST,
+    Heartbeat: MsgType.HEARTBEAT,
+    Shutdown: MsgType.SHUTDOWN,
+}
+
+
+def header_for(msg_type: MsgType) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg_type))
+
+
+def _array_meta(name: str, array: np.ndarray, wire_dtype: str | None = None) -> dict[str, Any]:
+    return {"name": name, "dtype": wire_dtype or array.dtype.name, "shape": list(array.shape)}
+
+
+def _frame(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))).cast("B")
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """``[header, body, *array frames]`` for ``msg``."""
+    msg_type = _TYPES[type(msg)]
+    body, arrays = _to_body(msg)
+    body["arrays"] = [_array_meta(name, a, dt) for name, a, dt in arrays]
+    return [header_for(msg_type), msgpack.packb(body, use_bin_type=True), *(_frame(a) for _, a, _ in arrays)]
+
+
+def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, str | None]]]:
+    if isinstance(msg, ExperienceBatch):
+        body = {
+            "actor_id": msg.actor_id,
+            "batch_id": msg.batch_id,
+            "policy_version": msg.policy_version,
+            "gen_tokens_per_s": msg.gen_tokens_per_s,
+            "sequences": [
+                [s.prompt_len, s.response_len, s.score, s.finish_reason, s.prompt_index]
+                for s in msg.sequences
+            ],
+        }
+        arrays = [("tokens", msg.tokens, None), ("behaviour_logprobs", msg.behaviour_logprobs, None)]
+        if msg.ref_logprobs is not None:
+            arrays.append(("ref_logprobs", msg.ref_logprobs, None))
+        return body, arrays
+    if isinstance(msg, Weights):
+        body = {"policy_version": msg.policy_version, "checksum": msg.checksum}
+        return body, list(zip(msg.names, msg.tensors, msg.dtypes, strict=True))
+    return dict(msg.__dict__), []
+
+
+# -- decoding -------------------------------------------------------------------------------------------------
+
+
+def _check(condition: bool, reason: str, detail: str) -> None:
+    if not condition:
+        raise ProtocolError(reason, detail)
+
+
+def decode_header(frame: bytes) -> MsgType:
+    """Validate the header frame alone (magic, version, type); raises ProtocolError."""
+    _check(len(frame) == HEADER.size, "bad_header", f"header is {len(frame)} bytes, expected {HEADER.size}")
+    magic, version, type_code = HEADER.unpack(frame)
+    _check(magic == MAGIC, "bad_magic", f"magic {magic!r} is not {MAGIC!r}")
+    _check(
+        version == PROTOCOL_VERSION,
+        "bad_version",
+        f"protocol version {version}, this side speaks {PROTOCOL_VERSION}",
+    )
+    try:
+        return MsgType(type_code)
+    except ValueError:
+        raise ProtocolError("bad_type", f"unknown message type {type_code}") from None
+
+
+def _arrays(meta: Any, frames: Sequence[bytes | memoryview]) -> dict[str, np.ndarray]:
+    _check(
+        isinstance(meta, list) and len(meta) == len(frames),
+        "bad_arrays",
+        f"{len(frames)} array frames, body lists {meta!r:.80}",
+    )
+    out = {}
+    for m, frame in zip(meta, frames, strict=True):
+        _check(
+            isinstance(m, dict) and {"name", "dtype", "shape"} <= set(m),
+            "bad_arrays",
+            f"array entry {m!r:.80}",
+        )
+        dtype = DTYPES.get(m["dtype"]) if isinstance(m["dtype"], str) else None
+        _check(dtype is not None, "bad_dtype", f"dtype {m['dtype']!r} not in {sorted(DTYPES)}")
+        shape = m["shape"]
+        _check(
+            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape),
+            "bad_shape",
+            f"shape {shape!r:.80}",
+        )
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        _check(
+            len(frame) == expected,
+            "bad_shape",
+            f"{m['name']}: {len(frame)} bytes for shape {shape} {m['dtype']}",
+        )
+        out[str(m["name"])] = np.frombuffer(frame, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    return out
+
+
+def decode(frames: Sequence[bytes | memoryview], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one multipart message; raises ProtocolError (never anything else) on bad input."""
+    _check(len(frames) >= 2, "bad_frames", f"{len(frames)} frames, need at least header and body")
+    total = sum(len(f) for f in frames)
+    _check(total <= max_bytes, "too_large", f"{total} bytes > limit {max_bytes}")
+    msg_type = decode_header(bytes(frames[0]))
+    try:
+        body = msgpack.unpackb(frames[1], raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError("bad_body", f"body is not msgpack ({type(e).__name__})") from None
+    _check(isinstance(body, dict), "bad_body", f"body is {type(body).__name__}, not a map")
+    arrays = _arrays(body.pop("arrays", []), frames[2:])
+    try:
+        return _BUILDERS[msg_type](body, arrays)
+    except ProtocolError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError("bad_fields", f"{msg_type.name}: {type(e).__name__}: {e}") from None
+
+
+def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in body:
+        if default is ...:
+            raise ProtocolError("bad_fields", f"missing field {name!r}")
+        return default
+    value = body[name]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float, (int, float)))
+    _check(ok, "bad_fields", f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBatch:
+    raw = _field(body, "sequences", list)
+    sequences = []
+    for s in raw:
+        _check(isinstance(s, list) and len(s) >= 4, "bad_fields", f"sequence entry {s!r:.80}")
+        prompt_len, response_len, score, reason = s[:4]
+        _check(
+            isinstance(prompt_len, int)
+            and isinstance(response_len, int)
+            and prompt_len >= 1
+            and response_len >= 1,
+            "bad_lengths",
+            f"prompt_len={prompt_len!r} response_len={response_len!r}",
+        )
+        _check(
+            isinstance(score, int | float) and not isinstance(score, bool), "bad_fields", f"score {score!r}"
+        )
+        prompt_index = s[4] if len(s) > 4 and isinstance(s[4], int) else 0
+        sequences.append(Sequence_(prompt_len, response_len, float(score), str(reason), prompt_index))
+    tokens, behaviour = arrays.get("tokens"), arrays.get("behaviour_logprobs")
+    _check(
+        tokens is not None and behaviour is not None,
+        "bad_arrays",
+        "tokens and behaviour_logprobs are required",
+    )
+    _check(
+        tokens.dtype == np.int32 and tokens.ndim == 1, "bad_dtype", f"tokens {tokens.dtype} {tokens.shape}"
+    )
+    _check(
+        behaviour.dtype == np.float32 and behaviour.ndim == 1,
+        "bad_dtype",
+        f"behaviour_logprobs {behaviour.dtype}",
+    )
+    n_tokens = sum(s.prompt_len + s.response_len for s in sequences)
+    n_response = sum(s.response_len for s in sequences)
+    _check(len(tokens) == n_tokens, "bad_lengths", f"{len(tokens)} tokens, sequences say {n_tokens}")
+    _check(
+        len(behaviour) == n_response, "bad_lengths", f"{len(behaviour)} log-probs, sequences say {n_response}"
+    )
+    ref = arrays.get("ref_logprobs")
+    if ref is not None:
+        _check(
+            ref.dtype == np.float32 and ref.shape == behaviour.shape,
+            "bad_dtype",
+            f"ref_logprobs {ref.dtype} {ref.shape}",
+        )
+    return ExperienceBatch(
+        _field(body, "actor_id", int),
+        _field(body, "batch_id", int),
+        _field(body, "policy_version", int),
+        tuple(sequences),
+        tokens,
+        behaviour,
+        ref,
+        float(_field(body, "gen_tokens_per_s", (int, float), 0.0)),
+    )
+
+
+def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
+    names = tuple(arrays)
+    return Weights(
+        _field(body, "policy_version", int),
+        _field(body, "checksum", str),
+        names,
+        tuple(arrays[n] for n in names),
+        tuple(_wire_dtype(arrays[n]) for n in names),
+    )
+
+
+def _wire_dtype(array: np.ndarray) -> str:
+    return "bfloat16" if array.dtype == np.uint16 else array.dtype.name
+
+
+_BUILDERS = {
+    MsgType.HELLO: lambda b, _: Hello(
+        _field(b, "actor_id", int),
+        _field(b, "config_hash", str),
+        _field(b, "protocol_version", int),
+        _field(b, "host", str, ""),
+        _field(b, "pid", int, 0),
+    ),
+    MsgType.WELCOME: lambda b, _: Welcome(_field(b, "policy_version", int), _field(b, "run_id", str)),
+    MsgType.REFUSE: lambda b, _: Refuse(_field(b, "reason", str)),
+    MsgType.EXPERIENCE: _build_experience,
+    MsgType.WEIGHTS: _build_weights,
+    MsgType.WEIGHTS_REQUEST: lambda b, _: WeightsRequest(
+        _field(b, "actor_id", int), _field(b, "have_version", int, -1)
+    ),
+    MsgType.HEARTBEAT: lambda b, _: Heartbeat(
+        _field(b, "sender", str),
+        _field(b, "policy_version", int),
+        _field(b, "checksum", str, ""),
+        {str(k): float(v) for k, v in _field(b, "stats", dict, {}).items()},
+    ),
+    MsgType.SHUTDOWN: lambda b, _: Shutdown(_field(b, "reason", str)),
+}

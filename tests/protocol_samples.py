@@ -1,0 +1,65 @@
+"""One fixed example of every message type, used by the protocol tests and to (re)write the golden fixtures.
+
+Run ``python -m tests.protocol_samples`` only when the protocol version is bumped on purpose.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from common import protocol as p
+
+FIXTURES = Path(__file__).parent / "fixtures" / f"protocol_v{p.PROTOCOL_VERSION}"
+
+
+def samples() -> dict[str, p.Message]:
+    return {
+        "hello": p.Hello(actor_id=3, config_hash="0123456789abcdef", host="mac-mini", pid=4242),
+        "welcome": p.Welcome(policy_version=7, run_id="run-abc"),
+        "refuse": p.Refuse(reason="config hash mismatch"),
+        "experience": p.ExperienceBatch(
+            actor_id=1,
+            batch_id=9,
+            policy_version=4,
+            sequences=(p.Sequence_(3, 2, 0.5, "stop", 0), p.Sequence_(2, 1, -1.0, "length", 1)),
+            tokens=np.array([1, 2, 3, 4, 5, 6, 7, 8], np.int32),
+            behaviour_logprobs=np.array([-0.5, -1.25, -2.0], np.float32),
+            ref_logprobs=np.array([-0.75, -1.0, -2.5], np.float32),
+            gen_tokens_per_s=123.5,
+        ),
+        "weights": p.Weights(
+            policy_version=5,
+            checksum="c0ffee",
+            names=("layers.0.q.lora_a", "layers.0.q.lora_b"),
+            tensors=(np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[16256, 16384]], np.uint16)),
+            dtypes=("float32", "bfloat16"),
+        ),
+        "weights_request": p.WeightsRequest(actor_id=2, have_version=3),
+        "heartbeat": p.Heartbeat(
+            sender="actor-1", policy_version=4, checksum="c0ffee", stats={"gen_tokens_per_s": 10.5}
+        ),
+        "shutdown": p.Shutdown(reason="run finished"),
+    }
+
+
+def pack_frames(frames) -> bytes:
+    """Frames as one file: each frame as a 4-byte little-endian length then its bytes."""
+    return b"".join(struct.pack("<I", len(f)) + bytes(f) for f in frames)
+
+
+def unpack_frames(data: bytes) -> list[bytes]:
+    frames, offset = [], 0
+    while offset < len(data):
+        (size,) = struct.unpack_from("<I", data, offset)
+        frames.append(data[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    return frames
+
+
+if __name__ == "__main__":
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for name, msg in samples().items():
+        (FIXTURES / f"{name}.bin").write_bytes(pack_frames(p.encode(msg)))

@@ -1,0 +1,104 @@
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from common import protocol as p
+from tests.protocol_samples import FIXTURES, pack_frames, samples, unpack_frames
+
+
+def assert_same(a: p.Message, b: p.Message) -> None:
+    assert type(a) is type(b)
+    for key, value in a.__dict__.items():
+        other = b.__dict__[key]
+        if isinstance(value, np.ndarray) or (
+            isinstance(value, tuple) and value and isinstance(value[0], np.ndarray)
+        ):
+            for x, y in zip(
+                np.atleast_1d(value) if isinstance(value, np.ndarray) else value, other, strict=True
+            ):
+                np.testing.assert_array_equal(x, y)
+        else:
+            assert value == other, key
+
+
+@pytest.mark.parametrize("name", sorted(samples()))
+def test_round_trip(name):
+    msg = samples()[name]
+    assert_same(p.decode([bytes(f) for f in p.encode(msg)]), msg)
+
+
+@pytest.mark.parametrize("name", sorted(samples()))
+def test_golden_bytes(name):
+    golden = (FIXTURES / f"{name}.bin").read_bytes()
+    assert pack_frames(p.encode(samples()[name])) == golden, "the wire format changed: bump PROTOCOL_VERSION"
+    assert_same(p.decode(unpack_frames(golden)), samples()[name])
+
+
+def test_large_arrays_arrive_intact():
+    big = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
+    msg = p.Weights(1, "x", ("w",), (big,), ("float32",))
+    out = p.decode([bytes(f) for f in p.encode(msg)])
+    assert out.tensors[0].dtype == np.float32 and out.tensors[0].shape == (1024, 1024)
+    np.testing.assert_array_equal(out.tensors[0], big)
+
+
+def frames_of(name):
+    return [bytes(f) for f in p.encode(samples()[name])]
+
+
+def with_body(frames, **changes):
+    body = msgpack.unpackb(frames[1])
+    body.update(changes)
+    return [frames[0], msgpack.packb(body), *frames[2:]]
+
+
+REJECTIONS = {
+    "bad_magic": lambda f: [b"XPPO" + f[0][4:], *f[1:]],
+    "bad_version": lambda f: [struct.pack(">4sHB", b"MPPO", 99, 4), *f[1:]],
+    "bad_type": lambda f: [struct.pack(">4sHB", b"MPPO", 1, 200), *f[1:]],
+    "bad_header": lambda f: [f[0][:3], *f[1:]],
+    "bad_frames": lambda f: f[:1],
+    "bad_body": lambda f: [f[0], b"\xc1\xc1garbage", *f[2:]],
+    "bad_arrays": lambda f: f[:-1],
+    "bad_fields": lambda f: with_body(f, actor_id="one"),
+    "bad_lengths": lambda f: with_body(f, sequences=[[3, 2, 0.5, "stop"], [2, 2, -1.0, "length"]]),
+    "bad_dtype": lambda f: with_body(
+        f, arrays=[{"name": "tokens", "dtype": "float32", "shape": [8]}, *msgpack.unpackb(f[1])["arrays"][1:]]
+    ),
+    "bad_shape": lambda f: with_body(
+        f, arrays=[{"name": "tokens", "dtype": "int32", "shape": [9]}, *msgpack.unpackb(f[1])["arrays"][1:]]
+    ),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(REJECTIONS))
+def test_rejections_name_their_reason(reason):
+    frames = REJECTIONS[reason](frames_of("experience"))
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode(frames)
+    assert err.value.reason == reason
+
+
+def test_unknown_dtype_name_and_body_not_a_map():
+    frames = frames_of("weights")
+    body = msgpack.unpackb(frames[1])
+    body["arrays"][0]["dtype"] = "object"
+    with pytest.raises(p.ProtocolError, match="bad_dtype"):
+        p.decode([frames[0], msgpack.packb(body), *frames[2:]])
+    with pytest.raises(p.ProtocolError, match="bad_body"):
+        p.decode([frames[0], msgpack.packb([1, 2, 3])])
+
+
+def test_oversized_messages_are_refused_before_parsing():
+    frames = frames_of("experience")
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode(frames, max_bytes=sum(len(f) for f in frames) - 1)
+    assert err.value.reason == "too_large"
+
+
+def test_heartbeat_stats_must_be_numbers():
+    frames = with_body(frames_of("heartbeat"), stats={"x": "not a number"})
+    with pytest.raises(p.ProtocolError, match="bad_fields"):
+        p.decode(frames)
