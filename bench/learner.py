@@ -3,7 +3,7 @@
     python bench/learner.py [--model default] [--batch 16] [--prompt-len 64] [--response-len 64] [--repeats 3]
 
 One process measures, side by side: the float32 matmul peak of this machine (best of a few 2048^3 GEMMs), then
-one PPO update (1 epoch, 1 minibatch, micro-batches of 8) for each value option (a separate value network, or
+one PPO update (1 epoch, 1 minibatch, micro-batches of --micro) for each value option (a separate value network, or
 a value head on the policy trunk), after a warm-up update that also compiles the step. MFU counts the matmul
 FLOPs the update really performs (see ``update_flops``) over the measured time and peak. Prints a markdown
 table and writes ``bench/results/learner.json``.
@@ -117,7 +117,9 @@ def main() -> None:
     )
     parser.add_argument("--model", default="default")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument(
+        "--micro", type=int, default=4, help="micro-batch size (sequences per forward/backward)"
+    )
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--response-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

@@ -125,11 +125,35 @@ class PPOUpdateConfig:
 
 
 @dataclass(frozen=True)
+class TransportConfig:
+    host: str = "127.0.0.1"
+    """Address the learner binds (loopback unless told otherwise)."""
+    experience_hwm: int = 2
+    """Experience batches an actor may queue before the learner's back-pressure blocks it."""
+    buffer_batches: int = 4
+    """Learner buffer capacity, in update batches; it stops reading experience when full (back-pressure)."""
+    heartbeat_s: float = 2.0
+    """Seconds between heartbeats."""
+    startup_timeout_s: float = 300.0
+    """How long an actor waits for the learner's welcome and first snapshot."""
+    max_message_mb: int = 256
+    """Messages larger than this are rejected unread."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str = "runs/latest"
     """Where the run writes its config, logs, metrics and checkpoints."""
     seed: int = 0
-    """Seed for model initialisation and everything not seeded elsewhere."""
+    """Seed for model initialisation, prompt order and sampling."""
+    task: str = "arithmetic"
+    """Built-in task (prompts + reward): arithmetic, length, letters."""
+    max_updates: int = 20
+    """Stop after this many updates."""
+    sync_every: int = 1
+    """Publish new adapters to actors every N updates."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every N updates (and at the end)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +162,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ppo: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -287,7 +312,26 @@ def validate(cfg: Config) -> list[str]:
             f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}: training needs the full tempered distribution "
             "(the learner's ratio would see tokens outside a truncated support); use top_k=0, top_p=1"
         )
-    return p + validate_ppo(cfg.ppo)
+    return p + validate_ppo(cfg.ppo) + validate_run(cfg)
+
+
+def validate_run(cfg: Config) -> list[str]:
+    """Problems with the ``[run]`` and ``[transport]`` sections."""
+    r, t, p = cfg.run, cfg.transport, []
+    for name in ("max_updates", "sync_every", "checkpoint_every"):
+        if getattr(r, name) < 1:
+            p.append(f"run.{name}={getattr(r, name)} must be >= 1")
+    if cfg.sampling.batch_size % cfg.ppo.group_size:
+        p.append(
+            f"sampling.batch_size={cfg.sampling.batch_size} must be a multiple of ppo.group_size={cfg.ppo.group_size}"
+        )
+    for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
+        if getattr(t, name) < 1:
+            p.append(f"transport.{name}={getattr(t, name)} must be >= 1")
+    for name in ("heartbeat_s", "startup_timeout_s"):
+        if not getattr(t, name) > 0:
+            p.append(f"transport.{name}={getattr(t, name)} must be > 0")
+    return p
 
 
 def validate_ppo(u: PPOUpdateConfig) -> list[str]:

@@ -98,3 +98,15 @@ def _truncate_on_host(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarra
         smallest_kept = np.where(mass_before < top_p, descending, np.inf).min(axis=-1, keepdims=True)
         logprobs = np.where(logprobs >= smallest_kept, logprobs, -np.inf)
     return logprobs
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, temperature: float = 1.0) -> mx.array:
+    """``sampling_logprobs(logits, temperature)[..., tokens]`` without building the ``[..., V]`` log-prob array.
+
+    For the full (untruncated) tempered distribution: ``z[token] - logsumexp(z)`` with ``z = logits / T``. This is
+    what the learner differentiates: one pass over the vocabulary forward, one backward.
+    """
+    scaled = logits.astype(mx.float32)
+    if temperature != 1.0:
+        scaled = scaled * (1.0 / temperature)
+    return gather_token_logprobs(scaled, tokens) - mx.logsumexp(scaled, axis=-1)

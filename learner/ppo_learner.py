@@ -91,23 +91,27 @@ class PPOLearner:
 
     # -- step 1: recompute with the current weights ---------------------------------------------------------
 
-    def _forward_no_grad(
-        self, batch: TrainBatch, micro: int
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Proximal log-probs, old values and reference log-probs ``[B, T]`` for the whole batch."""
-        proximal, values, ref = [], [], []
+    def _forward_no_grad(self, batch: TrainBatch, micro: int) -> dict[str, np.ndarray]:
+        """Proximal log-probs, entropy, old values and reference log-probs, each ``[B, T]``, for the whole batch."""
+        parts: dict[str, list[mx.array]] = {"proximal": [], "entropy": [], "values": [], "ref": []}
         for start in range(0, batch.size, micro):
             sl = slice(start, start + micro)
             tokens, positions, response = (
                 mx.array(a[sl]) for a in (batch.tokens, batch.positions, batch.response)
             )
-            logits, v = self.container.response_outputs(tokens, positions)
-            proximal.append(gather_token_logprobs(sampling_logprobs(logits, self.temperature), response))
-            values.append(v)
-            ref.append(self._reference_logprobs(tokens, positions, response))
-            mx.eval(proximal[-1], values[-1], ref[-1])
-        cat = lambda xs: np.concatenate([np.array(x) for x in xs])  # noqa: E731
-        return cat(proximal), (cat(values) if self.container.has_value else None), cat(ref)
+            logits, values = self.container.response_outputs(tokens, positions)
+            logprobs = sampling_logprobs(logits, self.temperature)
+            step = {
+                "proximal": gather_token_logprobs(logprobs, response),
+                "entropy": -(mx.exp(logprobs) * logprobs).sum(axis=-1),
+                "ref": self._reference_logprobs(tokens, positions, response),
+            }
+            if values is not None:
+                step["values"] = values
+            mx.eval(step)
+            for key, value in step.items():
+                parts[key].append(value)
+        return {k: np.concatenate([np.array(x) for x in v]) for k, v in parts.items() if v}
 
     def _reference_logprobs(self, tokens: mx.array, positions: mx.array, response: mx.array) -> mx.array:
         if self.reference is not None:
@@ -132,7 +136,8 @@ class PPOLearner:
     def prepare(self, exp: Experience) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Collate and compute everything the epochs need; returns the arrays and their statistics."""
         batch = collate(exp, self.pad_multiple)
-        proximal, values, ref = self._forward_no_grad(batch, self.cfg.micro_batch_size)
+        recomputed = self._forward_no_grad(batch, self.cfg.micro_batch_size)
+        proximal, values, ref = recomputed["proximal"], recomputed.get("values"), recomputed["ref"]
         if exp.ref_logprobs is not None:
             ref = pad_per_token(exp.ref_logprobs, batch.mask.shape[1])
         mask = batch.mask
@@ -158,6 +163,7 @@ class PPOLearner:
             "rollout/score_std": float(np.std(exp.scores)),
             "rollout/response_len_mean": float(mask.sum(axis=1).mean()),
             "mismatch/behaviour_proximal_kl": adv.masked_mean(mismatch, mask),
+            "policy/entropy": adv.masked_mean(recomputed["entropy"], mask),
         }
         self.kl_controller.update(seq_kl, batch.size)
         return arrays, stats
@@ -177,6 +183,8 @@ class PPOLearner:
                 stats[k] = (
                     v if k not in stats else (mx.maximum(stats[k], v) if k in _MAX_STATS else stats[k] + v)
                 )
+            # Evaluate per micro-batch: otherwise every micro-batch's activations stay alive until the step.
+            mx.eval(grads, stats)
         stats["grad/norm"] = self._apply_fn(grads)
         mx.eval(self.container.parameters(), self.optimizer.state, stats)
         return stats

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.logprobs import gather_token_logprobs, sampling_logprobs
+from common.logprobs import sampling_logprobs, token_logprobs
 from learner.models import PolicyAndValue, lm_head_logits
 from learner.ppo import entropy, policy_loss, value_loss
 
@@ -87,7 +87,7 @@ def policy_logprobs(
 ) -> mx.array:
     """``[B, T]`` log-probs of response tokens under the sampling distribution, from the policy alone."""
     hidden = mx.take_along_axis(policy.model(tokens), positions[..., None], axis=1)
-    return gather_token_logprobs(sampling_logprobs(lm_head_logits(policy, hidden), temperature), response)
+    return token_logprobs(lm_head_logits(policy, hidden), response, temperature)
 
 
 @dataclass(frozen=True)
@@ -103,17 +103,21 @@ class LossWeights:
 def ppo_objective(
     container: PolicyAndValue, mb: dict[str, mx.array], w: LossWeights
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """The minibatch loss: clipped surrogate + vf_coef * value loss - ent_coef * entropy (token sums / num_tokens)."""
+    """The minibatch loss: clipped surrogate + vf_coef * value loss - ent_coef * entropy (token sums / num_tokens).
+
+    Full-vocabulary work is kept to what the gradient needs: the entropy term (a second pass over ``[B, T, V]``)
+    is only built when ``ent_coef > 0``; the reported entropy comes from the no-grad pass.
+    """
     logits, values = container.response_outputs(mb["tokens"], mb["positions"])
-    logprobs = sampling_logprobs(logits, w.temperature)
-    new_logprobs = gather_token_logprobs(logprobs, mb["response"])
+    new_logprobs = token_logprobs(logits, mb["response"], w.temperature)
     n = mb["num_tokens"]
     loss, stats = policy_loss(
         new_logprobs, mb["proximal"], mb["behaviour"], mb["advantages"], mb["mask"], w.clip_coef, w.is_cap, n
     )
     stats["loss/policy"] = loss
-    stats["policy/entropy"] = entropy(logprobs, mb["mask"], n)
-    loss = loss - w.ent_coef * stats["policy/entropy"]
+    if w.ent_coef > 0:
+        stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), mb["mask"], n)
+        loss = loss - w.ent_coef * stats["loss/entropy"]
     if values is not None:
         v_loss, v_stats = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], w.value_clip, n)
         stats.update(v_stats)

@@ -1,0 +1,235 @@
+"""The actor: apply the newest policy snapshot, sample a batch of prompts, generate, score, send.
+
+``ActorWorker`` holds the logic and state and is driven one ``step`` at a time (tests and the one-process mode
+call it directly); ``run_actor`` is the process loop around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actors.sampler import SamplingParams, generate_completions
+from actors.tasks import PromptSampler, Task, safe_score
+from common import protocol
+from common.config import Config, config_hash
+from common.protocol import (
+    ExperienceBatch,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Refuse,
+    Shutdown,
+    Weights,
+    Welcome,
+)
+from common.transport import ActorSockets
+from common.weights import apply_snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class ActorStopped(Exception):
+    """The learner told this actor to stop (``refused``: it would not accept this actor at all)."""
+
+    def __init__(self, reason: str, refused: bool = False):
+        super().__init__(reason)
+        self.refused = refused
+
+
+@dataclass
+class ActorStats:
+    generated_tokens: int = 0
+    generate_s: float = 0.0
+    wait_weights_s: float = 0.0
+    blocked_send_s: float = 0.0
+    batches_sent: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "gen_tokens_per_s": self.generated_tokens / max(self.generate_s, 1e-9),
+            "wait_weights_s": self.wait_weights_s,
+            "blocked_send_s": self.blocked_send_s,
+            "batches_sent": float(self.batches_sent),
+        }
+
+
+def sequence_seed(run_seed: int, actor_id: int, batch_id: int, index: int) -> int:
+    """The seed of one sequence: the same run, actor, batch and position always sample the same way."""
+    return int(np.random.SeedSequence([run_seed, actor_id, batch_id, index]).generate_state(1)[0])
+
+
+class ActorWorker:
+    def __init__(
+        self, cfg: Config, actor_id: int, num_actors: int, sockets: ActorSockets, model, tokenizer, task: Task
+    ):
+        self.cfg, self.actor_id, self.sockets = cfg, actor_id, sockets
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.params = SamplingParams.from_config(cfg.sampling)
+        self.stop_ids = set(tokenizer.eos_token_ids)
+        self.prompts = [self._encode(p) for p in task.prompts]
+        self.sampler = PromptSampler(len(self.prompts), actor_id, num_actors, cfg.run.seed)
+        self.policy_version = -1
+        self.checksum = ""
+        self.batch_id = 0
+        self.stats = ActorStats()
+        self._last_heartbeat = 0.0
+        self._next_hello = 0.0
+        self.pending: ExperienceBatch | None = None
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+        if len(ids) > self.cfg.sampling.max_prompt_tokens:
+            raise ValueError(f"prompt of {len(ids)} tokens > sampling.max_prompt_tokens: {text[:60]!r}")
+        return ids
+
+    # -- control -------------------------------------------------------------------------------------------
+
+    def _handle(self, frames: list[bytes]) -> None:
+        """Act on one control/broadcast message; raises ActorStopped on shutdown or refusal."""
+        try:
+            msg = protocol.decode(frames, self.cfg.transport.max_message_mb * 2**20)
+        except ProtocolError as e:
+            logger.warning("ignored a bad message from the learner: %s", e)
+            return
+        if isinstance(msg, Shutdown | Refuse):
+            raise ActorStopped(msg.reason, refused=isinstance(msg, Refuse))
+        if isinstance(msg, Weights) and msg.policy_version > self.policy_version:
+            apply_snapshot(self.model, msg)
+            self.policy_version, self.checksum = msg.policy_version, msg.checksum
+            logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
+        elif isinstance(msg, Welcome):
+            logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
+
+    def poll_connect(self, timeout_ms: int = 200) -> bool:
+        """One round of joining: (re)send hello + snapshot request every 2 s, handle replies. True once joined."""
+        if self.policy_version >= 0:
+            return True
+        if time.monotonic() >= self._next_hello:  # the learner may not be up yet: ask again now and then
+            hello = Hello(self.actor_id, config_hash(self.cfg), host=socket.gethostname(), pid=os.getpid())
+            self.sockets.request(hello)
+            self.sockets.request(protocol.WeightsRequest(self.actor_id))
+            self._next_hello = time.monotonic() + 2.0
+        frames = self.sockets.receive_control(timeout_ms)
+        if frames is not None:
+            self._handle(frames)
+        return self.policy_version >= 0
+
+    def connect(self) -> None:
+        """Join the learner: welcome and first snapshot, retrying until transport.startup_timeout_s."""
+        deadline = time.monotonic() + self.cfg.transport.startup_timeout_s
+        start = time.perf_counter()
+        while not self.poll_connect():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no snapshot from the learner within {self.cfg.transport.startup_timeout_s}s"
+                )
+        self.stats.wait_weights_s += time.perf_counter() - start
+
+    def apply_newer_weights(self) -> None:
+        for frames in self.sockets.receive_weights():
+            self._handle(frames)
+        while (frames := self.sockets.receive_control(0)) is not None:
+            self._handle(frames)
+
+    # -- the work ------------------------------------------------------------------------------------------
+
+    def generate_batch(self) -> ExperienceBatch:
+        group = self.cfg.ppo.group_size
+        indices = [
+            i for i in self.sampler.next_indices(self.cfg.sampling.batch_size // group) for _ in range(group)
+        ]
+        prompts = [self.prompts[i] for i in indices]
+        seeds = [
+            sequence_seed(self.cfg.run.seed, self.actor_id, self.batch_id, k) for k in range(len(prompts))
+        ]
+        start = time.perf_counter()
+        completions = generate_completions(self.model, prompts, self.params, self.stop_ids, seeds)
+        self.stats.generate_s += time.perf_counter() - start
+        n_generated = sum(len(c.response_ids) for c in completions)
+        self.stats.generated_tokens += n_generated
+        sequences = []
+        for i, c in zip(indices, completions, strict=True):
+            text = self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids])
+            score = safe_score(self.task.reward, self.task.prompts[i], text)
+            sequences.append(
+                protocol.Sequence_(len(c.prompt_ids), len(c.response_ids), score, c.finish_reason, i)
+            )
+        batch = ExperienceBatch(
+            self.actor_id,
+            self.batch_id,
+            self.policy_version,
+            tuple(sequences),
+            np.concatenate([np.asarray(c.prompt_ids + c.response_ids, np.int32) for c in completions]),
+            np.concatenate([c.logprobs for c in completions]).astype(np.float32),
+            gen_tokens_per_s=self.stats.as_dict()["gen_tokens_per_s"],
+        )
+        self.batch_id += 1
+        return batch
+
+    def send(self, batch: ExperienceBatch) -> None:
+        """Send, waiting out the learner's back-pressure while still answering control messages."""
+        start = time.perf_counter()
+        while not self.sockets.send_experience(batch, timeout_ms=200):
+            self.apply_newer_weights()  # raises ActorStopped on shutdown
+            self.heartbeat()
+        self.stats.blocked_send_s += time.perf_counter() - start
+        self.stats.batches_sent += 1
+
+    def heartbeat(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._last_heartbeat >= self.cfg.transport.heartbeat_s:
+            self.sockets.request(
+                Heartbeat(f"actor-{self.actor_id}", self.policy_version, self.checksum, self.stats.as_dict())
+            )
+            self._last_heartbeat = time.monotonic()
+
+    def step(self) -> None:
+        """One batch: newest weights, generate + score, send, heartbeat. Raises ActorStopped when told to stop."""
+        self.apply_newer_weights()
+        self.send(self.generate_batch())
+        self.heartbeat()
+
+    def step_nonblocking(self) -> None:
+        """``step`` that never waits on back-pressure: a batch the learner cannot take yet is kept and retried."""
+        self.apply_newer_weights()
+        if self.pending is None:
+            self.pending = self.generate_batch()
+        if self.sockets.send_experience(self.pending, timeout_ms=0):
+            self.pending = None
+            self.stats.batches_sent += 1
+        self.heartbeat()
+
+
+def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
+    """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
+    from actors.tasks import get_task
+    from common.lora import attach_lora
+    from common.models import load_model
+    from common.transport import zmq_context
+
+    loaded = load_model(cfg.model)
+    attach_lora(loaded.model, cfg.lora)
+    task = get_task(cfg.run.task)
+    with zmq_context() as ctx:
+        sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm)
+        try:
+            worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
+            worker.connect()
+            while True:
+                worker.step()
+        except ActorStopped as stop:
+            if stop.refused:
+                logger.error("the learner refused this actor: %s", stop)
+                return 3
+            logger.info("stopping: %s", stop)
+            return 0
+        finally:
+            sockets.close()

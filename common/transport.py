@@ -1,0 +1,192 @@
+"""ZeroMQ plumbing, and the only module that imports ``zmq``: bounded sockets, timeouts, message send/receive.
+
+Topology (bind the stable side, connect the many):
+
+- experience: actors PUSH -> learner PULL. PUSH blocks at its high-water mark, so a slow learner slows actors
+  down (bounded memory) instead of anything being dropped.
+- weights: learner PUB -> actors SUB. PUB drops for slow or late subscribers, so every snapshot is complete and
+  versioned, and an actor that joins or falls behind asks for the current one over control (zguide "Clone").
+- control: actors DEALER <-> learner ROUTER: hello/welcome/refuse, weights requests, heartbeats, shutdown.
+
+Every socket closes with linger 0; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as pysocket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from common import protocol
+from common.protocol import Message
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Addresses the learner binds and actors connect to (``tcp://host:port`` or ``inproc://name``)."""
+
+    experience: str
+    weights: str
+    control: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def inproc(cls) -> Endpoints:
+        """Fresh in-process addresses (one-process mode and tests; needs one shared zmq.Context)."""
+        tag = uuid.uuid4().hex[:8]
+        return cls(f"inproc://experience-{tag}", f"inproc://weights-{tag}", f"inproc://control-{tag}")
+
+    @classmethod
+    def tcp(cls, host: str, ports: tuple[int, int, int]) -> Endpoints:
+        return cls(*(f"tcp://{host}:{port}" for port in ports))
+
+
+def free_tcp_ports(host: str = "127.0.0.1", count: int = 3) -> tuple[int, ...]:
+    """``count`` distinct ports that were free on ``host`` a moment ago (the learner binds them next)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return tuple(s.getsockname()[1] for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+def send(
+    sock: zmq.Socket, msg: Message, identity: bytes | None = None, timeout_ms: int | None = None
+) -> bool:
+    """Send ``msg`` (to ``identity`` on a ROUTER); False when it could not be queued within ``timeout_ms``."""
+    frames = protocol.encode(msg)
+    if identity is not None:
+        frames = [identity, *frames]
+    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLOUT):
+        return False
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    return True
+
+
+class LearnerSockets:
+    """The learner's bound sockets: PULL (experience), PUB (weights), ROUTER (control)."""
+
+    def __init__(self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 4):
+        self.experience = _socket(ctx, zmq.PULL, experience_hwm)
+        self.weights = _socket(ctx, zmq.PUB, 2)
+        self.control = _socket(ctx, zmq.ROUTER, 1000)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer is an error, not a silent drop
+        for sock, address in (
+            (self.experience, endpoints.experience),
+            (self.weights, endpoints.weights),
+            (self.control, endpoints.control),
+        ):
+            sock.bind(address)
+        self._poller = zmq.Poller()
+        self._poller.register(self.control, zmq.POLLIN)
+        self._poller.register(self.experience, zmq.POLLIN)
+        self._control_only = zmq.Poller()
+        self._control_only.register(self.control, zmq.POLLIN)
+
+    def poll(
+        self, timeout_ms: int, read_experience: bool = True
+    ) -> Iterator[tuple[str, bytes | None, list[bytes]]]:
+        """Yield ``(channel, identity, frames)`` of what is ready within ``timeout_ms``, control first.
+
+        With ``read_experience=False`` experience stays queued in ZeroMQ (and actors block): back-pressure.
+        """
+        poller = self._poller if read_experience else self._control_only
+        ready = dict(poller.poll(timeout_ms))
+        if self.control in ready:
+            while self.control.poll(0):
+                identity, *frames = self.control.recv_multipart()
+                yield "control", identity, frames
+        if read_experience and self.experience in ready:
+            yield "experience", None, self.experience.recv_multipart()  # one batch: the caller re-checks room
+
+    def reply(self, identity: bytes, msg: Message) -> bool:
+        try:
+            return send(self.control, msg, identity=identity, timeout_ms=1000)
+        except zmq.ZMQError as e:  # the peer went away (ROUTER_MANDATORY)
+            logger.info("cannot reach actor %r: %s", identity, e)
+            return False
+
+    def publish(self, msg: Message) -> None:
+        send(self.weights, msg, timeout_ms=1000)
+
+    def close(self) -> None:
+        for sock in (self.experience, self.weights, self.control):
+            sock.close(linger=0)
+
+
+class ActorSockets:
+    """An actor's connected sockets: PUSH (experience), SUB (weights), DEALER (control)."""
+
+    def __init__(self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 2):
+        self.experience = _socket(ctx, zmq.PUSH, experience_hwm)
+        self.weights = _socket(ctx, zmq.SUB, 2)
+        self.weights.setsockopt(
+            zmq.SUBSCRIBE, b""
+        )  # subscribe before asking for the snapshot (Clone pattern)
+        self.control = _socket(ctx, zmq.DEALER, 100)
+        for sock, address in (
+            (self.experience, endpoints.experience),
+            (self.weights, endpoints.weights),
+            (self.control, endpoints.control),
+        ):
+            sock.connect(address)
+
+    def request(self, msg: Message) -> bool:
+        return send(self.control, msg, timeout_ms=1000)
+
+    def receive_control(self, timeout_ms: int) -> list[bytes] | None:
+        """Frames of the next control message within ``timeout_ms``, else None."""
+        if not self.control.poll(timeout_ms):
+            return None
+        return self.control.recv_multipart()
+
+    def receive_weights(self) -> list[list[bytes]]:
+        """Every weights/shutdown broadcast already queued (non-blocking)."""
+        out = []
+        while self.weights.poll(0):
+            out.append(self.weights.recv_multipart())
+        return out
+
+    def send_experience(self, msg: Message, timeout_ms: int) -> bool:
+        """Queue an experience batch; False if the learner applied back-pressure for ``timeout_ms``."""
+        return send(self.experience, msg, timeout_ms=timeout_ms)
+
+    def close(self) -> None:
+        for sock in (self.experience, self.weights, self.control):
+            sock.close(linger=0)
+
+
+@contextmanager
+def zmq_context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(
+            linger=0
+        )  # closes any socket still open (after an error) instead of waiting on it forever

@@ -1,0 +1,54 @@
+"""Policy snapshots on the wire: adapter tensors <-> a ``Weights`` message, with a checksum both sides agree on."""
+
+from __future__ import annotations
+
+import hashlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from common.lora import adapter_weights, load_adapter_weights
+from common.protocol import Weights
+
+
+def to_numpy(array: mx.array) -> tuple[np.ndarray, str]:
+    """An MLX array as NumPy plus its wire dtype; bfloat16 travels as its raw 16-bit pattern."""
+    if array.dtype == mx.bfloat16:
+        return np.array(array.view(mx.uint16)), "bfloat16"
+    out = np.array(array)
+    return out, out.dtype.name
+
+
+def from_numpy(array: np.ndarray, wire_dtype: str) -> mx.array:
+    out = mx.array(array)
+    return out.view(mx.bfloat16) if wire_dtype == "bfloat16" else out
+
+
+def checksum(names: tuple[str, ...], tensors: tuple[np.ndarray, ...]) -> str:
+    """SHA-256 (first 16 hex digits) over names, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in zip(names, tensors, strict=True):
+        digest.update(name.encode())
+        digest.update(str(tensor.shape).encode())
+        digest.update(np.ascontiguousarray(tensor).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def snapshot(model: nn.Module, policy_version: int) -> Weights:
+    """The model's adapters as a ``Weights`` message (names sorted, so the checksum is reproducible)."""
+    weights = adapter_weights(model)
+    names = tuple(sorted(weights))
+    converted = [to_numpy(weights[n]) for n in names]
+    tensors = tuple(t for t, _ in converted)
+    return Weights(policy_version, checksum(names, tensors), names, tensors, tuple(d for _, d in converted))
+
+
+def apply_snapshot(model: nn.Module, msg: Weights) -> None:
+    """Load a snapshot into ``model``; a checksum or shape mismatch raises ValueError and changes nothing."""
+    actual = checksum(msg.names, msg.tensors)
+    if actual != msg.checksum:
+        raise ValueError(f"snapshot v{msg.policy_version} checksum {actual} != announced {msg.checksum}")
+    load_adapter_weights(
+        model, {n: from_numpy(t, d) for n, t, d in zip(msg.names, msg.tensors, msg.dtypes, strict=True)}
+    )

@@ -1,0 +1,132 @@
+"""The experience buffer: accepts sequence groups from actors, drops bad or stale ones (counted), hands out batches.
+
+Sequences arrive in groups of ``group_size`` completions of one prompt (consecutive in a batch); a group is
+accepted or dropped whole, so GRPO/RLOO baselines always see complete groups. A sequence whose score or
+log-probs are not finite, or whose log-probs are positive, drops its group (``reject/bad_score`` or
+``reject/bad_logprobs``); a group older than ``max_policy_lag`` policy versions is dropped on arrival and again
+when a batch is taken (``lag/dropped``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.protocol import ExperienceBatch
+from learner.update import Experience
+
+logger = logging.getLogger(__name__)
+_LOGPROB_SLACK = 1e-4  # float error can put a log-prob of a near-certain token just above 0
+
+
+@dataclass
+class Group:
+    """``group_size`` sequences sampled from one prompt with one policy version."""
+
+    actor_id: int
+    policy_version: int
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    behaviour: list[np.ndarray]
+    ref: list[np.ndarray] | None
+    scores: list[float]
+
+
+def split_groups(msg: ExperienceBatch, group_size: int) -> tuple[list[Group], Counter]:
+    """Cut a batch into groups; invalid groups are left out and counted by reason."""
+    rejects: Counter = Counter()
+    if len(msg.sequences) % group_size:
+        rejects["reject/bad_group"] += len(msg.sequences)
+        return [], rejects
+    groups, tok_at, lp_at = [], 0, 0
+    for start in range(0, len(msg.sequences), group_size):
+        group = Group(
+            msg.actor_id, msg.policy_version, [], [], [], [] if msg.ref_logprobs is not None else None, []
+        )
+        reason = None
+        for seq in msg.sequences[start : start + group_size]:
+            tokens = msg.tokens[tok_at : tok_at + seq.prompt_len + seq.response_len]
+            behaviour = msg.behaviour_logprobs[lp_at : lp_at + seq.response_len]
+            group.prompts.append(tokens[: seq.prompt_len].tolist())
+            group.responses.append(tokens[seq.prompt_len :].tolist())
+            group.behaviour.append(behaviour)
+            if group.ref is not None:
+                group.ref.append(msg.ref_logprobs[lp_at : lp_at + seq.response_len])
+            group.scores.append(seq.score)
+            tok_at, lp_at = tok_at + seq.prompt_len + seq.response_len, lp_at + seq.response_len
+            if not np.isfinite(seq.score):
+                reason = "reject/bad_score"
+            elif not np.isfinite(behaviour).all() or (behaviour > _LOGPROB_SLACK).any():
+                reason = reason or "reject/bad_logprobs"
+        if reason is None:
+            groups.append(group)
+        else:
+            rejects[reason] += group_size
+    return groups, rejects
+
+
+class ExperienceBuffer:
+    """Accepted groups, oldest first, up to ``capacity`` sequences."""
+
+    def __init__(self, capacity: int, group_size: int, max_policy_lag: int):
+        self.capacity = capacity
+        self.group_size = group_size
+        self.max_policy_lag = max_policy_lag
+        self.groups: deque[Group] = deque()
+        self.counters: Counter = Counter()
+
+    @property
+    def depth(self) -> int:
+        """Sequences held."""
+        return len(self.groups) * self.group_size
+
+    def has_room(self) -> bool:
+        return self.depth < self.capacity
+
+    def add(self, msg: ExperienceBatch, current_version: int) -> int:
+        """Add a batch's valid, fresh groups; returns the number of sequences accepted."""
+        groups, rejects = split_groups(msg, self.group_size)
+        self.counters.update(rejects)
+        if current_version - msg.policy_version > self.max_policy_lag:
+            self.counters["lag/dropped"] += len(groups) * self.group_size
+            logger.info(
+                "dropped %d stale sequences from actor %d (v%d, learner at v%d)",
+                len(groups) * self.group_size,
+                msg.actor_id,
+                msg.policy_version,
+                current_version,
+            )
+            return 0
+        for reason, count in rejects.items():
+            logger.warning("dropped %d sequences from actor %d: %s", count, msg.actor_id, reason)
+        self.groups.extend(groups)
+        return len(groups) * self.group_size
+
+    def _drop_stale(self, current_version: int) -> None:
+        fresh = deque(g for g in self.groups if current_version - g.policy_version <= self.max_policy_lag)
+        dropped = (len(self.groups) - len(fresh)) * self.group_size
+        if dropped:
+            self.counters["lag/dropped"] += dropped
+            logger.info("dropped %d buffered sequences older than %d versions", dropped, self.max_policy_lag)
+        self.groups = fresh
+
+    def take(self, num_sequences: int, current_version: int) -> tuple[Experience, np.ndarray] | None:
+        """The oldest ``num_sequences`` fresh sequences as an ``Experience`` and their lags, or None if too few."""
+        self._drop_stale(current_version)
+        if self.depth < num_sequences:
+            return None
+        taken = [self.groups.popleft() for _ in range(num_sequences // self.group_size)]
+        seqs = [(g, i) for g in taken for i in range(self.group_size)]
+        with_ref = all(g.ref is not None for g in taken)
+        exp = Experience(
+            prompt_ids=[g.prompts[i] for g, i in seqs],
+            response_ids=[g.responses[i] for g, i in seqs],
+            behaviour_logprobs=[g.behaviour[i] for g, i in seqs],
+            scores=np.array([g.scores[i] for g, i in seqs], np.float32),
+            policy_versions=np.array([g.policy_version for g, _ in seqs], np.int64),
+            ref_logprobs=[g.ref[i] for g, i in seqs] if with_ref else None,
+        )
+        return exp, current_version - exp.policy_versions

@@ -1,0 +1,58 @@
+"""``run_learner``: the learner process loop around ``LearnerService``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from common.config import Config
+from common.transport import Endpoints, LearnerSockets, zmq_context
+
+logger = logging.getLogger(__name__)
+
+
+def build_learner(cfg: Config):
+    """Load the model and build the trainable container and ``PPOLearner`` for ``cfg``."""
+    import mlx.core as mx
+
+    from common.models import load_model
+    from learner.models import build_policy_and_value
+    from learner.ppo_learner import PPOLearner
+
+    loaded = load_model(cfg.model)
+    mx.random.seed(cfg.run.seed)
+    value_kind = None if cfg.ppo.is_critic_free else cfg.ppo.value_model
+    container = build_policy_and_value(loaded.model, cfg.lora, value_kind, cfg.ppo.full_finetune)
+    return PPOLearner(container, cfg.ppo, cfg.sampling.temperature)
+
+
+def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
+    """Serve actors and train until ``run.max_updates`` (or SIGTERM/SIGINT), then checkpoint and stop actors."""
+    from learner.checkpoint import save_checkpoint
+    from learner.service import LearnerService
+
+    stop = {"requested": False}
+
+    def request_stop(signum, _frame):
+        logger.info("signal %d: finishing the current step, then stopping", signum)
+        stop["requested"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    learner = build_learner(cfg)
+    with zmq_context() as ctx:
+        sockets = LearnerSockets(ctx, endpoints, cfg.transport.experience_hwm)
+        service = LearnerService(cfg, sockets, learner, run_dir)
+        try:
+            service.publish_weights()
+            logger.info("learner ready at %s (policy v%d)", endpoints.control, learner.policy_version)
+            while not service.finished and not stop["requested"]:
+                service.step(timeout_ms=100)
+            if stop["requested"] and service.step_count % cfg.run.checkpoint_every:
+                save_checkpoint(run_dir, learner, cfg.lora, service.step_count)
+            service.shutdown("run finished" if service.finished else "learner stopped")
+        finally:
+            sockets.close()
+    logger.info("learner done after %d updates", service.step_count)
+    return 0

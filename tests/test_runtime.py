@@ -1,0 +1,216 @@
+"""The actor/learner runtime over real ZeroMQ sockets: one-process mode, joins, refusals, back-pressure, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+
+from actors.actor import ActorStopped, ActorWorker
+from actors.tasks import get_task
+from common import protocol
+from common.config import load_config
+from common.lora import attach_lora
+from common.models import load_model
+from common.transport import ActorSockets, Endpoints, LearnerSockets, free_tcp_ports, zmq_context
+from launch import run_one_process
+from learner.process import build_learner
+from learner.service import LearnerService
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [
+    "sampling.batch_size=8",
+    "sampling.max_new_tokens=8",
+    "ppo.batch_size=8",
+    "ppo.group_size=2",
+    "ppo.num_minibatches=1",
+    "ppo.micro_batch_size=8",
+    "ppo.update_epochs=1",
+    "ppo.learning_rate=1e-3",
+    "lora.rank=4",
+    'run.task="letters"',
+    "run.checkpoint_every=2",
+    "transport.startup_timeout_s=60",
+]
+REQUIRED_KEYS = {
+    "step",
+    "policy_version",
+    "time_s",
+    "perf/samples_per_s",
+    "perf/gen_tokens_per_s",
+    "perf/train_tokens_per_s",
+    "perf/learner_busy_frac",
+    "lag/mean",
+    "lag/max",
+    "lag/dropped",
+    "buffer/depth",
+    "sync/ms",
+    "sync/bytes",
+    "rollout/score_mean",
+    "loss/policy",
+    "loss/value",
+    "policy/approx_kl",
+    "kl/ref_mean",
+    "memory/peak_gb",
+}
+
+
+def small_config(model_cache, run_dir, *extra):
+    return load_config(
+        None,
+        [
+            *SMALL,
+            'model.name="tiny"',
+            f'model.cache_dir="{model_cache}"',
+            f'run.run_dir="{run_dir}"',
+            *extra,
+        ],
+    )
+
+
+def test_one_process_end_to_end(model_cache, tmp_path):
+    cfg = small_config(model_cache, tmp_path, "run.max_updates=3")
+    history = run_one_process(cfg, num_actors=2, timeout_s=300)
+    assert [m["policy_version"] for m in history] == [1, 2, 3]
+    assert set(history[-1]) >= REQUIRED_KEYS
+    assert history[-1]["sync/bytes"] > 0 and history[-1]["actors/connected"] == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (tmp_path / "adapters" / "adapters.safetensors").exists()  # final checkpoint refreshed adapters/
+
+
+class Harness:
+    """A learner service and actor workers in this process over inproc sockets, stepped by the test."""
+
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx, self.endpoints = cfg, ctx, Endpoints.inproc()
+        self.learner_sockets = LearnerSockets(ctx, self.endpoints, cfg.transport.experience_hwm)
+        self.service = LearnerService(cfg, self.learner_sockets, build_learner(cfg), Path(cfg.run.run_dir))
+        self.service.publish_weights()
+        self.sockets = [self.learner_sockets]
+
+    def actor(self, actor_id, cfg=None):
+        cfg = cfg or self.cfg
+        loaded = load_model(cfg.model)
+        attach_lora(loaded.model, cfg.lora)
+        sockets = ActorSockets(self.ctx, self.endpoints, cfg.transport.experience_hwm)
+        self.sockets.append(sockets)
+        return ActorWorker(cfg, actor_id, 2, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+
+    def join(self, worker, rounds=200):
+        for _ in range(rounds):
+            if worker.poll_connect(0):
+                return
+            self.service.poll(10)
+        raise AssertionError("actor did not join")
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def harness(model_cache, tmp_path):
+    with zmq_context() as ctx:
+        h = Harness(small_config(model_cache, tmp_path, "run.max_updates=10"), ctx)
+        yield h
+        h.close()
+
+
+def test_late_joiner_gets_the_current_snapshot(harness):
+    first = harness.actor(0)
+    harness.join(first)
+    while harness.service.step_count < 2:
+        first.step_nonblocking()
+        harness.service.step(timeout_ms=10)
+    late = harness.actor(1)
+    harness.join(late)
+    assert late.policy_version == harness.service.learner.policy_version == 2
+    assert late.checksum == harness.service.snapshot.checksum
+    late.heartbeat(force=True)
+    harness.service.poll(50)
+    info = next(i for i in harness.service.actors.values() if i.actor_id == 1)
+    assert info.policy_version == 2 and info.checksum == late.checksum  # heartbeat echoes what it runs
+
+
+def test_mismatched_config_is_refused_with_a_reason(harness, model_cache, tmp_path):
+    other = small_config(model_cache, tmp_path, "run.max_updates=10", "sampling.temperature=0.5")
+    worker = harness.actor(0, other)
+    with pytest.raises(ActorStopped) as stop:
+        harness.join(worker)
+    assert stop.value.refused and "config" in str(stop.value)
+    assert harness.service.counters["reject/config_mismatch"] == 1
+
+
+def test_bad_input_is_counted_and_the_learner_carries_on(harness):
+    pusher = harness.ctx.socket(zmq.PUSH)
+    pusher.connect(harness.endpoints.experience)
+    dealer = harness.ctx.socket(zmq.DEALER)
+    dealer.connect(harness.endpoints.control)
+    pusher.send_multipart([b"garbage"])
+    pusher.send_multipart([b"MPPO\x00\x01\x04", b"\xc1"])
+    dealer.send_multipart(protocol.encode(protocol.Heartbeat("stranger", 0)))
+    for _ in range(20):
+        harness.service.poll(10)
+    counters = harness.service.counters
+    assert counters["reject/bad_frames"] == 1 and counters["reject/bad_body"] == 1
+    assert counters["reject/unknown_peer"] == 1
+    worker = harness.actor(0)
+    harness.join(worker)  # still serving
+    pusher.close(linger=0)
+    dealer.close(linger=0)
+
+
+def test_back_pressure_blocks_actors_and_bounds_memory():
+    """A learner that does not read: an actor can queue at most the high-water marks, then its sends fail."""
+    with zmq_context() as ctx:
+        endpoints = Endpoints.inproc()
+        learner = LearnerSockets(ctx, endpoints, experience_hwm=2)
+        actor = ActorSockets(ctx, endpoints, experience_hwm=2)
+        msg = protocol.Shutdown("x" * 1000)
+        sent = 0
+        while actor.send_experience(msg, timeout_ms=50):
+            sent += 1
+            assert sent <= 10, "sends never blocked"
+        assert 2 <= sent <= 4  # send HWM + receive HWM
+        assert list(learner.poll(10, read_experience=False)) == []  # a full buffer leaves experience queued
+        drained = sum(len(list(learner.poll(10, read_experience=True))) for _ in range(sent))
+        assert drained == sent  # nothing was dropped
+        assert actor.send_experience(msg, timeout_ms=1000)  # reading released the actor
+        actor.close()
+        learner.close()
+
+
+def test_multi_process_launch(model_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--actors",
+        "2",
+        "--learners",
+        "1",
+        "--model",
+        "tiny",
+        "--max-updates",
+        "3",
+        "--run-dir",
+        str(run_dir),
+    ]
+    for item in [*SMALL, f'model.cache_dir="{model_cache}"']:
+        cmd += ["--set", item]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert set(rows[-1]) >= REQUIRED_KEYS
+    assert {"actor/0/gen_tokens_per_s", "actor/1/gen_tokens_per_s"} <= set(rows[-1])
+    assert "actor 0 joined" in out.stderr and "actor 1 joined" in out.stderr
+    assert "running policy v1" in out.stderr  # actors apply the published versions
+    assert "update 3 v3" in out.stderr
+
+
+def test_free_ports_are_distinct():
+    assert len(set(free_tcp_ports(count=3))) == 3
