@@ -34,7 +34,7 @@ fast-blas:
 	fi
 
 demo: setup
-	$(PY) launch.py
+	$(PY) launch.py --actors 2 --learners 1 --config configs/demo.toml
 
 lint: setup
 	$(BIN)/ruff check .

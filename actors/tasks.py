@@ -66,9 +66,9 @@ _QUESTIONS = (
 
 
 def length_reward(prompt: str, completion: str, target_words: int = 12) -> float:
-    """1 at exactly ``target_words`` words, falling linearly to 0 at twice (or zero) that many."""
+    """1 at exactly ``target_words`` words, ``1 / (1 + |words - target| / target)`` elsewhere (never flat)."""
     words = len(completion.split())
-    return max(0.0, 1.0 - abs(words - target_words) / target_words)
+    return 1.0 / (1.0 + abs(words - target_words) / target_words)
 
 
 def letters_reward(prompt: str, completion: str) -> float:
