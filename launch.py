@@ -12,7 +12,6 @@ Settings come from the defaults, then ``--config FILE.toml``, then the shortcuts
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -65,6 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         add_config_args(p)
         p.add_argument("--endpoints", required=True, help="JSON with experience/weights/control addresses")
         p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    learner.add_argument("--rank", type=int, default=0, help="learner rank (set by the launcher)")
     actor.add_argument("--actor-id", type=int, required=True)
     actor.add_argument("--num-actors", type=int, required=True)
     return parser.parse_args(argv)
@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command or "run"
-    role = {"run": "launcher", "learner": "learner-0", "actor": f"actor-{getattr(args, 'actor_id', 0)}"}[
-        command
-    ]
+    role = {
+        "run": "launcher",
+        "learner": f"learner-{getattr(args, 'rank', 0)}",
+        "actor": f"actor-{getattr(args, 'actor_id', 0)}",
+    }[command]
     setup_logging(role)
     try:
         cfg = resolve_config(args)
@@ -114,187 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
         watch_parent(args.parent_pid)
         return run_actor(cfg, args.actor_id, args.num_actors, Endpoints(**json.loads(args.endpoints)))
+    from local_run import launch_local_run, run_one_process
+
     if args.one_process:
         history = run_one_process(cfg, args.actors)
         return 0 if len(history) == cfg.run.max_updates else 1
-    return launch_local_run(cfg, args.actors, args.learners)
-
-
-def run_one_process(cfg, num_actors: int = 1, timeout_s: float = 600.0) -> list[dict]:
-    """Learner and actors in this process over ``inproc://``, stepped in turn; returns each update's metrics.
-
-    The same ``LearnerService`` and ``ActorWorker`` logic as the multi-process run, without process plumbing:
-    for tests and for debugging with one stack trace.
-    """
-    import time
-
-    from actors.actor import ActorStopped, ActorWorker
-    from actors.tasks import get_task
-    from common.lora import attach_lora
-    from common.models import load_model
-    from common.transport import ActorSockets, Endpoints, LearnerSockets, zmq_context
-    from learner.process import build_learner
-    from learner.service import LearnerService
-
-    endpoints, history = Endpoints.inproc(), []
-    deadline = time.monotonic() + timeout_s
-    learner = build_learner(cfg)
-    with zmq_context() as ctx:
-        sockets = [LearnerSockets(ctx, endpoints, cfg.transport.experience_hwm)]
-        service = LearnerService(cfg, sockets[0], learner, Path(cfg.run.run_dir))
-        service.publish_weights()
-        workers = []
-        for i in range(num_actors):
-            loaded = load_model(cfg.model)
-            attach_lora(loaded.model, cfg.lora)
-            sockets.append(ActorSockets(ctx, endpoints, cfg.transport.experience_hwm))
-            workers.append(
-                ActorWorker(
-                    cfg, i, num_actors, sockets[-1], loaded.model, loaded.tokenizer, get_task(cfg.run.task)
-                )
-            )
-        try:
-            while not all([w.poll_connect(0) for w in workers]):
-                service.poll(10)
-                if time.monotonic() > deadline:
-                    raise TimeoutError("actors did not join the in-process learner")
-            while not service.finished and time.monotonic() < deadline:
-                for worker in workers:
-                    worker.step_nonblocking()
-                if (metrics := service.step(timeout_ms=10)) is not None:
-                    history.append(metrics)
-            service.shutdown("run finished")
-            for worker in workers:  # let each actor see the shutdown, as a separate process would
-                with contextlib.suppress(ActorStopped):
-                    worker.apply_newer_weights()
-        finally:
-            for sock in sockets:
-                sock.close()
-    return history
-
-
-# -- the local launcher -----------------------------------------------------------------------------------------
-
-# Variables a learner started by mlx.launch may carry; an actor that inherits them would try to join the ring.
-_DISTRIBUTED_ENV_PREFIXES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_RING", "MLX_JACCL", "NCCL_")
-
-
-def child_env(threads: int, distributed: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a child: this one (BLAS preload included), BLAS threads capped, no inherited MLX ranks."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DISTRIBUTED_ENV_PREFIXES)}
-    env.update({"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
-    env.update(distributed or {})
-    return env
-
-
-def child_command(role: str, config_path: Path, endpoints, extra: list[str]) -> list[str]:
-    script = str(Path(__file__).resolve())
-    return [
-        sys.executable,
-        script,
-        role,
-        "--config",
-        str(config_path),
-        "--endpoints",
-        json.dumps(endpoints.as_dict()),
-        "--parent-pid",
-        str(os.getpid()),
-        *extra,
-    ]
-
-
-def launch_local_run(cfg, num_actors: int, num_learners: int) -> int:
-    """Start the learner and ``num_actors`` actors on this machine, supervise them, return the run's exit code."""
-    import subprocess
-
-    from actors.tasks import get_task
-    from common.config import config_to_toml
-    from common.transport import Endpoints, free_tcp_ports
-
-    try:
-        get_task(cfg.run.task)
-    except ValueError as e:
-        logger.error("%s", e)
-        return 2
-    if num_actors < 1 or num_learners != 1:
-        logger.error("--actors must be >= 1; --learners > 1 is not supported yet")
-        return 2
-    run_dir = Path(cfg.run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.toml"
-    config_path.write_text(config_to_toml(cfg))
-    endpoints = Endpoints.tcp(cfg.transport.host, free_tcp_ports(cfg.transport.host))
-    threads = max(1, (os.cpu_count() or 1) // (num_actors + num_learners))
-    procs = {
-        "learner-0": subprocess.Popen(
-            child_command("learner", config_path, endpoints, []), env=child_env(threads)
-        )
-    }
-    for i in range(num_actors):
-        extra = ["--actor-id", str(i), "--num-actors", str(num_actors)]
-        procs[f"actor-{i}"] = subprocess.Popen(
-            child_command("actor", config_path, endpoints, extra), env=child_env(threads)
-        )
-    logger.info(
-        "run %s: learner at %s, %d actor(s), %d BLAS thread(s) each",
-        run_dir,
-        endpoints.control,
-        num_actors,
-        threads,
-    )
-    return supervise(procs)
-
-
-def supervise(procs: dict) -> int:
-    """Wait for the learner; stop everything on a failure or Ctrl-C. Returns the run's exit code."""
-    import signal
-    import subprocess
-
-    learner = procs["learner-0"]
-    state = {"stopping": False, "failed": 0}
-
-    def on_signal(signum, _frame):
-        logger.info("signal %d: asking the learner to checkpoint and stop", signum)
-        state["stopping"] = True
-        learner.send_signal(signal.SIGTERM)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    while True:
-        try:
-            code = learner.wait(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        for name, proc in procs.items():
-            if name != "learner-0" and proc.poll() not in (None, 0) and not state["stopping"]:
-                logger.error("%s exited with code %d; stopping the run", name, proc.returncode)
-                state["failed"], state["stopping"] = proc.returncode, True
-                learner.send_signal(signal.SIGTERM)
-    stop_children(procs)
-    if code != 0:
-        logger.error("learner exited with code %d", code)
-        return code
-    return 1 if state["failed"] else 0
-
-
-def stop_children(procs: dict, grace_s: float = 30.0) -> None:
-    """Give children ``grace_s`` in all to exit on their own (they were told to stop), then terminate, then kill."""
-    import subprocess
-    import time
-
-    deadline = time.monotonic() + grace_s
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve())
 
 
 def watch_parent(parent_pid: int) -> None:

@@ -21,6 +21,7 @@ from common.config import PPOUpdateConfig
 from common.logprobs import gather_token_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
 from learner import advantages as adv
+from learner.distributed import average_gradients, mean_over_ranks
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.ppo import explained_variance
@@ -49,12 +50,14 @@ class PPOLearner:
         temperature: float,
         compile_step: bool = True,
         pad_multiple: int = 32,
+        group: Any | None = None,
     ):
         self.container = container
         self.cfg = cfg
         self.temperature = temperature
         self.policy_version = 0
         self.pad_multiple = pad_multiple
+        self.group = group  # mlx.distributed group of learner ranks, or None
         self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
         self.optimizer = optim.Adam(learning_rate=cfg.learning_rate)
         self.optimizer.init(container.trainable_parameters())
@@ -80,6 +83,7 @@ class PPOLearner:
 
     def _make_apply_fn(self, compile_step: bool):
         def apply(grads):
+            grads = average_gradients(grads, self.group)
             grad_norm = mx.array(0.0)
             if self.cfg.max_grad_norm > 0:
                 grads, grad_norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
@@ -165,7 +169,7 @@ class PPOLearner:
             "mismatch/behaviour_proximal_kl": adv.masked_mean(mismatch, mask),
             "policy/entropy": adv.masked_mean(recomputed["entropy"], mask),
         }
-        self.kl_controller.update(seq_kl, batch.size)
+        self.kl_controller.update(mean_over_ranks(seq_kl, self.group), batch.size)
         return arrays, stats
 
     # -- step 3: epochs x minibatches x micro-batches ------------------------------------------------------
@@ -199,7 +203,10 @@ class PPOLearner:
             for start in range(0, size, per_minibatch):
                 stats = self._minibatch_step(arrays, order[start : start + per_minibatch])
                 history.append({k: float(v.item()) for k, v in stats.items()})
-                if self.cfg.target_kl > 0 and history[-1]["policy/approx_kl"] > self.cfg.target_kl:
+                approx_kl = mean_over_ranks(
+                    history[-1]["policy/approx_kl"], self.group
+                )  # same decision on every rank
+                if self.cfg.target_kl > 0 and approx_kl > self.cfg.target_kl:
                     return self._average(history, early_stop=True)
         return self._average(history, early_stop=False)
 

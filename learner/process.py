@@ -12,8 +12,8 @@ from common.transport import Endpoints, LearnerSockets, zmq_context
 logger = logging.getLogger(__name__)
 
 
-def build_learner(cfg: Config):
-    """Load the model and build the trainable container and ``PPOLearner`` for ``cfg``."""
+def build_learner(cfg: Config, group=None):
+    """Load the model and build the trainable container and ``PPOLearner`` for ``cfg`` (``group``: learner ranks)."""
     import mlx.core as mx
 
     from common.models import load_model
@@ -24,12 +24,13 @@ def build_learner(cfg: Config):
     mx.random.seed(cfg.run.seed)
     value_kind = None if cfg.ppo.is_critic_free else cfg.ppo.value_model
     container = build_policy_and_value(loaded.model, cfg.lora, value_kind, cfg.ppo.full_finetune)
-    return PPOLearner(container, cfg.ppo, cfg.sampling.temperature)
+    return PPOLearner(container, cfg.ppo, cfg.sampling.temperature, group=group)
 
 
 def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
     """Serve actors and train until ``run.max_updates`` (or SIGTERM/SIGINT), then checkpoint and stop actors."""
     from learner.checkpoint import save_checkpoint
+    from learner.distributed import init_group
     from learner.service import LearnerService
 
     stop = {"requested": False}
@@ -40,7 +41,7 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    learner = build_learner(cfg)
+    learner = build_learner(cfg, init_group())
     with zmq_context() as ctx:
         sockets = LearnerSockets(ctx, endpoints, cfg.transport.experience_hwm)
         service = LearnerService(cfg, sockets, learner, run_dir)
@@ -49,7 +50,7 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
             logger.info("learner ready at %s (policy v%d)", endpoints.control, learner.policy_version)
             while not service.finished and not stop["requested"]:
                 service.step(timeout_ms=100)
-            if stop["requested"] and service.step_count % cfg.run.checkpoint_every:
+            if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
                 save_checkpoint(run_dir, learner, cfg.lora, service.step_count)
             service.shutdown("run finished" if service.finished else "learner stopped")
         finally:

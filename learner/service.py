@@ -61,7 +61,9 @@ class LearnerService:
         self.actors: dict[bytes, ActorInfo] = {}
         self.config_hash = config_hash(cfg)
         self.run_id = uuid.uuid4().hex[:12]
-        self.metrics = MetricsWriter(run_dir)
+        # With several learner ranks, rank 0 alone writes metrics and checkpoints (the weights are identical).
+        self.is_main = learner.group is None or learner.group.rank() == 0
+        self.metrics = MetricsWriter(run_dir) if self.is_main else None
         self.snapshot: protocol.Weights | None = None
         self.step_count = 0
         self.started = self.last_update_end = time.monotonic()
@@ -158,6 +160,8 @@ class LearnerService:
         now = time.monotonic()
         metrics = self._metrics(stats, lags, now)
         self.last_update_end = now
+        if not self.is_main:
+            return metrics
         self.metrics.write(metrics)
         logger.info("%s", format_update_line(metrics))
         if self.step_count % self.cfg.run.checkpoint_every == 0 or self.finished:
@@ -194,4 +198,5 @@ class LearnerService:
         self.sockets.publish(Shutdown(reason))
         for identity in list(self.actors):
             self.sockets.reply(identity, Shutdown(reason))
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,6 +1,7 @@
 """The actor/learner runtime over real ZeroMQ sockets: one-process mode, joins, refusals, back-pressure, bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ from common.config import load_config
 from common.lora import attach_lora
 from common.models import load_model
 from common.transport import ActorSockets, Endpoints, LearnerSockets, free_tcp_ports, zmq_context
-from launch import run_one_process
 from learner.process import build_learner
 from learner.service import LearnerService
+from local_run import run_one_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -214,3 +215,32 @@ def test_multi_process_launch(model_cache, tmp_path):
 
 def test_free_ports_are_distinct():
     assert len(set(free_tcp_ports(count=3))) == 3
+
+
+def test_two_learner_ranks_complete_updates(model_cache, tmp_path):
+    """--learners 2: two ranks over mlx.distributed's ring on loopback, each with its own actor."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--actors",
+        "2",
+        "--learners",
+        "2",
+        "--model",
+        "tiny",
+        "--max-updates",
+        "2",
+        "--run-dir",
+        str(run_dir),
+    ]
+    for item in [*SMALL, f'model.cache_dir="{model_cache}"']:
+        cmd += ["--set", item]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "learner rank 0 of 2" in out.stderr and "learner rank 1 of 2" in out.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2]  # rank 0 alone writes metrics
+    # Averaged gradients keep the ranks identical: both actors (one per rank) run the same v2 adapters.
+    checksums = set(re.findall(r"\[actor-\d\].*running policy v2 \(checksum (\w+)\)", out.stderr))
+    assert len(checksums) == 1, out.stderr[-3000:]

@@ -1,0 +1,192 @@
+"""Running a whole job on this machine: supervised learner/actor processes, or everything in one process.
+
+``launch_local_run`` starts M learner ranks and N actors as fresh Python processes (``launch.py learner`` /
+``launch.py actor``), each with BLAS threads capped to its share of the cores and without any inherited
+``mlx.distributed`` variables (an actor that inherited them would try to join the learners' ring). Actor ``i``
+belongs to learner rank ``i % M``. ``run_one_process`` runs the same logic over ``inproc://`` in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("launch")
+
+_DISTRIBUTED_ENV_PREFIXES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_RING", "MLX_JACCL", "NCCL_")
+
+
+def child_env(threads: int, distributed: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child: this one (BLAS preload included), BLAS threads capped, no inherited MLX ranks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DISTRIBUTED_ENV_PREFIXES)}
+    env.update({"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
+    env.update(distributed or {})
+    return env
+
+
+def child_command(script: Path, role: str, config_path: Path, endpoints, extra: list[str]) -> list[str]:
+    endpoint_json = json.dumps(endpoints.as_dict())
+    common = ["--config", str(config_path), "--endpoints", endpoint_json, "--parent-pid", str(os.getpid())]
+    return [sys.executable, str(script), role, *common, *extra]
+
+
+def learner_rank_env(run_dir: Path, host: str, rank: int, num_learners: int) -> dict[str, str]:
+    """mlx.distributed ring variables for one learner rank (none for a single learner)."""
+    if num_learners == 1:
+        return {}
+    from common.transport import free_tcp_ports
+    from learner.distributed import write_ring_hostfile
+
+    hostfile = run_dir / "ring_hostfile.json"
+    if rank == 0:
+        write_ring_hostfile(hostfile, host, list(free_tcp_ports(host, num_learners)))
+    return {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+
+
+def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> int:
+    """Start the learner rank(s) and actors, supervise them, and return the run's exit code."""
+    from actors.tasks import get_task
+    from common.config import config_to_toml
+    from common.transport import Endpoints, free_tcp_ports
+
+    try:
+        get_task(cfg.run.task)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    if num_learners < 1 or num_actors < num_learners:
+        logger.error("need --learners >= 1 and at least one actor per learner rank (--actors >= --learners)")
+        return 2
+    run_dir = Path(cfg.run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.toml"
+    config_path.write_text(config_to_toml(cfg))
+    host = cfg.transport.host
+    ranks = [Endpoints.tcp(host, free_tcp_ports(host)) for _ in range(num_learners)]
+    threads = max(1, (os.cpu_count() or 1) // (num_actors + num_learners))
+    procs: dict[str, subprocess.Popen] = {}
+    for rank, endpoints in enumerate(ranks):
+        env = child_env(threads, learner_rank_env(run_dir, host, rank, num_learners))
+        procs[f"learner-{rank}"] = subprocess.Popen(
+            child_command(script, "learner", config_path, endpoints, ["--rank", str(rank)]), env=env
+        )
+    for i in range(num_actors):
+        extra = ["--actor-id", str(i), "--num-actors", str(num_actors)]
+        procs[f"actor-{i}"] = subprocess.Popen(
+            child_command(script, "actor", config_path, ranks[i % num_learners], extra),
+            env=child_env(threads),
+        )
+    logger.info(
+        "run %s: %d learner rank(s), rank 0 at %s; %d actor(s); %d BLAS thread(s) each",
+        run_dir,
+        num_learners,
+        ranks[0].control,
+        num_actors,
+        threads,
+    )
+    return supervise(procs)
+
+
+def supervise(procs: dict[str, subprocess.Popen]) -> int:
+    """Wait for the learners; on a child failure or Ctrl-C ask them to checkpoint and stop. Returns the exit code."""
+    learners = [p for name, p in procs.items() if name.startswith("learner")]
+    state = {"stopping": False, "failed": 0}
+
+    def stop_learners(signum=None, _frame=None):
+        if signum is not None:
+            logger.info("signal %d: asking the learner(s) to checkpoint and stop", signum)
+        state["stopping"] = True
+        for proc in learners:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_learners)
+    while any(p.poll() is None for p in learners):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            learners[0].wait(timeout=0.5)
+        for name, proc in procs.items():
+            if proc.poll() not in (None, 0) and not state["stopping"]:
+                logger.error("%s exited with code %d; stopping the run", name, proc.returncode)
+                state["failed"] = proc.returncode
+                stop_learners()
+    stop_children(procs)
+    codes = {name: p.returncode for name, p in procs.items() if name.startswith("learner") and p.returncode}
+    if codes:
+        logger.error("learner(s) failed: %s", codes)
+        return next(iter(codes.values()))
+    return 1 if state["failed"] else 0
+
+
+def stop_children(procs: dict[str, subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Give children ``grace_s`` in all to exit on their own (they were told to stop), then terminate, then kill."""
+    deadline = time.monotonic() + grace_s
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_one_process(cfg, num_actors: int = 1, timeout_s: float = 600.0) -> list[dict]:
+    """Learner and actors in this process over ``inproc://``, stepped in turn; returns each update's metrics.
+
+    The same ``LearnerService`` and ``ActorWorker`` logic as the multi-process run, without process plumbing:
+    for tests and for debugging with one stack trace.
+    """
+    from actors.actor import ActorStopped, ActorWorker
+    from actors.tasks import get_task
+    from common.lora import attach_lora
+    from common.models import load_model
+    from common.transport import ActorSockets, Endpoints, LearnerSockets, zmq_context
+    from learner.process import build_learner
+    from learner.service import LearnerService
+
+    endpoints, history = Endpoints.inproc(), []
+    deadline = time.monotonic() + timeout_s
+    learner = build_learner(cfg)
+    with zmq_context() as ctx:
+        sockets = [LearnerSockets(ctx, endpoints, cfg.transport.experience_hwm)]
+        service = LearnerService(cfg, sockets[0], learner, Path(cfg.run.run_dir))
+        service.publish_weights()
+        workers = []
+        for i in range(num_actors):
+            loaded = load_model(cfg.model)
+            attach_lora(loaded.model, cfg.lora)
+            sockets.append(ActorSockets(ctx, endpoints, cfg.transport.experience_hwm))
+            workers.append(
+                ActorWorker(
+                    cfg, i, num_actors, sockets[-1], loaded.model, loaded.tokenizer, get_task(cfg.run.task)
+                )
+            )
+        try:
+            while not all([w.poll_connect(0) for w in workers]):
+                service.poll(10)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("actors did not join the in-process learner")
+            while not service.finished and time.monotonic() < deadline:
+                for worker in workers:
+                    worker.step_nonblocking()
+                if (metrics := service.step(timeout_ms=10)) is not None:
+                    history.append(metrics)
+            service.shutdown("run finished")
+            for worker in workers:  # let each actor see the shutdown, as a separate process would
+                with contextlib.suppress(ActorStopped):
+                    worker.apply_newer_weights()
+        finally:
+            for sock in sockets:
+                sock.close()
+    return history
