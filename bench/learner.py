@@ -124,11 +124,15 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
+    from common.config import LoraConfig
+
     peak = matmul_peak_gflops()
     rows = [measure(kind, opts) for kind in ("separate", "shared")]
+    lora = LoraConfig()
     header = (
         f"Machine: {describe_machine()}; date {date.today()}; model {opts.model}; batch {opts.batch} x "
-        f"({opts.prompt_len} prompt + {opts.response_len} response); float32 matmul peak {peak:.0f} GFLOP/s."
+        f"({opts.prompt_len} prompt + {opts.response_len} response), micro-batches of {opts.micro}; LoRA rank "
+        f"{lora.rank} on all linear layers; float32 matmul peak {peak:.0f} GFLOP/s."
     )
     print(header)
     print("| value model | update s | train tokens/s | achieved GFLOP/s | MFU | peak memory GB |")

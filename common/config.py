@@ -38,9 +38,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 16
-    """LoRA rank r."""
-    alpha: float = 32.0
+    rank: int = 8
+    """LoRA rank r (8 keeps a SmolLM2-135M snapshot under 2% of the full weights)."""
+    alpha: float = 16.0
     """LoRA alpha; the adapter output is scaled by alpha / rank (mlx-lm's 'scale')."""
     dropout: float = 0.0
     """Dropout on the adapter input. 0 keeps actor and learner log-probs identical, which PPO wants."""

@@ -1,0 +1,248 @@
+"""Runtime benchmarks: weight sync to actors, transport overhead, end-to-end samples/s vs a synchronous loop.
+
+    python bench/runtime.py [sync] [transport] [scaling] [--actors 1,2,4] [--updates 4]
+
+- sync: the learner publishes real SmolLM2-135M LoRA snapshots to 1/2/4 actor processes over TCP loopback;
+  latency = publish until every actor has decoded, verified and applied it and said so (p50/p90 of 10).
+- transport: one experience batch (16 x 128 tokens) encoded, sent over TCP, received and decoded, against the
+  learner's update time from ``bench/results/learner.json``.
+- scaling: samples/s of the whole system (learner + N actor processes) against the synchronous
+  generate-then-train loop in one process (``--one-process``), same model, settings and cores.
+
+Prints markdown tables and writes ``bench/results/runtime.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench.machine import describe_machine  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SCALING_SETTINGS = [
+    "sampling.batch_size=8",
+    "sampling.max_new_tokens=24",
+    "ppo.batch_size=8",
+    "ppo.group_size=2",
+    "ppo.num_minibatches=1",
+    "ppo.micro_batch_size=4",
+    "ppo.update_epochs=1",
+    'run.task="length"',
+    "run.checkpoint_every=1000",
+]
+
+
+def _policy_model():
+    from common.config import LoraConfig, ModelConfig
+    from common.lora import attach_lora
+    from common.models import load_model
+
+    loaded = load_model(ModelConfig(name="default"))
+    attach_lora(loaded.model, LoraConfig())
+    return loaded.model
+
+
+def run_receiver(endpoints_json: str, actor_id: int) -> None:
+    """An actor stand-in: apply every snapshot it gets and acknowledge its version over control."""
+    from common import protocol
+    from common.transport import ActorSockets, Endpoints, zmq_context
+    from common.weights import apply_snapshot
+
+    model = _policy_model()
+    with zmq_context() as ctx:
+        sockets = ActorSockets(ctx, Endpoints(**json.loads(endpoints_json)))
+        sockets.request(protocol.Hello(actor_id, "bench"))
+        while True:
+            for frames in sockets.receive_weights():
+                msg = protocol.decode(frames)
+                if isinstance(msg, protocol.Shutdown):
+                    sockets.close()
+                    return
+                if msg.policy_version > 0:
+                    apply_snapshot(model, msg)
+                sockets.request(protocol.Heartbeat(f"actor-{actor_id}", msg.policy_version))
+            if not sockets.weights.poll(1000):
+                sockets.request(protocol.Hello(actor_id, "bench"))  # keep saying hello until probes arrive
+
+
+def _await_acks(sockets, version: int, n: int, deadline_s: float = 120.0) -> None:
+    from common import protocol
+
+    acked, deadline = set(), time.monotonic() + deadline_s
+    while len(acked) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(acked)}/{n} actors acknowledged v{version}")
+        for _, identity, frames in sockets.poll(100, read_experience=False):
+            msg = protocol.decode(frames)
+            if isinstance(msg, protocol.Heartbeat) and msg.policy_version == version:
+                acked.add(identity)
+
+
+def bench_sync(num_actors: int, repeats: int = 10) -> dict:
+    from common import protocol
+    from common.transport import Endpoints, LearnerSockets, free_tcp_ports, zmq_context
+    from common.weights import snapshot
+
+    model = _policy_model()
+    endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports())
+    cmd = [sys.executable, __file__, "--receiver", json.dumps(endpoints.as_dict())]
+    procs = [subprocess.Popen([*cmd, str(i)]) for i in range(num_actors)]
+    latencies = []
+    with zmq_context() as ctx:
+        sockets = LearnerSockets(ctx, endpoints)
+        try:
+            probe = protocol.Weights(0, "", (), (), ())
+            acked_probe = False
+            while not acked_probe:  # subscriptions are live once every actor acknowledged a probe
+                sockets.publish(probe)
+                try:
+                    _await_acks(sockets, 0, num_actors, deadline_s=1.0)
+                    acked_probe = True
+                except TimeoutError:
+                    pass
+            for version in range(1, repeats + 1):
+                start = time.perf_counter()
+                msg = snapshot(model, version)
+                sockets.publish(msg)
+                _await_acks(sockets, version, num_actors)
+                latencies.append(1000 * (time.perf_counter() - start))
+            sockets.publish(protocol.Shutdown("bench done"))
+        finally:
+            sockets.close()
+    for p in procs:
+        p.wait(timeout=60)
+    full_bytes = sum(v.nbytes for k, v in _flat(model).items())
+    return {
+        "actors": num_actors,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p90_ms": float(np.percentile(latencies, 90)),
+        "bytes": int(sum(t.nbytes for t in msg.tensors)),
+        "full_bytes": int(full_bytes),
+    }
+
+
+def _flat(model) -> dict:
+    from mlx.utils import tree_flatten
+
+    return {k: v for k, v in tree_flatten(model.parameters()) if "lora" not in k}
+
+
+def bench_transport(repeats: int = 30) -> dict:
+    import zmq
+
+    from common import protocol
+    from common.transport import free_tcp_ports, zmq_context
+
+    rng = np.random.default_rng(0)
+    seqs = tuple(protocol.Sequence_(64, 64, 0.5, "stop", i) for i in range(16))
+    batch = protocol.ExperienceBatch(
+        0,
+        0,
+        0,
+        seqs,
+        rng.integers(0, 49152, 16 * 128).astype(np.int32),
+        -rng.random(16 * 64).astype(np.float32),
+    )
+    port = free_tcp_ports(count=1)[0]
+    times = []
+    with zmq_context() as ctx:
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind(f"tcp://127.0.0.1:{port}")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            push.send_multipart(protocol.encode(batch), copy=False)
+            protocol.decode(pull.recv_multipart())
+            times.append(1000 * (time.perf_counter() - start))
+        pull.close(linger=0)
+        push.close(linger=0)
+    learner = RESULTS / "learner.json"
+    update_s = json.loads(learner.read_text())["rows"][0]["update_s"] if learner.exists() else float("nan")
+    size = sum(len(f) for f in protocol.encode(batch))
+    return {"p50_ms": float(np.median(times)), "bytes": size, "update_s": update_s}
+
+
+def _samples_per_s(run_dir: Path, batch: int) -> float:
+    """Sequences trained per second between the first and the last update (start-up excluded)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return (len(rows) - 1) * batch / (rows[-1]["time_s"] - rows[0]["time_s"])
+
+
+def bench_scaling(actor_counts: list[int], updates: int, workdir: Path) -> list[dict]:
+    rows = []
+    launch = str(Path(__file__).resolve().parent.parent / "launch.py")
+    modes = [("sync", 1)] + [("async", n) for n in actor_counts]
+    for mode, n in modes:
+        run_dir = workdir / f"{mode}-{n}"
+        cmd = [
+            sys.executable,
+            launch,
+            "--actors",
+            str(n),
+            "--max-updates",
+            str(updates),
+            "--run-dir",
+            str(run_dir),
+        ]
+        cmd += ["--one-process"] if mode == "sync" else []
+        for item in SCALING_SETTINGS:
+            cmd += ["--set", item]
+        subprocess.run(cmd, check=True, capture_output=True)
+        rows.append({"mode": mode, "actors": n, "samples_per_s": _samples_per_s(run_dir, batch=8)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("parts", nargs="*", default=["sync", "transport", "scaling"])
+    parser.add_argument("--actors", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--updates", type=int, default=4)
+    parser.add_argument("--workdir", default="/tmp/mlx-ppo-bench-runtime")
+    parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receiver:
+        run_receiver(args.parts[0], int(args.parts[1]))
+        return
+    results: dict = {"machine": f"{describe_machine()}; date {date.today()}"}
+    print(results["machine"])
+    if "sync" in args.parts:
+        results["sync"] = [bench_sync(n) for n in args.actors]
+        print(
+            "| actors | sync p50 ms | sync p90 ms | snapshot MB | share of full weights |\n|---:|---:|---:|---:|---:|"
+        )
+        for r in results["sync"]:
+            print(
+                f"| {r['actors']} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / r['full_bytes']:.2%} |"
+            )
+    if "transport" in args.parts:
+        t = results["transport"] = bench_transport()
+        print(
+            f"transport: {t['bytes'] / 1e3:.0f} kB batch in {t['p50_ms']:.2f} ms p50 = "
+            f"{t['p50_ms'] / 1000 / t['update_s']:.4%} of a {t['update_s']:.1f} s update"
+        )
+    if "scaling" in args.parts:
+        rows = results["scaling"] = bench_scaling(args.actors, args.updates, Path(args.workdir))
+        base = rows[0]["samples_per_s"]
+        print("| mode | actors | samples/s | vs synchronous |\n|---|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['mode']} | {r['actors']} | {r['samples_per_s']:.3f} | {r['samples_per_s'] / base:.2f}x |"
+            )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "runtime.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
