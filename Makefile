@@ -45,6 +45,8 @@ test: setup lint
 
 bench: setup
 	$(WITH_BLAS) $(PY) bench/generation.py
+	$(WITH_BLAS) $(PY) bench/learner.py
+	$(WITH_BLAS) $(PY) bench/runtime.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
