@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 
 from common.config import (
+    LoraConfig,
     Config,
     ConfigError,
     config_hash,
@@ -26,7 +27,7 @@ def test_precedence_defaults_then_file_then_overrides(tmp_path):
     assert cfg.sampling.temperature == 0.9  # override beats file
     assert cfg.sampling.max_new_tokens == 32  # file beats default
     assert cfg.model.name == "tiny"
-    assert cfg.lora.rank == 16  # default kept
+    assert cfg.lora.rank == LoraConfig().rank  # default kept
     assert cfg.lora.keys == ("self_attn.q_proj", "self_attn.v_proj")
 
 
