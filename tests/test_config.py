@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 
 from common.config import (
-    LoraConfig,
     Config,
     ConfigError,
+    LoraConfig,
     config_hash,
     config_to_toml,
     load_config,
