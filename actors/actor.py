@@ -49,6 +49,7 @@ class ActorStats:
     wait_weights_s: float = 0.0
     blocked_send_s: float = 0.0
     batches_sent: int = 0
+    stale_dropped: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def as_dict(self) -> dict[str, float]:
@@ -57,6 +58,7 @@ class ActorStats:
             "wait_weights_s": self.wait_weights_s,
             "blocked_send_s": self.blocked_send_s,
             "batches_sent": float(self.batches_sent),
+            "stale_dropped": float(self.stale_dropped),
         }
 
 
@@ -175,14 +177,30 @@ class ActorWorker:
         self.batch_id += 1
         return batch
 
+    def is_stale(self, batch: ExperienceBatch) -> bool:
+        """Whether the learner would drop ``batch`` as too old (the actor knows the newest version it applied)."""
+        return self.policy_version - batch.policy_version > self.cfg.ppo.max_policy_lag
+
     def send(self, batch: ExperienceBatch) -> None:
-        """Send, waiting out the learner's back-pressure while still answering control messages."""
+        """Send, waiting out the learner's back-pressure while still answering control messages.
+
+        A batch that became too old while waiting is dropped here (counted) instead of being shipped to be dropped.
+        """
         start = time.perf_counter()
         while not self.sockets.send_experience(batch, timeout_ms=200):
             self.apply_newer_weights()  # raises ActorStopped on shutdown
             self.heartbeat()
+            if self.is_stale(batch):
+                self.stats.stale_dropped += len(batch.sequences)
+                logger.info(
+                    "dropped a batch sampled with v%d: the learner is at v%d",
+                    batch.policy_version,
+                    self.policy_version,
+                )
+                break
+        else:
+            self.stats.batches_sent += 1
         self.stats.blocked_send_s += time.perf_counter() - start
-        self.stats.batches_sent += 1
 
     def heartbeat(self, force: bool = False) -> None:
         if force or time.monotonic() - self._last_heartbeat >= self.cfg.transport.heartbeat_s:

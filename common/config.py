@@ -130,7 +130,7 @@ class TransportConfig:
     """Address the learner binds (loopback unless told otherwise)."""
     experience_hwm: int = 2
     """Experience batches an actor may queue before the learner's back-pressure blocks it."""
-    buffer_batches: int = 4
+    buffer_batches: int = 1
     """Learner buffer capacity, in update batches; it stops reading experience when full (back-pressure)."""
     heartbeat_s: float = 2.0
     """Seconds between heartbeats."""

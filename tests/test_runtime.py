@@ -184,25 +184,20 @@ def test_back_pressure_blocks_actors_and_bounds_memory():
         learner.close()
 
 
-def test_multi_process_launch(model_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "--actors",
-        "2",
-        "--learners",
-        "1",
-        "--model",
-        "tiny",
-        "--max-updates",
-        "3",
-        "--run-dir",
-        str(run_dir),
-    ]
+def launch_tiny_run(
+    model_cache, run_dir, actors: int, learners: int, updates: int
+) -> subprocess.CompletedProcess:
+    """``launch.py`` as a user runs it, with the tiny model and the small settings."""
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--actors", str(actors), "--learners", str(learners)]
+    cmd += ["--model", "tiny", "--max-updates", str(updates), "--run-dir", str(run_dir)]
     for item in [*SMALL, f'model.cache_dir="{model_cache}"']:
         cmd += ["--set", item]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_multi_process_launch(model_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch_tiny_run(model_cache, run_dir, actors=2, learners=1, updates=3)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
@@ -220,23 +215,7 @@ def test_free_ports_are_distinct():
 def test_two_learner_ranks_complete_updates(model_cache, tmp_path):
     """--learners 2: two ranks over mlx.distributed's ring on loopback, each with its own actor."""
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "--actors",
-        "2",
-        "--learners",
-        "2",
-        "--model",
-        "tiny",
-        "--max-updates",
-        "2",
-        "--run-dir",
-        str(run_dir),
-    ]
-    for item in [*SMALL, f'model.cache_dir="{model_cache}"']:
-        cmd += ["--set", item]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = launch_tiny_run(model_cache, run_dir, actors=2, learners=2, updates=2)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "learner rank 0 of 2" in out.stderr and "learner rank 1 of 2" in out.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -244,3 +223,17 @@ def test_two_learner_ranks_complete_updates(model_cache, tmp_path):
     # Averaged gradients keep the ranks identical: both actors (one per rank) run the same v2 adapters.
     checksums = set(re.findall(r"\[actor-\d\].*running policy v2 \(checksum (\w+)\)", out.stderr))
     assert len(checksums) == 1, out.stderr[-3000:]
+
+
+def test_actor_drops_a_batch_that_went_stale_while_blocked(harness):
+    worker = harness.actor(0)
+    harness.join(worker)
+    old = worker.generate_batch()  # sampled with v0
+    harness.service.learner.policy_version = 3  # the learner moved on meanwhile
+    harness.service.publish_weights()
+    fill = 0
+    while worker.sockets.send_experience(old, timeout_ms=50):
+        fill += 1  # the learner is not reading: fill the queues until sends block
+        assert fill < 10
+    worker.send(old)  # blocked: sees v3 arrive, drops the v0 batch instead of waiting forever
+    assert worker.policy_version == 3 and worker.stats.stale_dropped == len(old.sequences)
