@@ -3,7 +3,9 @@
 ``launch_local_run`` starts M learner ranks and N actors as fresh Python processes (``launch.py learner`` /
 ``launch.py actor``), each with BLAS threads capped to its share of the cores and without any inherited
 ``mlx.distributed`` variables (an actor that inherited them would try to join the learners' ring). Actor ``i``
-belongs to learner rank ``i % M``. ``run_one_process`` runs the same logic over ``inproc://`` in this process.
+belongs to learner rank ``i % M``. Children run in their own sessions, so a Ctrl-C in the terminal reaches only the
+launcher, which asks the learners to checkpoint and stop; children exit by themselves if the launcher dies.
+``run_one_process`` runs the same logic over ``inproc://`` in this process.
 """
 
 from __future__ import annotations
