@@ -77,13 +77,16 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
     for rank, endpoints in enumerate(ranks):
         env = child_env(threads, learner_rank_env(run_dir, host, rank, num_learners))
         procs[f"learner-{rank}"] = subprocess.Popen(
-            child_command(script, "learner", config_path, endpoints, ["--rank", str(rank)]), env=env
+            child_command(script, "learner", config_path, endpoints, ["--rank", str(rank)]),
+            env=env,
+            start_new_session=True,
         )
     for i in range(num_actors):
         extra = ["--actor-id", str(i), "--num-actors", str(num_actors)]
         procs[f"actor-{i}"] = subprocess.Popen(
             child_command(script, "actor", config_path, ranks[i % num_learners], extra),
             env=child_env(threads),
+            start_new_session=True,
         )
     logger.info(
         "run %s: %d learner rank(s), rank 0 at %s; %d actor(s); %d BLAS thread(s) each",
