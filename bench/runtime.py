@@ -178,7 +178,7 @@ def _samples_per_s(run_dir: Path, batch: int) -> float:
     return (len(rows) - 1) * batch / (rows[-1]["time_s"] - rows[0]["time_s"])
 
 
-def bench_scaling(actor_counts: list[int], updates: int, workdir: Path) -> list[dict]:
+def bench_scaling(actor_counts: list[int], updates: int, workdir: Path, model: str = "default") -> list[dict]:
     rows = []
     launch = str(Path(__file__).resolve().parent.parent / "launch.py")
     modes = [("sync", 1)] + [("async", n) for n in actor_counts]
@@ -195,9 +195,11 @@ def bench_scaling(actor_counts: list[int], updates: int, workdir: Path) -> list[
             str(run_dir),
         ]
         cmd += ["--one-process"] if mode == "sync" else []
-        for item in SCALING_SETTINGS:
+        for item in [*SCALING_SETTINGS, f"model.name={json.dumps(model)}"]:
             cmd += ["--set", item]
-        subprocess.run(cmd, check=True, capture_output=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{mode} run with {n} actor(s) failed:\n{out.stderr[-4000:]}")
         rows.append({"mode": mode, "actors": n, "samples_per_s": _samples_per_s(run_dir, batch=8)})
     return rows
 
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--actors", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/mlx-ppo-bench-runtime")
+    parser.add_argument("--model", default="default", help="model for the scaling runs")
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -233,7 +236,7 @@ def main() -> None:
             f"{t['p50_ms'] / 1000 / t['update_s']:.4%} of a {t['update_s']:.1f} s update"
         )
     if "scaling" in args.parts:
-        rows = results["scaling"] = bench_scaling(args.actors, args.updates, Path(args.workdir))
+        rows = results["scaling"] = bench_scaling(args.actors, args.updates, Path(args.workdir), args.model)
         base = rows[0]["samples_per_s"]
         print("| mode | actors | samples/s | vs synchronous |\n|---|---:|---:|---:|")
         for r in rows:
