@@ -201,6 +201,7 @@ def bench_scaling(actor_counts: list[int], updates: int, workdir: Path, model: s
         if out.returncode != 0:
             raise RuntimeError(f"{mode} run with {n} actor(s) failed:\n{out.stderr[-4000:]}")
         rows.append({"mode": mode, "actors": n, "samples_per_s": _samples_per_s(run_dir, batch=8)})
+        print(f"  {mode} with {n} actor(s): {rows[-1]['samples_per_s']:.3f} samples/s", flush=True)
     return rows
 
 
