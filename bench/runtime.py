@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -184,6 +185,7 @@ def bench_scaling(actor_counts: list[int], updates: int, workdir: Path, model: s
     modes = [("sync", 1)] + [("async", n) for n in actor_counts]
     for mode, n in modes:
         run_dir = workdir / f"{mode}-{n}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start each run from nothing
         cmd = [
             sys.executable,
             launch,
