@@ -1,0 +1,101 @@
+"""Range and consistency checks of a built ``Config``: every problem, with the values, listed at once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config, PPOUpdateConfig
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with ``cfg``, each saying what is wrong and with which values; empty when it can run."""
+    p: list[str] = []
+    m, lo, s = cfg.model, cfg.lora, cfg.sampling
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        p.append(f"model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16")
+    if not m.name.strip():
+        p.append("model.name is empty: use default, tiny, a model folder or a Hugging Face id")
+    if lo.rank < 1:
+        p.append(f"lora.rank={lo.rank} must be >= 1")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0")
+    if not 0.0 <= lo.dropout < 1.0:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    if lo.num_layers == 0 or lo.num_layers < -1:
+        p.append(f"lora.num_layers={lo.num_layers} must be -1 (all blocks) or >= 1")
+    if not s.temperature > 0:
+        p.append(
+            f"sampling.temperature={s.temperature} must be > 0 (behaviour log-probs need a distribution)"
+        )
+    if not 0.0 < s.top_p <= 1.0:
+        p.append(f"sampling.top_p={s.top_p} must be in (0, 1]")
+    if s.top_k < 0:
+        p.append(f"sampling.top_k={s.top_k} must be >= 0 (0 = off)")
+    if s.max_new_tokens < 1:
+        p.append(f"sampling.max_new_tokens={s.max_new_tokens} must be >= 1")
+    if s.max_prompt_tokens < 1:
+        p.append(f"sampling.max_prompt_tokens={s.max_prompt_tokens} must be >= 1")
+    if s.batch_size < 1:
+        p.append(f"sampling.batch_size={s.batch_size} must be >= 1")
+    if s.top_k > 0 or 0 < s.top_p < 1.0:
+        p.append(
+            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}: training needs the full tempered distribution "
+            "(the learner's ratio would see tokens outside a truncated support); use top_k=0, top_p=1"
+        )
+    return p + validate_ppo(cfg.ppo) + validate_run(cfg)
+
+
+def validate_run(cfg: Config) -> list[str]:
+    """Problems with the ``[run]`` and ``[transport]`` sections."""
+    r, t, p = cfg.run, cfg.transport, []
+    for name in ("max_updates", "sync_every", "checkpoint_every"):
+        if getattr(r, name) < 1:
+            p.append(f"run.{name}={getattr(r, name)} must be >= 1")
+    if cfg.sampling.batch_size % cfg.ppo.group_size:
+        p.append(
+            f"sampling.batch_size={cfg.sampling.batch_size} must be a multiple of ppo.group_size={cfg.ppo.group_size}"
+        )
+    for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
+        if getattr(t, name) < 1:
+            p.append(f"transport.{name}={getattr(t, name)} must be >= 1")
+    for name in ("heartbeat_s", "startup_timeout_s"):
+        if not getattr(t, name) > 0:
+            p.append(f"transport.{name}={getattr(t, name)} must be > 0")
+    return p
+
+
+def validate_ppo(u: PPOUpdateConfig) -> list[str]:
+    """Problems with the ``[ppo]`` section."""
+    p: list[str] = []
+    if u.algorithm not in ("ppo", "grpo", "rloo"):
+        p.append(f"ppo.algorithm={u.algorithm!r}: use ppo, grpo or rloo")
+    if u.is_critic_free and u.group_size < 2:
+        p.append(f"ppo.group_size={u.group_size}: {u.algorithm} compares completions of a prompt, needs >= 2")
+    if u.group_size < 1:
+        p.append(f"ppo.group_size={u.group_size} must be >= 1")
+    elif u.batch_size % u.group_size:
+        p.append(f"ppo.batch_size={u.batch_size} must be a multiple of ppo.group_size={u.group_size}")
+    if u.num_minibatches < 1 or u.batch_size % u.num_minibatches:
+        p.append(f"ppo.num_minibatches={u.num_minibatches} must divide ppo.batch_size={u.batch_size}")
+    elif u.micro_batch_size < 1 or (u.batch_size // u.num_minibatches) % u.micro_batch_size:
+        p.append(
+            f"ppo.micro_batch_size={u.micro_batch_size} must divide the minibatch size "
+            f"{u.batch_size} / {u.num_minibatches} = {u.batch_size // u.num_minibatches}"
+        )
+    for name in ("update_epochs", "max_policy_lag"):
+        if getattr(u, name) < 1:
+            p.append(f"ppo.{name}={getattr(u, name)} must be >= 1")
+    for name in ("learning_rate", "clip_coef", "value_clip", "is_cap", "kl_horizon"):
+        if not getattr(u, name) > 0:
+            p.append(f"ppo.{name}={getattr(u, name)} must be > 0")
+    for name in ("vf_coef", "ent_coef", "max_grad_norm", "target_kl", "kl_coef", "kl_target"):
+        if getattr(u, name) < 0:
+            p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
+    if not (0 <= u.gamma <= 1 and 0 <= u.lam <= 1):
+        p.append(f"ppo.gamma={u.gamma}, ppo.lam={u.lam} must be in [0, 1]")
+    if u.kl_estimator not in ("k1", "k3"):
+        p.append(f"ppo.kl_estimator={u.kl_estimator!r}: use k1 or k3")
+    if u.value_model not in ("separate", "shared"):
+        p.append(f"ppo.value_model={u.value_model!r}: use separate or shared")
+    return p
