@@ -49,6 +49,8 @@ class ActorInfo:
     policy_version: int = -1
     checksum: str = ""
     gen_tokens_per_s: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+    """The actor's own counters from its last heartbeat (tokens/s, time waiting for weights, blocked on send)."""
 
 
 class LearnerService:
@@ -104,7 +106,7 @@ class LearnerService:
         elif isinstance(msg, WeightsRequest) and self.snapshot is not None:
             self.sockets.reply(identity, self.snapshot)
         elif isinstance(msg, Heartbeat):
-            info.policy_version, info.checksum = msg.policy_version, msg.checksum
+            info.policy_version, info.checksum, info.stats = msg.policy_version, msg.checksum, msg.stats
             info.gen_tokens_per_s = msg.stats.get("gen_tokens_per_s", info.gen_tokens_per_s)
 
     def _hello(self, identity: bytes, msg: Hello) -> None:
@@ -184,7 +186,10 @@ class LearnerService:
             **self.sync,
             **stats,
         }
-        out.update({f"actor/{a.actor_id}/gen_tokens_per_s": a.gen_tokens_per_s for a in self.actors.values()})
+        for a in self.actors.values():
+            out.update({f"actor/{a.actor_id}/{k}": v for k, v in a.stats.items()})
+            out[f"actor/{a.actor_id}/gen_tokens_per_s"] = a.gen_tokens_per_s
+            out[f"actor/{a.actor_id}/policy_version"] = a.policy_version
         out.update(self.counters)
         out.update({k: v for k, v in self.buffer.counters.items() if k.startswith("reject/")})
         return out
