@@ -43,23 +43,23 @@ SCALING_SETTINGS = [
 ]
 
 
-def _policy_model():
+def _policy_model(name: str = "default"):
     from common.config import LoraConfig, ModelConfig
     from common.lora import attach_lora
     from common.models import load_model
 
-    loaded = load_model(ModelConfig(name="default"))
+    loaded = load_model(ModelConfig(name=name))
     attach_lora(loaded.model, LoraConfig())
     return loaded.model
 
 
-def run_receiver(endpoints_json: str, actor_id: int) -> None:
+def run_receiver(endpoints_json: str, actor_id: int, model_name: str) -> None:
     """An actor stand-in: apply every snapshot it gets and acknowledge its version over control."""
     from common import protocol
     from common.transport import ActorSockets, Endpoints, zmq_context
     from common.weights import apply_snapshot
 
-    model = _policy_model()
+    model = _policy_model(model_name)
     with zmq_context() as ctx:
         sockets = ActorSockets(ctx, Endpoints(**json.loads(endpoints_json)))
         sockets.request(protocol.Hello(actor_id, "bench"))
@@ -89,14 +89,14 @@ def _await_acks(sockets, version: int, n: int, deadline_s: float = 120.0) -> Non
                 acked.add(identity)
 
 
-def bench_sync(num_actors: int, repeats: int = 10) -> dict:
+def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") -> dict:
     from common import protocol
     from common.transport import Endpoints, LearnerSockets, free_tcp_ports, zmq_context
     from common.weights import snapshot
 
-    model = _policy_model()
+    model = _policy_model(model_name)
     endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports())
-    cmd = [sys.executable, __file__, "--receiver", json.dumps(endpoints.as_dict())]
+    cmd = [sys.executable, __file__, "--receiver", "--model", model_name, json.dumps(endpoints.as_dict())]
     procs = [subprocess.Popen([*cmd, str(i)]) for i in range(num_actors)]
     latencies = []
     with zmq_context() as ctx:
@@ -215,16 +215,16 @@ def main() -> None:
     parser.add_argument("--actors", default="1,2,4", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/mlx-ppo-bench-runtime")
-    parser.add_argument("--model", default="default", help="model for the scaling runs")
+    parser.add_argument("--model", default="default", help="model for the sync and scaling runs")
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
-        run_receiver(args.parts[0], int(args.parts[1]))
+        run_receiver(args.parts[0], int(args.parts[1]), args.model)
         return
     results: dict = {"machine": f"{describe_machine()}; date {date.today()}"}
     print(results["machine"])
     if "sync" in args.parts:
-        results["sync"] = [bench_sync(n) for n in args.actors]
+        results["sync"] = [bench_sync(n, model_name=args.model) for n in args.actors]
         print(
             "| actors | sync p50 ms | sync p90 ms | snapshot MB | share of full weights |\n|---:|---:|---:|---:|---:|"
         )
