@@ -84,10 +84,8 @@ def sample_on_host(
 
 def _truncate_on_host(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """``sampling_logprobs``' top-k then top-p cut on temperature-scaled logits ``[B, V]`` (-inf outside)."""
-    lse = np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) + scaled.max(
-        -1, keepdims=True
-    )
-    logprobs = scaled - lse
+    row_max = scaled.max(-1, keepdims=True)
+    logprobs = scaled - (np.log(np.exp(scaled - row_max).sum(-1, keepdims=True)) + row_max)
     if 0 < top_k < logprobs.shape[-1]:
         kth_largest = -np.partition(-logprobs, top_k - 1, axis=-1)[:, top_k - 1 : top_k]
         logprobs = np.where(logprobs >= kth_largest, logprobs, -np.inf)

@@ -95,8 +95,8 @@ class PPOLearner:
 
     # -- step 1: recompute with the current weights ---------------------------------------------------------
 
-    def _forward_no_grad(self, batch: TrainBatch, micro: int) -> dict[str, np.ndarray]:
-        """Proximal log-probs, entropy, old values and reference log-probs, each ``[B, T]``, for the whole batch."""
+    def _forward_no_grad(self, batch: TrainBatch, micro: int, need_ref: bool) -> dict[str, np.ndarray]:
+        """Proximal log-probs, entropy, old values and (``need_ref``) reference log-probs, each ``[B, T]``."""
         parts: dict[str, list[mx.array]] = {"proximal": [], "entropy": [], "values": [], "ref": []}
         for start in range(0, batch.size, micro):
             sl = slice(start, start + micro)
@@ -108,8 +108,9 @@ class PPOLearner:
             step = {
                 "proximal": gather_token_logprobs(logprobs, response),
                 "entropy": -(mx.exp(logprobs) * logprobs).sum(axis=-1),
-                "ref": self._reference_logprobs(tokens, positions, response),
             }
+            if need_ref:  # a whole extra trunk pass: skipped when the actors sent reference log-probs
+                step["ref"] = self._reference_logprobs(tokens, positions, response)
             if values is not None:
                 step["values"] = values
             mx.eval(step)
@@ -140,9 +141,13 @@ class PPOLearner:
     def prepare(self, exp: Experience) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Collate and compute everything the epochs need; returns the arrays and their statistics."""
         batch = collate(exp, self.pad_multiple)
-        recomputed = self._forward_no_grad(batch, self.cfg.micro_batch_size)
-        proximal, values, ref = recomputed["proximal"], recomputed.get("values"), recomputed["ref"]
-        if exp.ref_logprobs is not None:
+        recomputed = self._forward_no_grad(
+            batch, self.cfg.micro_batch_size, need_ref=exp.ref_logprobs is None
+        )
+        proximal, values = recomputed["proximal"], recomputed.get("values")
+        if exp.ref_logprobs is None:
+            ref = recomputed["ref"]
+        else:
             ref = pad_per_token(exp.ref_logprobs, batch.mask.shape[1])
         mask = batch.mask
         kl = adv.kl_estimate(proximal, ref, self.cfg.kl_estimator) * mask
