@@ -29,7 +29,7 @@ from common.protocol import (
     Welcome,
 )
 from common.transport import ActorSockets
-from common.weights import apply_snapshot
+from common.weights import AdapterSync
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ActorWorker:
     ):
         self.cfg, self.actor_id, self.sockets = cfg, actor_id, sockets
         self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.adapters = AdapterSync(model)
         self.params = SamplingParams.from_config(cfg.sampling)
         self.stop_ids = set(tokenizer.eos_token_ids)
         self.prompts = [self._encode(p) for p in task.prompts]
@@ -105,7 +106,7 @@ class ActorWorker:
         if isinstance(msg, Shutdown | Refuse):
             raise ActorStopped(msg.reason, refused=isinstance(msg, Refuse))
         if isinstance(msg, Weights) and msg.policy_version > self.policy_version:
-            apply_snapshot(self.model, msg)
+            self.adapters.apply(msg)
             self.policy_version, self.checksum = msg.policy_version, msg.checksum
             logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
         elif isinstance(msg, Welcome):

@@ -57,9 +57,10 @@ def run_receiver(endpoints_json: str, actor_id: int, model_name: str) -> None:
     """An actor stand-in: apply every snapshot it gets and acknowledge its version over control."""
     from common import protocol
     from common.transport import ActorSockets, Endpoints, zmq_context
-    from common.weights import apply_snapshot
+    from common.weights import AdapterSync
 
     model = _policy_model(model_name)
+    adapters = AdapterSync(model)
     with zmq_context() as ctx:
         sockets = ActorSockets(ctx, Endpoints(**json.loads(endpoints_json)))
         sockets.request(protocol.Hello(actor_id, "bench"))
@@ -70,7 +71,7 @@ def run_receiver(endpoints_json: str, actor_id: int, model_name: str) -> None:
                     sockets.close()
                     return
                 if msg.policy_version > 0:
-                    apply_snapshot(model, msg)
+                    adapters.apply(msg)
                 sockets.request(protocol.Heartbeat(f"actor-{actor_id}", msg.policy_version))
             if not sockets.weights.poll(1000):
                 sockets.request(protocol.Hello(actor_id, "bench"))  # keep saying hello until probes arrive
@@ -92,9 +93,10 @@ def _await_acks(sockets, version: int, n: int, deadline_s: float = 120.0) -> Non
 def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") -> dict:
     from common import protocol
     from common.transport import Endpoints, LearnerSockets, free_tcp_ports, zmq_context
-    from common.weights import snapshot
+    from common.weights import AdapterSync
 
     model = _policy_model(model_name)
+    adapters = AdapterSync(model)
     endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports())
     cmd = [sys.executable, __file__, "--receiver", "--model", model_name, json.dumps(endpoints.as_dict())]
     procs = [subprocess.Popen([*cmd, str(i)]) for i in range(num_actors)]
@@ -102,7 +104,7 @@ def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") 
     with zmq_context() as ctx:
         sockets = LearnerSockets(ctx, endpoints)
         try:
-            probe = protocol.Weights(0, "", (), (), ())
+            probe = protocol.Weights(0, "", (), (), "float32", np.zeros(0, np.float32))
             acked_probe = False
             while not acked_probe:  # subscriptions are live once every actor acknowledged a probe
                 sockets.publish(probe)
@@ -113,7 +115,7 @@ def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") 
                     pass
             for version in range(1, repeats + 1):
                 start = time.perf_counter()
-                msg = snapshot(model, version)
+                msg = adapters.snapshot(version)
                 sockets.publish(msg)
                 _await_acks(sockets, version, num_actors)
                 latencies.append(1000 * (time.perf_counter() - start))
@@ -127,7 +129,7 @@ def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") 
         "actors": num_actors,
         "p50_ms": float(np.percentile(latencies, 50)),
         "p90_ms": float(np.percentile(latencies, 90)),
-        "bytes": int(sum(t.nbytes for t in msg.tensors)),
+        "bytes": int(msg.flat.nbytes),
         "full_bytes": int(full_bytes),
     }
 

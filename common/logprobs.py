@@ -10,6 +10,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from common.cpu_ops import logsumexp
+
+
+def _tempered(logits: mx.array, temperature: float) -> mx.array:
+    """``logits / temperature`` in float32 (no pass over ``[..., V]`` when there is nothing to do)."""
+    logits = logits.astype(mx.float32)
+    return logits if temperature == 1.0 else logits * (1.0 / temperature)
+
 
 def sampling_logprobs(
     logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
@@ -23,8 +31,8 @@ def sampling_logprobs(
     Returns:
         ``[..., V]`` float32 log-probs, -inf for tokens that top-k/top-p removed. Ties at a cut-off are kept.
     """
-    scaled = logits.astype(mx.float32) * (1.0 / temperature)
-    logprobs = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+    scaled = _tempered(logits, temperature)
+    logprobs = scaled - logsumexp(scaled)
     if 0 < top_k < logprobs.shape[-1]:
         kth_largest = mx.topk(logprobs, top_k, axis=-1).min(axis=-1, keepdims=True)
         logprobs = mx.where(logprobs >= kth_largest, logprobs, -mx.inf)
@@ -36,7 +44,7 @@ def sampling_logprobs(
         smallest_kept = mx.where(mass_before < top_p, descending, mx.inf).min(axis=-1, keepdims=True)
         logprobs = mx.where(logprobs >= smallest_kept, logprobs, -mx.inf)
     if top_k > 0 or top_p < 1.0:
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        logprobs = logprobs - logsumexp(logprobs)
     return logprobs
 
 
@@ -104,7 +112,5 @@ def token_logprobs(logits: mx.array, tokens: mx.array, temperature: float = 1.0)
     For the full (untruncated) tempered distribution: ``z[token] - logsumexp(z)`` with ``z = logits / T``. This is
     what the learner differentiates: one pass over the vocabulary forward, one backward.
     """
-    scaled = logits.astype(mx.float32)
-    if temperature != 1.0:
-        scaled = scaled * (1.0 / temperature)
-    return gather_token_logprobs(scaled, tokens) - mx.logsumexp(scaled, axis=-1)
+    scaled = _tempered(logits, temperature)
+    return gather_token_logprobs(scaled, tokens) - logsumexp(scaled)[..., 0]

@@ -75,6 +75,21 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in _ADAPTER_LEAVES}
 
 
+def adapter_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Where every adapter tensor lives: dotted name -> (LoRA module, ``'lora_a'`` or ``'lora_b'``), sorted.
+
+    The names are ``adapter_weights``' names. Walking the module tree costs milliseconds, so callers that load
+    adapters often (actors, on every policy version) find the slots once and assign through them.
+    """
+    slots = {}
+    for path, module in model.named_modules():
+        if isinstance(module, _lora_classes()):
+            for leaf in _ADAPTER_LEAVES:
+                if leaf in module:
+                    slots[f"{path}.{leaf}" if path else leaf] = (module, leaf)
+    return dict(sorted(slots.items()))
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """``write(tmp_path)`` then rename over ``path``; the temporary name keeps the suffix safetensors wants."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")

@@ -6,7 +6,7 @@ little-endian frames after the body, each described in the body's ``"arrays"`` l
 frame order. Nothing is ever unpickled.
 
 Rules: within a version, fields may only be added (with defaults on decode); renaming, removing or changing the
-meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v1`` holds golden bytes.
+meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v2`` holds golden bytes.
 
 ``decode`` raises ``ProtocolError`` with a short ``reason`` (used as a ``reject/<reason>`` counter) for every
 malformed input: the receiver counts, logs and drops it, and keeps running.
@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 
 MAGIC: Final = b"MPPO"
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # v2: Weights as one flat buffer
 HEADER = struct.Struct(">4sHB")
 DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 # Wire dtypes; bfloat16 travels as its raw 16-bit pattern (NumPy has no bfloat16).
@@ -114,13 +114,23 @@ class ExperienceBatch:
 
 @dataclass(frozen=True)
 class Weights:
-    """Learner -> actors over PUB (and as the reply to a request): the full adapter set of one policy version."""
+    """Learner -> actors over PUB (and as the reply to a request): the full adapter set of one policy version.
+
+    All tensors travel as one flat buffer in one frame, in ``names`` order with ``shapes``: a per-tensor frame
+    cost ~14 us of Python each way, 6 ms for SmolLM2's 420 adapter tensors (v1), more than the bytes themselves.
+    """
 
     policy_version: int
     checksum: str
     names: tuple[str, ...]
-    tensors: tuple[np.ndarray, ...]
-    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+    """Wire dtype of ``flat`` (bfloat16 travels as uint16)."""
+    flat: np.ndarray
+    """1-D, every tensor's elements back to back."""
+
+    def sizes(self) -> list[int]:
+        return [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
 
 
 @dataclass(frozen=True)
@@ -198,8 +208,13 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
             arrays.append(("ref_logprobs", msg.ref_logprobs, None))
         return body, arrays
     if isinstance(msg, Weights):
-        body = {"policy_version": msg.policy_version, "checksum": msg.checksum}
-        return body, list(zip(msg.names, msg.tensors, msg.dtypes, strict=True))
+        body = {
+            "policy_version": msg.policy_version,
+            "checksum": msg.checksum,
+            "names": list(msg.names),
+            "shapes": [list(shape) for shape in msg.shapes],
+        }
+        return body, [("flat", msg.flat, msg.dtype)]
     return dict(msg.__dict__), []
 
 
@@ -348,14 +363,30 @@ def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBa
 
 
 def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
-    names = tuple(arrays)
-    return Weights(
+    names, shapes = _field(body, "names", list), _field(body, "shapes", list)
+    _check(set(arrays) == {"flat"}, "bad_arrays", f"weights carry arrays {sorted(arrays)}, expected ['flat']")
+    flat = arrays["flat"]
+    _check(
+        len(names) == len(shapes) and all(isinstance(n, str) for n in names),
+        "bad_fields",
+        f"{len(names)} names for {len(shapes)} shapes",
+    )
+    _check(
+        all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes),
+        "bad_shape",
+        f"shapes {shapes!r:.80}",
+    )
+    msg = Weights(
         _field(body, "policy_version", int),
         _field(body, "checksum", str),
-        names,
-        tuple(arrays[n] for n in names),
-        tuple(_wire_dtype(arrays[n]) for n in names),
+        tuple(names),
+        tuple(tuple(s) for s in shapes),
+        _wire_dtype(flat),
+        flat.reshape(-1),
     )
+    total = sum(msg.sizes())
+    _check(total == flat.size, "bad_shape", f"shapes hold {total} elements, the buffer {flat.size}")
+    return msg
 
 
 def _wire_dtype(array: np.ndarray) -> str:

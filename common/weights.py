@@ -1,57 +1,86 @@
-"""Policy snapshots on the wire: adapter tensors <-> a ``Weights`` message, with a checksum both sides agree on."""
+"""Policy snapshots on the wire: a model's adapters <-> a ``Weights`` message, with a checksum both sides agree on.
+
+The learner publishes a snapshot after every ``sync_every`` updates and every actor loads it, so both directions
+are on the critical path of weight sync (BENCHMARKS.md, issue 4): the adapter layout is found once per model
+(``AdapterSync``), all tensors travel as one flat buffer, and loading assigns slices of one array.
+"""
 
 from __future__ import annotations
 
 import zlib
+from itertools import accumulate
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.lora import adapter_weights, load_adapter_weights
+from common.lora import adapter_slots
 from common.protocol import Weights
 
 
-def to_numpy(array: mx.array) -> tuple[np.ndarray, str]:
-    """An MLX array as NumPy plus its wire dtype; bfloat16 travels as its raw 16-bit pattern."""
-    if array.dtype == mx.bfloat16:
-        return np.array(array.view(mx.uint16)), "bfloat16"
-    out = np.array(array)
-    return out, out.dtype.name
-
-
-def from_numpy(array: np.ndarray, wire_dtype: str) -> mx.array:
-    out = mx.array(array)
-    return out.view(mx.bfloat16) if wire_dtype == "bfloat16" else out
-
-
-def checksum(names: tuple[str, ...], tensors: tuple[np.ndarray, ...]) -> str:
-    """CRC-32 over names, shapes and bytes, in order, as 8 hex digits.
+def checksum(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], flat: np.ndarray) -> str:
+    """CRC-32 over names, shapes and the buffer's bytes, as 8 hex digits.
 
     It guards against corruption and mix-ups (who is running what), not against an attacker: CURVE
-    authentication does that. CRC-32 runs at several GB/s, so it costs little in the sync path.
+    authentication does that. CRC-32 runs at ~4 GB/s here, 2-3 ms for SmolLM2's 9.8 MB of rank-8 adapters.
     """
-    crc = 0
-    for name, tensor in zip(names, tensors, strict=True):
-        crc = zlib.crc32(f"{name}{tensor.shape}".encode(), crc)
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(tensor)).cast("B"), crc)
-    return f"{crc:08x}"
+    crc = zlib.crc32(repr((names, shapes)).encode())
+    return f"{zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast('B'), crc):08x}"
 
 
-def snapshot(model: nn.Module, policy_version: int) -> Weights:
-    """The model's adapters as a ``Weights`` message (names sorted, so the checksum is reproducible)."""
-    weights = adapter_weights(model)
-    names = tuple(sorted(weights))
-    converted = [to_numpy(weights[n]) for n in names]
-    tensors = tuple(t for t, _ in converted)
-    return Weights(policy_version, checksum(names, tensors), names, tensors, tuple(d for _, d in converted))
+class AdapterSync:
+    """Snapshots of one model's adapters and loading snapshots into it."""
 
+    def __init__(self, model: nn.Module):
+        self.slots = adapter_slots(model)
+        if not self.slots:
+            raise ValueError("the model has no LoRA adapters to sync; call attach_lora first")
+        self.names = tuple(self.slots)
 
-def apply_snapshot(model: nn.Module, msg: Weights) -> None:
-    """Load a snapshot into ``model``; a checksum or shape mismatch raises ValueError and changes nothing."""
-    actual = checksum(msg.names, msg.tensors)
-    if actual != msg.checksum:
-        raise ValueError(f"snapshot v{msg.policy_version} checksum {actual} != announced {msg.checksum}")
-    load_adapter_weights(
-        model, {n: from_numpy(t, d) for n, t, d in zip(msg.names, msg.tensors, msg.dtypes, strict=True)}
-    )
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(module[leaf].shape) for module, leaf in self.slots.values())
+
+    def snapshot(self, policy_version: int) -> Weights:
+        """The adapters now, as one message (names sorted, so the checksum is reproducible)."""
+        flat = mx.concatenate([module[leaf].reshape(-1) for module, leaf in self.slots.values()])
+        if flat.dtype == mx.bfloat16:
+            wire_dtype, host = "bfloat16", np.array(flat.view(mx.uint16))
+        else:
+            host = np.array(flat)
+            wire_dtype = host.dtype.name
+        shapes = self.shapes()
+        return Weights(
+            policy_version, checksum(self.names, shapes, host), self.names, shapes, wire_dtype, host
+        )
+
+    def apply(self, msg: Weights) -> None:
+        """Load ``msg`` into the model; a checksum, name or shape mismatch raises ValueError and changes nothing."""
+        actual = checksum(msg.names, msg.shapes, msg.flat)
+        if actual != msg.checksum:
+            raise ValueError(f"snapshot v{msg.policy_version} checksum {actual} != announced {msg.checksum}")
+        self._check_layout(msg)
+        flat = mx.array(msg.flat)
+        if msg.dtype == "bfloat16":
+            flat = flat.view(mx.bfloat16)
+        parts = mx.split(flat, list(accumulate(msg.sizes()))[:-1]) if len(self.names) > 1 else [flat]
+        loaded = []
+        for (module, leaf), part, shape in zip(self.slots.values(), parts, msg.shapes, strict=True):
+            current = module[leaf].dtype
+            module[leaf] = (
+                part.reshape(shape) if part.dtype == current else part.reshape(shape).astype(current)
+            )
+            loaded.append(module[leaf])
+        mx.eval(loaded)
+
+    def _check_layout(self, msg: Weights) -> None:
+        if msg.names == self.names and msg.shapes == self.shapes():
+            return
+        theirs = dict(zip(msg.names, msg.shapes, strict=True))
+        ours = dict(zip(self.names, self.shapes(), strict=True))
+        errors = [f"{k}: not an adapter of this model" for k in theirs if k not in ours]
+        errors += [f"{k}: missing" for k in ours if k not in theirs]
+        errors += [
+            f"{k}: shape {theirs[k]} != {ours[k]}" for k in theirs if k in ours and theirs[k] != ours[k]
+        ]
+        errors += [] if errors else ["adapters arrive in a different order"]
+        raise ValueError("snapshot does not fit the model:\n  " + "\n  ".join(errors))

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from common.config import LoraConfig
+from common.cpu_ops import use_fast_cpu_ops
 from common.lora import attach_lora
 
 
@@ -121,4 +122,6 @@ def build_policy_and_value(
         model.unfreeze()
     else:
         attach_lora(model, lora)
-    return PolicyAndValue(model, value)
+    container = PolicyAndValue(model, value)
+    use_fast_cpu_ops(container)  # a no-op off the CPU; after attach_lora, so the LoRA layers switch too
+    return container

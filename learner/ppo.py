@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from common import cpu_ops
+
 
 def masked_sum_over(x: mx.array, mask: mx.array, num_tokens: mx.array | float | None = None) -> mx.array:
     """``sum(x * mask) / num_tokens`` (``num_tokens`` defaults to ``mask.sum()``, at least 1)."""
@@ -78,10 +80,14 @@ def value_loss(
     return loss, stats
 
 
+def token_entropy(logprobs: mx.array) -> mx.array:
+    """Entropy of each token distribution: normalised ``[B, T, V]`` log-probs -> ``[B, T]``."""
+    return -(cpu_ops.exp(logprobs) * logprobs).sum(axis=-1)
+
+
 def entropy(logprobs: mx.array, mask: mx.array, num_tokens: mx.array | float | None = None) -> mx.array:
     """Mean entropy of token distributions given as normalised ``[B, T, V]`` log-probs -> scalar (masked)."""
-    per_token = -(mx.exp(logprobs) * logprobs).sum(axis=-1)
-    return masked_sum_over(per_token, mask, num_tokens)
+    return masked_sum_over(token_entropy(logprobs), mask, num_tokens)
 
 
 def explained_variance(values: mx.array, returns: mx.array, mask: mx.array) -> mx.array:

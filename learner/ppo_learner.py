@@ -24,7 +24,7 @@ from learner import advantages as adv
 from learner.distributed import average_gradients, mean_over_ranks
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
-from learner.ppo import explained_variance
+from learner.ppo import explained_variance, token_entropy
 from learner.update import (
     Experience,
     LossWeights,
@@ -107,7 +107,7 @@ class PPOLearner:
             logprobs = sampling_logprobs(logits, self.temperature)
             step = {
                 "proximal": gather_token_logprobs(logprobs, response),
-                "entropy": -(mx.exp(logprobs) * logprobs).sum(axis=-1),
+                "entropy": token_entropy(logprobs),
             }
             if need_ref:  # a whole extra trunk pass: skipped when the actors sent reference log-probs
                 step["ref"] = self._reference_logprobs(tokens, positions, response)

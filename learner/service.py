@@ -30,7 +30,7 @@ from common.protocol import (
     Welcome,
 )
 from common.transport import LearnerSockets
-from common.weights import snapshot
+from common.weights import AdapterSync
 from learner.buffer import ExperienceBuffer
 from learner.checkpoint import save_checkpoint
 from learner.metrics import MetricsWriter, format_update_line
@@ -67,6 +67,7 @@ class LearnerService:
         self.is_main = learner.group is None or learner.group.rank() == 0
         self.metrics = MetricsWriter(run_dir) if self.is_main else None
         self.snapshot: protocol.Weights | None = None
+        self.adapters = AdapterSync(learner.container.policy)
         self.step_count = 0
         self.started = self.last_update_end = time.monotonic()
         self.sync = {"sync/ms": 0.0, "sync/bytes": 0}
@@ -80,11 +81,11 @@ class LearnerService:
 
     def publish_weights(self) -> None:
         start = time.perf_counter()
-        self.snapshot = snapshot(self.learner.container.policy, self.learner.policy_version)
+        self.snapshot = self.adapters.snapshot(self.learner.policy_version)
         self.sockets.publish(self.snapshot)
         self.sync = {
             "sync/ms": 1000 * (time.perf_counter() - start),
-            "sync/bytes": int(sum(t.nbytes for t in self.snapshot.tensors)),
+            "sync/bytes": int(self.snapshot.flat.nbytes),
         }
 
     def _reject(self, reason: str, detail: str) -> None:

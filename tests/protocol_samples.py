@@ -34,8 +34,9 @@ def samples() -> dict[str, p.Message]:
             policy_version=5,
             checksum="c0ffee",
             names=("layers.0.q.lora_a", "layers.0.q.lora_b"),
-            tensors=(np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[16256, 16384]], np.uint16)),
-            dtypes=("float32", "bfloat16"),
+            shapes=((2, 3), (1, 2)),
+            dtype="bfloat16",
+            flat=np.array([16256, 16384, 16448, 16512, 16544, 16576, 16592, 16608], np.uint16),
         ),
         "weights_request": p.WeightsRequest(actor_id=2, have_version=3),
         "heartbeat": p.Heartbeat(

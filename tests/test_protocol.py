@@ -38,10 +38,21 @@ def test_golden_bytes(name):
 
 def test_large_arrays_arrive_intact():
     big = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
-    msg = p.Weights(1, "x", ("w",), (big,), ("float32",))
+    msg = p.Weights(1, "x", ("w",), ((1024, 1024),), "float32", big.reshape(-1))
     out = p.decode([bytes(f) for f in p.encode(msg)])
-    assert out.tensors[0].dtype == np.float32 and out.tensors[0].shape == (1024, 1024)
-    np.testing.assert_array_equal(out.tensors[0], big)
+    assert out.flat.dtype == np.float32 and out.shapes == ((1024, 1024),)
+    np.testing.assert_array_equal(out.flat.reshape(1024, 1024), big)
+
+
+def test_weights_whose_shapes_do_not_fill_the_buffer_are_refused():
+    frames = frames_of("weights")
+    body = msgpack.unpackb(frames[1])
+    body["shapes"][1] = [2, 2]
+    with pytest.raises(p.ProtocolError, match="bad_shape"):
+        p.decode([frames[0], msgpack.packb(body), *frames[2:]])
+    body["shapes"] = body["shapes"][:1]
+    with pytest.raises(p.ProtocolError, match="bad_fields"):
+        p.decode([frames[0], msgpack.packb(body), *frames[2:]])
 
 
 def frames_of(name):
@@ -57,7 +68,7 @@ def with_body(frames, **changes):
 REJECTIONS = {
     "bad_magic": lambda f: [b"XPPO" + f[0][4:], *f[1:]],
     "bad_version": lambda f: [struct.pack(">4sHB", b"MPPO", 99, 4), *f[1:]],
-    "bad_type": lambda f: [struct.pack(">4sHB", b"MPPO", 1, 200), *f[1:]],
+    "bad_type": lambda f: [struct.pack(">4sHB", b"MPPO", p.PROTOCOL_VERSION, 200), *f[1:]],
     "bad_header": lambda f: [f[0][:3], *f[1:]],
     "bad_frames": lambda f: f[:1],
     "bad_body": lambda f: [f[0], b"\xc1\xc1garbage", *f[2:]],

@@ -151,7 +151,7 @@ def test_bad_input_is_counted_and_the_learner_carries_on(harness):
     dealer = harness.ctx.socket(zmq.DEALER)
     dealer.connect(harness.endpoints.control)
     pusher.send_multipart([b"garbage"])
-    pusher.send_multipart([b"MPPO\x00\x01\x04", b"\xc1"])
+    pusher.send_multipart([protocol.header_for(protocol.MsgType.EXPERIENCE), b"\xc1"])
     dealer.send_multipart(protocol.encode(protocol.Heartbeat("stranger", 0)))
     for _ in range(20):
         harness.service.poll(10)
