@@ -14,6 +14,7 @@ malformed input: the receiver counts, logs and drops it, and keeps running.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class Weights:
     """1-D, every tensor's elements back to back."""
 
     def sizes(self) -> list[int]:
-        return [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
+        return [math.prod(shape) for shape in self.shapes]
 
 
 @dataclass(frozen=True)

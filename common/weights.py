@@ -42,12 +42,14 @@ class AdapterSync:
 
     def snapshot(self, policy_version: int) -> Weights:
         """The adapters now, as one message (names sorted, so the checksum is reproducible)."""
-        flat = mx.concatenate([module[leaf].reshape(-1) for module, leaf in self.slots.values()])
-        if flat.dtype == mx.bfloat16:
-            wire_dtype, host = "bfloat16", np.array(flat.view(mx.uint16))
-        else:
-            host = np.array(flat)
-            wire_dtype = host.dtype.name
+        tensors = [module[leaf] for module, leaf in self.slots.values()]
+        mx.eval(tensors)
+        wire_dtype = "bfloat16" if tensors[0].dtype == mx.bfloat16 else None
+        if wire_dtype:
+            tensors = [t.view(mx.uint16) for t in tensors]
+        # Zero-copy NumPy views of each tensor, one copy into the flat buffer (mx.concatenate is 4x slower here).
+        host = np.concatenate([np.asarray(memoryview(t)).reshape(-1) for t in tensors])
+        wire_dtype = wire_dtype or host.dtype.name
         shapes = self.shapes()
         return Weights(
             policy_version, checksum(self.names, shapes, host), self.names, shapes, wire_dtype, host
@@ -62,15 +64,14 @@ class AdapterSync:
         flat = mx.array(msg.flat)
         if msg.dtype == "bfloat16":
             flat = flat.view(mx.bfloat16)
+        first, leaf = next(iter(self.slots.values()))
+        if flat.dtype != first[leaf].dtype:  # adapters share one dtype; convert once, not per tensor
+            flat = flat.astype(first[leaf].dtype)
         parts = mx.split(flat, list(accumulate(msg.sizes()))[:-1]) if len(self.names) > 1 else [flat]
-        loaded = []
-        for (module, leaf), part, shape in zip(self.slots.values(), parts, msg.shapes, strict=True):
-            current = module[leaf].dtype
-            module[leaf] = (
-                part.reshape(shape) if part.dtype == current else part.reshape(shape).astype(current)
-            )
-            loaded.append(module[leaf])
+        loaded = [part.reshape(shape) for part, shape in zip(parts, msg.shapes, strict=True)]
         mx.eval(loaded)
+        for (module, leaf), tensor in zip(self.slots.values(), loaded, strict=True):
+            module[leaf] = tensor
 
     def _check_layout(self, msg: Weights) -> None:
         if msg.names == self.names and msg.shapes == self.shapes():
