@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.reference import reference_logprobs
 from actors.sampler import SamplingParams, generate_completions
 from actors.tasks import PromptSampler, Task, safe_score
 from common import protocol
@@ -46,6 +47,7 @@ class ActorStopped(Exception):
 class ActorStats:
     generated_tokens: int = 0
     generate_s: float = 0.0
+    reference_s: float = 0.0
     wait_weights_s: float = 0.0
     blocked_send_s: float = 0.0
     batches_sent: int = 0
@@ -56,6 +58,7 @@ class ActorStats:
         return {
             "gen_tokens_per_s": self.generated_tokens / max(self.generate_s, 1e-9),
             "wait_weights_s": self.wait_weights_s,
+            "reference_s": self.reference_s,
             "blocked_send_s": self.blocked_send_s,
             "batches_sent": float(self.batches_sent),
             "stale_dropped": float(self.stale_dropped),
@@ -173,10 +176,25 @@ class ActorWorker:
             tuple(sequences),
             np.concatenate([np.asarray(c.prompt_ids + c.response_ids, np.int32) for c in completions]),
             np.concatenate([c.logprobs for c in completions]).astype(np.float32),
+            self._reference(completions),
             gen_tokens_per_s=self.stats.as_dict()["gen_tokens_per_s"],
         )
         self.batch_id += 1
         return batch
+
+    def _reference(self, completions) -> np.ndarray | None:
+        """Reference log-probs of every response token, when this actor computes them (``ppo.reference_on``)."""
+        if self.cfg.ppo.reference_on != "actors":
+            return None
+        start = time.perf_counter()
+        ref = reference_logprobs(
+            self.model,
+            [c.prompt_ids for c in completions],
+            [c.response_ids for c in completions],
+            self.params.temperature,
+        )
+        self.stats.reference_s += time.perf_counter() - start
+        return np.concatenate(ref).astype(np.float32)
 
     def is_stale(self, batch: ExperienceBatch) -> bool:
         """Whether the learner would drop ``batch`` as too old (the actor knows the newest version it applied)."""
@@ -230,12 +248,14 @@ class ActorWorker:
 def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
     """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
     from actors.tasks import get_task
+    from common.cpu_ops import use_fast_cpu_ops
     from common.lora import attach_lora
     from common.models import load_model
     from common.transport import zmq_context
 
     loaded = load_model(cfg.model)
     attach_lora(loaded.model, cfg.lora)
+    use_fast_cpu_ops(loaded.model)  # the reference pass runs without a KV cache: the fast CPU path applies
     task = get_task(cfg.run.task)
     with zmq_context() as ctx:
         sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm)

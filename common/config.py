@@ -118,6 +118,9 @@ class PPOUpdateConfig:
     """'separate' (own LoRA trunk over the shared frozen base + head) or 'shared' (head on the policy trunk)."""
     full_finetune: bool = False
     """Train every policy weight instead of LoRA adapters (needs much more memory)."""
+    reference_on: str = "learner"
+    """Who computes reference log-probs for the KL penalty: 'learner' (one more trunk pass per update) or
+    'actors' (each actor scores its own batch with adapters off: the work scales out with the actors)."""
 
     @property
     def is_critic_free(self) -> bool:

@@ -94,6 +94,10 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
             p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
     if not (0 <= u.gamma <= 1 and 0 <= u.lam <= 1):
         p.append(f"ppo.gamma={u.gamma}, ppo.lam={u.lam} must be in [0, 1]")
+    if u.reference_on not in ("learner", "actors"):
+        p.append(f"ppo.reference_on={u.reference_on!r}: use learner or actors")
+    elif u.reference_on == "actors" and u.full_finetune:
+        p.append("ppo.reference_on='actors' needs LoRA: with ppo.full_finetune actors hold no frozen base")
     if u.kl_estimator not in ("k1", "k3"):
         p.append(f"ppo.kl_estimator={u.kl_estimator!r}: use k1 or k3")
     if u.value_model not in ("separate", "shared"):

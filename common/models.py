@@ -117,3 +117,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     mx.eval(model.parameters())
     logger.info("loaded model %s (%s) as %s", cfg.name, target, dtype)
     return LoadedModel(model, tokenizer, target if isinstance(target, Path) else None, dtype)
+
+
+def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
+    """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``."""
+    if "lm_head" in model:
+        return model.lm_head(hidden)
+    return model.model.embed_tokens.as_linear(hidden)

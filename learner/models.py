@@ -22,6 +22,7 @@ import mlx.nn as nn
 from common.config import LoraConfig
 from common.cpu_ops import use_fast_cpu_ops
 from common.lora import attach_lora
+from common.models import lm_head_logits
 
 
 def share_weights_clone(module: Any) -> Any:
@@ -38,13 +39,6 @@ def share_weights_clone(module: Any) -> Any:
     if isinstance(module, dict):
         return {k: share_weights_clone(v) for k, v in module.items()}
     return module
-
-
-def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
-    """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``."""
-    if "lm_head" in model:
-        return model.lm_head(hidden)
-    return model.model.embed_tokens.as_linear(hidden)
 
 
 class ValueModel(nn.Module):

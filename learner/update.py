@@ -16,7 +16,8 @@ import mlx.nn as nn
 import numpy as np
 
 from common.logprobs import sampling_logprobs, token_logprobs
-from learner.models import PolicyAndValue, lm_head_logits
+from common.models import lm_head_logits
+from learner.models import PolicyAndValue
 from learner.ppo import entropy, policy_loss, value_loss
 
 

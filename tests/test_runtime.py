@@ -1,6 +1,7 @@
 """The actor/learner runtime over real ZeroMQ sockets: one-process mode, joins, refusals, back-pressure, bad input."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -242,3 +243,49 @@ def test_actor_drops_a_batch_that_went_stale_while_blocked(harness):
         assert fill < 10
     worker.send(old)  # blocked: sees v3 arrive, drops the v0 batch instead of waiting forever
     assert worker.policy_version == 3 and worker.stats.stale_dropped == len(old.sequences)
+
+
+def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cache, tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    from common.lora import adapter_weights
+    from learner.update import Experience, collate
+
+    with zmq_context() as ctx:
+        h = Harness(
+            small_config(model_cache, tmp_path, "run.max_updates=2", 'ppo.reference_on="actors"'), ctx
+        )
+        try:
+            worker = h.actor(0)
+            h.join(worker)
+            # Adapters that change the policy: the reference must still be the base model's.
+            mx.random.seed(5)
+            weights = adapter_weights(worker.model)
+            worker.model.load_weights(
+                [(k, mx.random.normal(v.shape) * 0.3) for k, v in weights.items()], strict=False
+            )
+            batch = worker.generate_batch()
+        finally:
+            h.close()
+    assert batch.ref_logprobs is not None and batch.ref_logprobs.shape == batch.behaviour_logprobs.shape
+    prompts, responses, at = [], [], 0
+    for seq in batch.sequences:
+        prompts.append(batch.tokens[at : at + seq.prompt_len].tolist())
+        responses.append(batch.tokens[at + seq.prompt_len : at + seq.prompt_len + seq.response_len].tolist())
+        at += seq.prompt_len + seq.response_len
+    lp = [np.zeros(len(r), np.float32) for r in responses]
+    train = collate(Experience(prompts, responses, lp, np.zeros(len(prompts)), np.zeros(len(prompts))))
+    learner = h.service.learner
+    expected = np.array(
+        learner._reference_logprobs(*(mx.array(a) for a in (train.tokens, train.positions, train.response)))
+    )
+    np.testing.assert_allclose(batch.ref_logprobs, expected[train.mask > 0], atol=1e-4)
+    assert np.abs(batch.ref_logprobs - batch.behaviour_logprobs).max() > 1e-2
+
+
+def test_one_process_run_with_reference_on_actors(model_cache, tmp_path):
+    cfg = small_config(model_cache, tmp_path, "run.max_updates=2", 'ppo.reference_on="actors"')
+    history = run_one_process(cfg, num_actors=1, timeout_s=300)
+    assert [m["policy_version"] for m in history] == [1, 2]
+    assert all(math.isfinite(m["kl/ref_mean"]) for m in history)
