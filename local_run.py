@@ -25,6 +25,17 @@ logger = logging.getLogger("launch")
 _DISTRIBUTED_ENV_PREFIXES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_RING", "MLX_JACCL", "NCCL_")
 
 
+def split_threads(cores: int, num_actors: int, num_learners: int) -> tuple[int, int]:
+    """BLAS threads per learner rank and per actor: the learners share half the cores, the actors the rest.
+
+    In an async run the learner is the bottleneck once there are a few actors (BENCHMARKS.md, issue 4), and
+    its GEMMs are the part of its step that threads speed up; an even split left it 3 of 16 cores.
+    """
+    learner = max(1, cores // (2 * num_learners))
+    actor = max(1, (cores - learner * num_learners) // max(num_actors, 1))
+    return learner, actor
+
+
 def child_env(threads: int, distributed: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a child: this one (BLAS preload included), BLAS threads capped, no inherited MLX ranks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DISTRIBUTED_ENV_PREFIXES)}
@@ -72,10 +83,10 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
     config_path.write_text(config_to_toml(cfg))
     host = cfg.transport.host
     ranks = [Endpoints.tcp(host, free_tcp_ports(host)) for _ in range(num_learners)]
-    threads = max(1, (os.cpu_count() or 1) // (num_actors + num_learners))
+    learner_threads, actor_threads = split_threads(os.cpu_count() or 1, num_actors, num_learners)
     procs: dict[str, subprocess.Popen] = {}
     for rank, endpoints in enumerate(ranks):
-        env = child_env(threads, learner_rank_env(run_dir, host, rank, num_learners))
+        env = child_env(learner_threads, learner_rank_env(run_dir, host, rank, num_learners))
         procs[f"learner-{rank}"] = subprocess.Popen(
             child_command(script, "learner", config_path, endpoints, ["--rank", str(rank)]),
             env=env,
@@ -85,16 +96,17 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
         extra = ["--actor-id", str(i), "--num-actors", str(num_actors)]
         procs[f"actor-{i}"] = subprocess.Popen(
             child_command(script, "actor", config_path, ranks[i % num_learners], extra),
-            env=child_env(threads),
+            env=child_env(actor_threads),
             start_new_session=True,
         )
     logger.info(
-        "run %s: %d learner rank(s), rank 0 at %s; %d actor(s); %d BLAS thread(s) each",
+        "run %s: %d learner rank(s), rank 0 at %s, %d BLAS thread(s) each; %d actor(s), %d each",
         run_dir,
         num_learners,
         ranks[0].control,
+        learner_threads,
         num_actors,
-        threads,
+        actor_threads,
     )
     return supervise(procs)
 

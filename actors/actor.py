@@ -19,6 +19,7 @@ from actors.sampler import SamplingParams, generate_completions
 from actors.tasks import PromptSampler, Task, safe_score
 from common import protocol
 from common.config import Config, config_hash
+from common.cpu_ops import use_fast_cpu_ops
 from common.protocol import (
     ExperienceBatch,
     Heartbeat,
@@ -77,6 +78,7 @@ class ActorWorker:
         self.cfg, self.actor_id, self.sockets = cfg, actor_id, sockets
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.adapters = AdapterSync(model)
+        use_fast_cpu_ops(model)  # a no-op off the CPU; the reference pass (no KV cache) takes the fast path
         self.params = SamplingParams.from_config(cfg.sampling)
         self.stop_ids = set(tokenizer.eos_token_ids)
         self.prompts = [self._encode(p) for p in task.prompts]
@@ -248,14 +250,12 @@ class ActorWorker:
 def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
     """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
     from actors.tasks import get_task
-    from common.cpu_ops import use_fast_cpu_ops
     from common.lora import attach_lora
     from common.models import load_model
     from common.transport import zmq_context
 
     loaded = load_model(cfg.model)
     attach_lora(loaded.model, cfg.lora)
-    use_fast_cpu_ops(loaded.model)  # the reference pass runs without a KV cache: the fast CPU path applies
     task = get_task(cfg.run.task)
     with zmq_context() as ctx:
         sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm)

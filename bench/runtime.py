@@ -31,10 +31,12 @@ from bench.machine import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCALING_SETTINGS = [
+    'ppo.algorithm="grpo"',
+    'ppo.reference_on="actors"',
     "sampling.batch_size=8",
-    "sampling.max_new_tokens=24",
+    "sampling.max_new_tokens=96",
     "ppo.batch_size=8",
-    "ppo.group_size=2",
+    "ppo.group_size=4",
     "ppo.num_minibatches=1",
     "ppo.micro_batch_size=4",
     "ppo.update_epochs=1",

@@ -289,3 +289,13 @@ def test_one_process_run_with_reference_on_actors(model_cache, tmp_path):
     history = run_one_process(cfg, num_actors=1, timeout_s=300)
     assert [m["policy_version"] for m in history] == [1, 2]
     assert all(math.isfinite(m["kl/ref_mean"]) for m in history)
+
+
+@pytest.mark.parametrize(
+    "cores,actors,learners,expected",
+    [(16, 4, 1, (8, 2)), (16, 8, 1, (8, 1)), (16, 4, 2, (4, 2)), (2, 2, 1, (1, 1)), (1, 3, 1, (1, 1))],
+)
+def test_learners_get_half_the_cores_and_actors_share_the_rest(cores, actors, learners, expected):
+    from local_run import split_threads
+
+    assert split_threads(cores, actors, learners) == expected
