@@ -51,6 +51,7 @@ class PPOLearner:
         compile_step: bool = True,
         pad_multiple: int = 32,
         group: Any | None = None,
+        proximal_in_step: bool | None = None,
     ):
         self.container = container
         self.cfg = cfg
@@ -64,8 +65,20 @@ class PPOLearner:
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
         self.rng = np.random.default_rng(0)
+        # One gradient step per update and no critic (whose old values GAE needs first): the step's own forward
+        # is the proximal policy, and the no-grad pass over the policy is skipped (as verl does on-policy).
+        single_step = cfg.update_epochs == 1 and cfg.num_minibatches == 1 and cfg.is_critic_free
+        if proximal_in_step and not single_step:
+            raise ValueError("proximal_in_step needs a critic-free update of one epoch and one minibatch")
+        self.proximal_in_step = single_step if proximal_in_step is None else proximal_in_step
         self.weights = LossWeights(
-            temperature, cfg.clip_coef, cfg.value_clip, cfg.vf_coef, cfg.ent_coef, cfg.is_cap
+            temperature,
+            cfg.clip_coef,
+            cfg.value_clip,
+            cfg.vf_coef,
+            cfg.ent_coef,
+            cfg.is_cap,
+            self.proximal_in_step,
         )
         self._grad_fn = self._make_grad_fn(compile_step)
         self._apply_fn = self._make_apply_fn(compile_step)
@@ -118,6 +131,18 @@ class PPOLearner:
                 parts[key].append(value)
         return {k: np.concatenate([np.array(x) for x in v]) for k, v in parts.items() if v}
 
+    def _reference_pass(self, batch: TrainBatch, micro: int) -> dict[str, np.ndarray]:
+        """Reference log-probs alone, ``[B, T]`` (when the step itself provides the proximal ones)."""
+        parts = []
+        for start in range(0, batch.size, micro):
+            sl = slice(start, start + micro)
+            tokens, positions, response = (
+                mx.array(a[sl]) for a in (batch.tokens, batch.positions, batch.response)
+            )
+            parts.append(self._reference_logprobs(tokens, positions, response))
+            mx.eval(parts[-1])
+        return {"ref": np.concatenate([np.array(p) for p in parts])}
+
     def _reference_logprobs(self, tokens: mx.array, positions: mx.array, response: mx.array) -> mx.array:
         if self.reference is not None:
             return policy_logprobs(self.reference, tokens, positions, response, self.temperature)
@@ -141,9 +166,12 @@ class PPOLearner:
     def prepare(self, exp: Experience) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Collate and compute everything the epochs need; returns the arrays and their statistics."""
         batch = collate(exp, self.pad_multiple)
-        recomputed = self._forward_no_grad(
-            batch, self.cfg.micro_batch_size, need_ref=exp.ref_logprobs is None
-        )
+        need_ref = exp.ref_logprobs is None
+        if self.proximal_in_step:
+            recomputed = self._reference_pass(batch, self.cfg.micro_batch_size) if need_ref else {}
+            recomputed["proximal"] = batch.behaviour  # placeholder: the step uses its own forward
+        else:
+            recomputed = self._forward_no_grad(batch, self.cfg.micro_batch_size, need_ref)
         proximal, values = recomputed["proximal"], recomputed.get("values")
         if exp.ref_logprobs is None:
             ref = recomputed["ref"]
@@ -164,16 +192,17 @@ class PPOLearner:
         if values is not None:
             arrays.update(old_values=values, returns=returns)
         seq_kl = float((kl.sum(axis=1)).mean())
-        mismatch = adv.kl_estimate(batch.behaviour, proximal, "k3") * mask
         stats = {
             "kl/ref_mean": seq_kl,
             "kl/coef": self.kl_controller.value,
             "rollout/score_mean": float(np.mean(exp.scores)),
             "rollout/score_std": float(np.std(exp.scores)),
             "rollout/response_len_mean": float(mask.sum(axis=1).mean()),
-            "mismatch/behaviour_proximal_kl": adv.masked_mean(mismatch, mask),
-            "policy/entropy": adv.masked_mean(recomputed["entropy"], mask),
         }
+        if not self.proximal_in_step:  # otherwise the step reports these from its forward
+            mismatch = adv.kl_estimate(batch.behaviour, proximal, "k3") * mask
+            stats["mismatch/behaviour_proximal_kl"] = adv.masked_mean(mismatch, mask)
+            stats["policy/entropy"] = adv.masked_mean(recomputed["entropy"], mask)
         self.kl_controller.update(mean_over_ranks(seq_kl, self.group), batch.size)
         return arrays, stats
 

@@ -18,7 +18,7 @@ import numpy as np
 from common.logprobs import sampling_logprobs, token_logprobs
 from common.models import lm_head_logits
 from learner.models import PolicyAndValue
-from learner.ppo import entropy, policy_loss, value_loss
+from learner.ppo import entropy, masked_sum_over, policy_loss, token_entropy, value_loss
 
 
 @dataclass
@@ -99,6 +99,21 @@ class LossWeights:
     vf_coef: float
     ent_coef: float
     is_cap: float
+    proximal_in_step: bool = False
+    """The update is one gradient step, so the proximal policy (the weights at the start of the update) is the
+    policy of this very forward pass: use its log-probs, detached, instead of a separate no-grad pass."""
+
+
+def proximal_stats(
+    logits: mx.array, proximal: mx.array, mb: dict[str, mx.array], temperature: float
+) -> dict[str, mx.array]:
+    """Entropy of the proximal policy and its k3 KL to the behaviour policy, as token sums / ``num_tokens``."""
+    n, mask = mb["num_tokens"], mb["mask"]
+    log_ratio = mb["behaviour"] - proximal  # k3 as in prepare: kl_estimate(behaviour, proximal, "k3")
+    return {
+        "policy/entropy": masked_sum_over(token_entropy(sampling_logprobs(logits, temperature)), mask, n),
+        "mismatch/behaviour_proximal_kl": masked_sum_over(mx.exp(-log_ratio) - 1.0 + log_ratio, mask, n),
+    }
 
 
 def ppo_objective(
@@ -112,10 +127,13 @@ def ppo_objective(
     logits, values = container.response_outputs(mb["tokens"], mb["positions"])
     new_logprobs = token_logprobs(logits, mb["response"], w.temperature)
     n = mb["num_tokens"]
+    proximal = mx.stop_gradient(new_logprobs) if w.proximal_in_step else mb["proximal"]
     loss, stats = policy_loss(
-        new_logprobs, mb["proximal"], mb["behaviour"], mb["advantages"], mb["mask"], w.clip_coef, w.is_cap, n
+        new_logprobs, proximal, mb["behaviour"], mb["advantages"], mb["mask"], w.clip_coef, w.is_cap, n
     )
     stats["loss/policy"] = loss
+    if w.proximal_in_step:  # what the skipped no-grad pass would have reported
+        stats.update(proximal_stats(mx.stop_gradient(logits), proximal, mb, w.temperature))
     if w.ent_coef > 0:
         stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), mb["mask"], n)
         loss = loss - w.ent_coef * stats["loss/entropy"]

@@ -14,7 +14,7 @@ from learner.update import Experience, collate
 LORA = LoraConfig(rank=4, alpha=8.0)
 
 
-def make_learner(model_cache, value_kind="separate", seed=0, **overrides):
+def make_learner(model_cache, value_kind="separate", seed=0, proximal_in_step=None, **overrides):
     loaded = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache)))
     mx.random.seed(seed)
     container = build_policy_and_value(loaded.model, LORA, value_kind=value_kind)
@@ -30,7 +30,9 @@ def make_learner(model_cache, value_kind="separate", seed=0, **overrides):
     )
     settings = dict(batch_size=8, num_minibatches=1, micro_batch_size=8, update_epochs=1, learning_rate=1e-3)
     settings.update(overrides)
-    return PPOLearner(container, PPOUpdateConfig(**settings), temperature=1.0, compile_step=False), loaded
+    cfg = PPOUpdateConfig(**settings)
+    learner = PPOLearner(container, cfg, 1.0, compile_step=False, proximal_in_step=proximal_in_step)
+    return learner, loaded
 
 
 def sample_experience(learner, tokenizer, n=8, seed=0, max_new=6):
@@ -144,3 +146,30 @@ def test_compiled_step_matches_eager(model_cache):
     a, b = adapter_weights(eager.container.policy), adapter_weights(compiled.container.policy)
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
+
+
+def test_single_step_update_takes_the_proximal_policy_from_its_own_forward(model_cache):
+    """GRPO with one epoch and one minibatch skips the no-grad policy pass; the update is the same."""
+    grpo = dict(algorithm="grpo", group_size=2)
+    in_step, loaded = make_learner(model_cache, value_kind=None, **grpo)
+    two_pass, _ = make_learner(model_cache, value_kind=None, proximal_in_step=False, **grpo)
+    assert in_step.proximal_in_step and not two_pass.proximal_in_step
+    exp = sample_experience(in_step, loaded.tokenizer)
+    s1, s2 = in_step.update(exp), two_pass.update(exp)
+    for key in (
+        "loss/policy",
+        "policy/clipfrac",
+        "is/weight_mean",
+        "kl/ref_mean",
+        "grad/norm",
+        "policy/entropy",
+    ):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-3, abs=1e-5), key
+    assert s1["mismatch/behaviour_proximal_kl"] == pytest.approx(
+        s2["mismatch/behaviour_proximal_kl"], abs=1e-5
+    )
+    a, b = adapter_weights(in_step.container.policy), adapter_weights(two_pass.container.policy)
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
+    with pytest.raises(ValueError, match="one epoch and one minibatch"):
+        make_learner(model_cache, value_kind=None, proximal_in_step=True, update_epochs=2, **grpo)
