@@ -26,6 +26,8 @@ from common.protocol import (
     Hello,
     ProtocolError,
     Refuse,
+    RolloutGrant,
+    RolloutRequest,
     Shutdown,
     Weights,
     Welcome,
@@ -50,6 +52,7 @@ class ActorStats:
     generate_s: float = 0.0
     reference_s: float = 0.0
     wait_weights_s: float = 0.0
+    wait_grant_s: float = 0.0
     blocked_send_s: float = 0.0
     batches_sent: int = 0
     stale_dropped: int = 0
@@ -59,6 +62,7 @@ class ActorStats:
         return {
             "gen_tokens_per_s": self.generated_tokens / max(self.generate_s, 1e-9),
             "wait_weights_s": self.wait_weights_s,
+            "wait_grant_s": self.wait_grant_s,
             "reference_s": self.reference_s,
             "blocked_send_s": self.blocked_send_s,
             "batches_sent": float(self.batches_sent),
@@ -90,6 +94,8 @@ class ActorWorker:
         self._last_heartbeat = 0.0
         self._next_hello = 0.0
         self.pending: ExperienceBatch | None = None
+        self.granted = 0  # batches the learner allowed and this actor has not generated yet
+        self._next_request = 0.0
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
@@ -114,8 +120,11 @@ class ActorWorker:
             self.adapters.apply(msg)
             self.policy_version, self.checksum = msg.policy_version, msg.checksum
             logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
+        elif isinstance(msg, RolloutGrant):
+            self.granted += 1
         elif isinstance(msg, Welcome):
             logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
+            self.granted, self._next_request = 0, 0.0  # a (re)started learner knows no earlier request
 
     def poll_connect(self, timeout_ms: int = 200) -> bool:
         """One round of joining: (re)send hello + snapshot request every 2 s, handle replies. True once joined."""
@@ -230,17 +239,41 @@ class ActorWorker:
             )
             self._last_heartbeat = time.monotonic()
 
-    def step(self) -> None:
-        """One batch: newest weights, generate + score, send, heartbeat. Raises ActorStopped when told to stop."""
+    def poll_grant(self, timeout_ms: int) -> bool:
+        """Ask the learner for a batch (again every heartbeat interval while unanswered); True once granted."""
+        if self.granted == 0 and time.monotonic() >= self._next_request:
+            self.sockets.request(RolloutRequest(self.actor_id, self.cfg.sampling.batch_size))
+            self._next_request = time.monotonic() + self.cfg.transport.heartbeat_s
+        if self.granted == 0 and (frames := self.sockets.receive_control(timeout_ms)) is not None:
+            for broadcast in self.sockets.receive_weights():  # a final snapshot precedes the shutdown
+                self._handle(broadcast)
+            self._handle(frames)
         self.apply_newer_weights()
+        return self.granted > 0
+
+    def wait_for_grant(self) -> None:
+        """Block (answering control messages, heartbeating) until the learner grants a batch."""
+        start = time.perf_counter()
+        while not self.poll_grant(timeout_ms=200):
+            self.heartbeat()
+        self.stats.wait_grant_s += time.perf_counter() - start
+
+    def step(self) -> None:
+        """One batch: a grant, the newest weights, generate + score, send, heartbeat. Raises ActorStopped on stop."""
+        self.wait_for_grant()
+        self.granted -= 1
         self.send(self.generate_batch())
         self.heartbeat()
 
     def step_nonblocking(self) -> None:
-        """``step`` that never waits on back-pressure: a batch the learner cannot take yet is kept and retried."""
-        self.apply_newer_weights()
+        """``step`` that never waits: without a grant, or under back-pressure, it returns and is called again."""
         if self.pending is None:
+            if not self.poll_grant(timeout_ms=0):
+                self.heartbeat()
+                return
+            self.granted -= 1
             self.pending = self.generate_batch()
+        self.apply_newer_weights()
         if self.sockets.send_experience(self.pending, timeout_ms=0):
             self.pending = None
             self.stats.batches_sent += 1

@@ -48,6 +48,8 @@ class MsgType(IntEnum):
     WEIGHTS_REQUEST = 6
     HEARTBEAT = 7
     SHUTDOWN = 8
+    ROLLOUT_REQUEST = 9
+    ROLLOUT_GRANT = 10
 
 
 class ProtocolError(ValueError):
@@ -159,7 +161,33 @@ class Shutdown:
     reason: str
 
 
-Message = Hello | Welcome | Refuse | ExperienceBatch | Weights | WeightsRequest | Heartbeat | Shutdown
+@dataclass(frozen=True)
+class RolloutRequest:
+    """Actor -> learner: may I generate a batch of ``sequences``? (The learner bounds work in flight.)"""
+
+    actor_id: int
+    sequences: int
+
+
+@dataclass(frozen=True)
+class RolloutGrant:
+    """Learner -> actor: generate one batch now; ``policy_version`` is the learner's at the time of the grant."""
+
+    policy_version: int
+
+
+Message = (
+    Hello
+    | Welcome
+    | Refuse
+    | ExperienceBatch
+    | Weights
+    | WeightsRequest
+    | Heartbeat
+    | Shutdown
+    | RolloutRequest
+    | RolloutGrant
+)
 _TYPES: dict[type, MsgType] = {
     Hello: MsgType.HELLO,
     Welcome: MsgType.WELCOME,
@@ -169,6 +197,8 @@ _TYPES: dict[type, MsgType] = {
     WeightsRequest: MsgType.WEIGHTS_REQUEST,
     Heartbeat: MsgType.HEARTBEAT,
     Shutdown: MsgType.SHUTDOWN,
+    RolloutRequest: MsgType.ROLLOUT_REQUEST,
+    RolloutGrant: MsgType.ROLLOUT_GRANT,
 }
 
 
@@ -416,4 +446,8 @@ _BUILDERS = {
         {str(k): float(v) for k, v in _field(b, "stats", dict, {}).items()},
     ),
     MsgType.SHUTDOWN: lambda b, _: Shutdown(_field(b, "reason", str)),
+    MsgType.ROLLOUT_REQUEST: lambda b, _: RolloutRequest(
+        _field(b, "actor_id", int), _field(b, "sequences", int)
+    ),
+    MsgType.ROLLOUT_GRANT: lambda b, _: RolloutGrant(_field(b, "policy_version", int)),
 }

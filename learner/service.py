@@ -25,12 +25,15 @@ from common.protocol import (
     Hello,
     ProtocolError,
     Refuse,
+    RolloutGrant,
+    RolloutRequest,
     Shutdown,
     WeightsRequest,
     Welcome,
 )
 from common.transport import LearnerSockets
 from common.weights import AdapterSync
+from learner.admission import RolloutAdmission
 from learner.buffer import ExperienceBuffer
 from learner.checkpoint import save_checkpoint
 from learner.metrics import MetricsWriter, format_update_line
@@ -59,6 +62,7 @@ class LearnerService:
         self.buffer = ExperienceBuffer(
             cfg.transport.buffer_batches * cfg.ppo.batch_size, cfg.ppo.group_size, cfg.ppo.max_policy_lag
         )
+        self.admission = RolloutAdmission(cfg.ppo.max_policy_lag * cfg.ppo.batch_size)
         self.counters: Counter = Counter()
         self.actors: dict[bytes, ActorInfo] = {}
         self.config_hash = config_hash(cfg)
@@ -109,6 +113,14 @@ class LearnerService:
         elif isinstance(msg, Heartbeat):
             info.policy_version, info.checksum, info.stats = msg.policy_version, msg.checksum, msg.stats
             info.gen_tokens_per_s = msg.stats.get("gen_tokens_per_s", info.gen_tokens_per_s)
+        elif isinstance(msg, RolloutRequest):
+            self.admission.request(identity, msg.sequences)
+            self.grant_rollouts()
+
+    def grant_rollouts(self) -> None:
+        """Grant waiting actors a batch each while the in-flight bound allows (``learner/admission.py``)."""
+        for identity in self.admission.grants(self.buffer.depth):
+            self.sockets.reply(identity, RolloutGrant(self.learner.policy_version))
 
     def _hello(self, identity: bytes, msg: Hello) -> None:
         if msg.protocol_version != protocol.PROTOCOL_VERSION or msg.config_hash != self.config_hash:
@@ -123,6 +135,7 @@ class LearnerService:
         if identity not in self.actors:
             logger.info("actor %d joined from %s (pid %d)", msg.actor_id, msg.host, msg.pid)
         self.actors[identity] = ActorInfo(msg.actor_id, msg.host, msg.pid)
+        self.admission.forget(identity)  # a (re)joining actor holds no grant
         self.sockets.reply(identity, Welcome(self.learner.policy_version, self.run_id))
 
     def handle_experience(self, frames: list[bytes]) -> None:
@@ -133,10 +146,12 @@ class LearnerService:
         if not isinstance(msg, ExperienceBatch):
             return self._reject("bad_type", f"{type(msg).__name__} on the experience channel")
         self.buffer.add(msg, self.learner.policy_version)
-        for info in self.actors.values():
+        for identity, info in self.actors.items():
             if info.actor_id == msg.actor_id:
                 info.gen_tokens_per_s = msg.gen_tokens_per_s
                 info.last_seen = time.monotonic()
+                self.admission.received(identity, len(msg.sequences))
+        self.grant_rollouts()  # stale or rejected sequences free their slots at once
 
     def poll(self, timeout_ms: int) -> None:
         """Handle what arrives within ``timeout_ms``; experience is read only while the buffer has room."""
@@ -156,6 +171,7 @@ class LearnerService:
         if taken is None:
             return None
         exp, lags = taken
+        self.grant_rollouts()  # the buffer has room again: the next batches generate while this one trains
         stats = self.learner.update(exp)
         self.step_count += 1
         if self.step_count % self.cfg.run.sync_every == 0:
@@ -183,6 +199,7 @@ class LearnerService:
             "lag/max": int(lags.max()),
             "lag/dropped": self.buffer.counters["lag/dropped"],
             "buffer/depth": self.buffer.depth,
+            "rollout/in_flight": self.admission.outstanding,
             "actors/connected": len(self.actors),
             **self.sync,
             **stats,

@@ -299,3 +299,27 @@ def test_learners_get_half_the_cores_and_actors_share_the_rest(cores, actors, le
     from local_run import split_threads
 
     assert split_threads(cores, actors, learners) == expected
+
+
+def test_actors_generate_only_what_the_learner_can_train_in_time(harness):
+    """max_policy_lag 2 x ppo.batch_size 8 = 16 sequences in flight: two of three actors may generate."""
+    workers = [harness.actor(i) for i in range(3)]
+    for w in workers:
+        harness.join(w)
+
+    def poll_all(rounds=50):
+        for _ in range(rounds):
+            harness.service.poll(5)
+            for w in workers:
+                w.poll_grant(0)
+
+    poll_all()
+    assert [w.granted for w in workers].count(1) == 2 and harness.service.admission.outstanding == 16
+    first = next(w for w in workers if w.granted)
+    first.step()  # generate with its grant and send
+    poll_all()
+    assert harness.service.buffer.depth == 8
+    assert sum(w.granted for w in workers) == 1  # received but untrained still counts: no new grant
+    assert harness.service.maybe_update() is not None  # the learner takes the batch...
+    poll_all()
+    assert sum(w.granted for w in workers) == 2  # ...and the waiting actor gets its grant
