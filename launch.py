@@ -5,6 +5,7 @@ Subcommands (the launcher uses them to start its children; use them by hand to s
     python launch.py [run] ...                       learner(s) + actors on this machine, supervised
     python launch.py learner --config F --endpoints JSON --run-dir D
     python launch.py actor --config F --endpoints JSON --actor-id I --num-actors N
+    python launch.py keys DIR                        CURVE key pairs for a run that leaves this machine
 
 Settings come from the defaults, then ``--config FILE.toml``, then the shortcuts below and ``--set`` overrides.
 """
@@ -67,6 +68,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     learner.add_argument("--rank", type=int, default=0, help="learner rank (set by the launcher)")
     actor.add_argument("--actor-id", type=int, required=True)
     actor.add_argument("--num-actors", type=int, required=True)
+    keys = sub.add_parser(
+        "keys", help="write learner and actor CURVE key pairs into DIR (then set transport.keys_dir=DIR)"
+    )
+    keys.add_argument("dir", help="folder for the keys; copy it to every machine of the run")
     return parser.parse_args(argv)
 
 
@@ -93,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command or "run"
+    if command == "keys":
+        from common.transport import make_keys
+
+        setup_logging("launcher")
+        for path in make_keys(args.dir):
+            logger.info("wrote %s", path)
+        return 0
     role = {
         "run": "launcher",
         "learner": f"learner-{getattr(args, 'rank', 0)}",

@@ -32,7 +32,7 @@ from common.protocol import (
     Weights,
     Welcome,
 )
-from common.transport import ActorSockets
+from common.transport import ActorSockets, curve_keys
 from common.weights import AdapterSync
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,9 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
     attach_lora(loaded.model, cfg.lora)
     task = get_task(cfg.run.task)
     with zmq_context() as ctx:
-        sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm)
+        sockets = ActorSockets(
+            ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "actor")
+        )
         try:
             worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
             worker.connect()

@@ -141,6 +141,9 @@ class TransportConfig:
     """How long an actor waits for the learner's welcome and first snapshot."""
     max_message_mb: int = 256
     """Messages larger than this are rejected unread."""
+    keys_dir: str = ""
+    """Folder with the run's ZeroMQ CURVE keys (``python launch.py keys DIR`` makes them); every socket is then
+    encrypted and the learner admits only actors holding a key from it. Required when ``host`` is not loopback."""
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,7 @@ def config_hash(cfg: Config) -> str:
     d = config_to_dict(cfg)
     d["run"].pop("run_dir", None)
     d["model"].pop("cache_dir", None)
+    d["transport"].pop("keys_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -62,7 +62,23 @@ def validate_run(cfg: Config) -> list[str]:
     for name in ("heartbeat_s", "startup_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
+    if not t.keys_dir and not _is_loopback(t.host):
+        p.append(
+            f"transport.host={t.host!r} is reachable from other machines: it needs ZeroMQ CURVE keys; make them "
+            "with 'python launch.py keys DIR', copy DIR to every machine and set transport.keys_dir=DIR"
+        )
     return p
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def validate_ppo(u: PPOUpdateConfig) -> list[str]:

@@ -9,18 +9,27 @@ Topology (bind the stable side, connect the many):
 - control: actors DEALER <-> learner ROUTER: hello/welcome/refuse, weights requests, heartbeats, shutdown.
 
 Every socket closes with linger 0; every wait has a deadline.
+
+Security: with ``transport.keys_dir`` every TCP socket uses ZeroMQ CURVE (encryption and authentication). The
+learner is the CURVE server and admits only clients whose public key is one of the ``*.key`` files in that
+folder (a ZAP handler in a thread, ``CurveGate``); others are denied, logged and counted. ``make_keys`` writes a
+learner and an actor key pair (``python launch.py keys DIR``). Loopback-only runs may go without keys.
 """
 
 from __future__ import annotations
 
 import logging
 import socket as pysocket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from common import protocol
 from common.protocol import Message
@@ -64,6 +73,84 @@ def free_tcp_ports(host: str = "127.0.0.1", count: int = 3) -> tuple[int, ...]:
             s.close()
 
 
+def curve_keys(keys_dir: str, role: str) -> CurveKeys | None:
+    """The keys of ``role`` ('learner' or 'actor') when the run has a keys folder, else None."""
+    return CurveKeys.load(keys_dir, role) if keys_dir else None
+
+
+def make_keys(folder: str | Path) -> list[Path]:
+    """Write a learner and an actor CURVE key pair (``NAME.key`` public, ``NAME.key_secret``) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("learner", "actor"):
+        public, secret = zmq.auth.create_certificates(str(folder), name)
+        written += [Path(public), Path(secret)]
+    Path(folder, "learner.key_secret").chmod(0o600)
+    Path(folder, "actor.key_secret").chmod(0o600)
+    return written
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """One side's CURVE material: its own key pair and the learner's public key (what clients verify)."""
+
+    folder: str
+    public: bytes
+    secret: bytes
+    learner_public: bytes
+
+    @classmethod
+    def load(cls, folder: str | Path, role: str) -> CurveKeys:
+        """``role``: 'learner' or 'actor'. Raises ValueError naming the missing or unreadable file."""
+        folder = Path(folder)
+        try:
+            public, secret = zmq.auth.load_certificate(str(folder / f"{role}.key_secret"))
+            learner_public, _ = zmq.auth.load_certificate(str(folder / "learner.key"))
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"cannot load CURVE keys from {folder} ({e}); make them with: python launch.py keys {folder}"
+            ) from None
+        if secret is None:
+            raise ValueError(f"{folder / f'{role}.key_secret'} holds no secret key")
+        return cls(str(folder), public, secret, learner_public)
+
+
+class CurveGate:
+    """The learner's ZAP handler: admits clients whose public key is a ``*.key`` file in the keys folder."""
+
+    def __init__(self, ctx: zmq.Context, folder: str):
+        self.allowed = {zmq.auth.load_certificate(str(f))[0] for f in Path(folder).glob("*.key")}
+        self.denied = 0
+        self._lock = threading.Lock()
+        self._auth = ThreadAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        if client_key in self.allowed:
+            return True
+        with self._lock:
+            self.denied += 1
+        logger.warning(
+            "refused a CURVE client with an unknown public key %s", client_key.decode()[:12] + "..."
+        )
+        return False
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def _secure(sock: zmq.Socket, keys: CurveKeys | None, server: bool) -> None:
+    if keys is None:
+        return
+    sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
+    if server:
+        sock.curve_server = True
+    else:
+        sock.curve_serverkey = keys.learner_public
+
+
 def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -91,7 +178,10 @@ def send(
 class LearnerSockets:
     """The learner's bound sockets: PULL (experience), PUB (weights), ROUTER (control)."""
 
-    def __init__(self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 4):
+    def __init__(
+        self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 4, keys: CurveKeys | None = None
+    ):
+        self.gate = CurveGate(ctx, keys.folder) if keys is not None else None
         self.experience = _socket(ctx, zmq.PULL, experience_hwm)
         self.weights = _socket(ctx, zmq.PUB, 2)
         self.control = _socket(ctx, zmq.ROUTER, 1000)
@@ -101,6 +191,7 @@ class LearnerSockets:
             (self.weights, endpoints.weights),
             (self.control, endpoints.control),
         ):
+            _secure(sock, keys, server=True)
             sock.bind(address)
         self._poller = zmq.Poller()
         self._poller.register(self.control, zmq.POLLIN)
@@ -134,15 +225,24 @@ class LearnerSockets:
     def publish(self, msg: Message) -> None:
         send(self.weights, msg, timeout_ms=1000)
 
+    @property
+    def denied_peers(self) -> int:
+        """Connections refused for an unknown CURVE key (0 without keys)."""
+        return 0 if self.gate is None else self.gate.denied
+
     def close(self) -> None:
         for sock in (self.experience, self.weights, self.control):
             sock.close(linger=0)
+        if self.gate is not None:
+            self.gate.stop()
 
 
 class ActorSockets:
     """An actor's connected sockets: PUSH (experience), SUB (weights), DEALER (control)."""
 
-    def __init__(self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 2):
+    def __init__(
+        self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 2, keys: CurveKeys | None = None
+    ):
         self.experience = _socket(ctx, zmq.PUSH, experience_hwm)
         self.weights = _socket(ctx, zmq.SUB, 2)
         self.weights.setsockopt(
@@ -154,6 +254,7 @@ class ActorSockets:
             (self.weights, endpoints.weights),
             (self.control, endpoints.control),
         ):
+            _secure(sock, keys, server=False)
             sock.connect(address)
 
     def request(self, msg: Message) -> bool:

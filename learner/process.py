@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from common.config import Config
-from common.transport import Endpoints, LearnerSockets, zmq_context
+from common.transport import Endpoints, LearnerSockets, curve_keys, zmq_context
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
         signal.signal(sig, request_stop)
     learner = build_learner(cfg, init_group())
     with zmq_context() as ctx:
-        sockets = LearnerSockets(ctx, endpoints, cfg.transport.experience_hwm)
+        sockets = LearnerSockets(
+            ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "learner")
+        )
         service = LearnerService(cfg, sockets, learner, run_dir)
         try:
             service.publish_weights()

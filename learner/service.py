@@ -209,6 +209,7 @@ class LearnerService:
             out[f"actor/{a.actor_id}/gen_tokens_per_s"] = a.gen_tokens_per_s
             out[f"actor/{a.actor_id}/policy_version"] = a.policy_version
         out.update(self.counters)
+        out["reject/curve_denied"] = self.sockets.denied_peers
         out.update({k: v for k, v in self.buffer.counters.items() if k.startswith("reject/")})
         return out
 

@@ -1,0 +1,104 @@
+"""CURVE: keys made by the launcher, required off loopback, and peers without the right key kept out."""
+
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.actor import ActorWorker
+from actors.tasks import get_task
+from common.config import ConfigError, load_config
+from common.lora import attach_lora
+from common.models import load_model
+from common.transport import (
+    ActorSockets,
+    CurveKeys,
+    Endpoints,
+    LearnerSockets,
+    free_tcp_ports,
+    make_keys,
+    zmq_context,
+)
+from learner.process import build_learner
+from learner.service import LearnerService
+from tests.test_runtime import small_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_launch_keys_writes_key_pairs_with_private_secrets(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "keys", str(tmp_path / "keys")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "keys").iterdir())
+    assert names == ["actor.key", "actor.key_secret", "learner.key", "learner.key_secret"]
+    for secret in ("actor.key_secret", "learner.key_secret"):
+        assert stat.S_IMODE((tmp_path / "keys" / secret).stat().st_mode) == 0o600
+    keys = CurveKeys.load(tmp_path / "keys", "actor")
+    assert keys.learner_public == CurveKeys.load(tmp_path / "keys", "learner").public
+
+
+def test_binding_beyond_loopback_needs_keys(tmp_path):
+    with pytest.raises(ConfigError, match="CURVE keys"):
+        load_config(None, ['transport.host="0.0.0.0"'])
+    load_config(None, ['transport.host="0.0.0.0"', f'transport.keys_dir="{tmp_path}"'])
+    load_config(None, ['transport.host="127.0.0.2"'])  # loopback: keys optional
+
+
+def test_missing_keys_say_how_to_make_them(tmp_path):
+    with pytest.raises(ValueError, match="launch.py keys"):
+        CurveKeys.load(tmp_path / "nowhere", "actor")
+
+
+def _actor(cfg, ctx, endpoints, keys):
+    loaded = load_model(cfg.model)
+    attach_lora(loaded.model, cfg.lora)
+    sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm, keys)
+    worker = ActorWorker(cfg, 0, 1, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+    return worker, sockets
+
+
+def _joins(service, worker, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        service.poll(10)
+        if worker.poll_connect(10):
+            return True
+    return False
+
+
+def test_only_actors_with_a_run_key_can_join(model_cache, tmp_path):
+    make_keys(tmp_path / "keys")
+    make_keys(tmp_path / "other")
+    # An outsider who knows the learner's public key but holds a key pair of its own.
+    shutil.copy(tmp_path / "keys" / "learner.key", tmp_path / "other" / "learner.key")
+    cfg = small_config(model_cache, tmp_path / "run", f'transport.keys_dir="{tmp_path / "keys"}"')
+    endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports())
+    with zmq_context() as ctx:
+        learner_sockets = LearnerSockets(ctx, endpoints, 2, CurveKeys.load(tmp_path / "keys", "learner"))
+        opened = [learner_sockets]
+        try:
+            service = LearnerService(cfg, learner_sockets, build_learner(cfg), tmp_path / "run")
+            service.publish_weights()
+            outsider, sockets = _actor(cfg, ctx, endpoints, CurveKeys.load(tmp_path / "other", "actor"))
+            opened.append(sockets)
+            assert not _joins(service, outsider, seconds=3)
+            assert learner_sockets.denied_peers >= 1
+            plain, sockets = _actor(cfg, ctx, endpoints, None)  # no CURVE at all: the handshake fails
+            opened.append(sockets)
+            assert not _joins(service, plain, seconds=2)
+            member, sockets = _actor(cfg, ctx, endpoints, CurveKeys.load(tmp_path / "keys", "actor"))
+            opened.append(sockets)
+            assert _joins(service, member, seconds=30)
+            assert service.actors and all(a.actor_id == 0 for a in service.actors.values())
+        finally:
+            for s in opened:
+                s.close()
