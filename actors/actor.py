@@ -95,6 +95,7 @@ class ActorWorker:
         self._next_hello = 0.0
         self.pending: ExperienceBatch | None = None
         self.granted = 0  # batches the learner allowed and this actor has not generated yet
+        self._reported_drops = 0  # stale-dropped sequences already given back to the learner's admission
         self._next_request = 0.0
 
     def _encode(self, text: str) -> list[int]:
@@ -124,7 +125,8 @@ class ActorWorker:
             self.granted += 1
         elif isinstance(msg, Welcome):
             logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
-            self.granted, self._next_request = 0, 0.0  # a (re)started learner knows no earlier request
+            # A (re)started learner knows no earlier request or grant.
+            self.granted, self._next_request, self._reported_drops = 0, 0.0, self.stats.stale_dropped
 
     def poll_connect(self, timeout_ms: int = 200) -> bool:
         """One round of joining: (re)send hello + snapshot request every 2 s, handle replies. True once joined."""
@@ -242,7 +244,9 @@ class ActorWorker:
     def poll_grant(self, timeout_ms: int) -> bool:
         """Ask the learner for a batch (again every heartbeat interval while unanswered); True once granted."""
         if self.granted == 0 and time.monotonic() >= self._next_request:
-            self.sockets.request(RolloutRequest(self.actor_id, self.cfg.sampling.batch_size))
+            returned = self.stats.stale_dropped - self._reported_drops
+            if self.sockets.request(RolloutRequest(self.actor_id, self.cfg.sampling.batch_size, returned)):
+                self._reported_drops += returned
             self._next_request = time.monotonic() + self.cfg.transport.heartbeat_s
         if self.granted == 0 and (frames := self.sockets.receive_control(timeout_ms)) is not None:
             for broadcast in self.sockets.receive_weights():  # a final snapshot precedes the shutdown

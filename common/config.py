@@ -139,6 +139,8 @@ class TransportConfig:
     """Seconds between heartbeats."""
     startup_timeout_s: float = 300.0
     """How long an actor waits for the learner's welcome and first snapshot."""
+    actor_timeout_s: float = 120.0
+    """An actor silent this long counts as gone: logged, its rollout grant released. It may come back."""
     max_message_mb: int = 256
     """Messages larger than this are rejected unread."""
     keys_dir: str = ""

@@ -59,7 +59,7 @@ def validate_run(cfg: Config) -> list[str]:
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
         if getattr(t, name) < 1:
             p.append(f"transport.{name}={getattr(t, name)} must be >= 1")
-    for name in ("heartbeat_s", "startup_timeout_s"):
+    for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
     if not t.keys_dir and not _is_loopback(t.host):

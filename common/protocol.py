@@ -163,10 +163,15 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class RolloutRequest:
-    """Actor -> learner: may I generate a batch of ``sequences``? (The learner bounds work in flight.)"""
+    """Actor -> learner: may I generate a batch of ``sequences``? (The learner bounds work in flight.)
+
+    ``returned``: sequences of earlier grants this actor dropped itself (gone stale while it could not send),
+    which will therefore never arrive.
+    """
 
     actor_id: int
     sequences: int
+    returned: int = 0
 
 
 @dataclass(frozen=True)
@@ -447,7 +452,7 @@ _BUILDERS = {
     ),
     MsgType.SHUTDOWN: lambda b, _: Shutdown(_field(b, "reason", str)),
     MsgType.ROLLOUT_REQUEST: lambda b, _: RolloutRequest(
-        _field(b, "actor_id", int), _field(b, "sequences", int)
+        _field(b, "actor_id", int), _field(b, "sequences", int), _field(b, "returned", int, 0)
     ),
     MsgType.ROLLOUT_GRANT: lambda b, _: RolloutGrant(_field(b, "policy_version", int)),
 }

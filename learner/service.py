@@ -54,6 +54,8 @@ class ActorInfo:
     gen_tokens_per_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
     """The actor's own counters from its last heartbeat (tokens/s, time waiting for weights, blocked on send)."""
+    gone: bool = False
+    """Silent for longer than ``transport.actor_timeout_s`` (it may come back)."""
 
 
 class LearnerService:
@@ -103,7 +105,7 @@ class LearnerService:
             return self._reject(e.reason, str(e))
         info = self.actors.get(identity)
         if info is not None:
-            info.last_seen = time.monotonic()
+            self._seen(info)
         if isinstance(msg, Hello):
             self._hello(identity, msg)
         elif info is None:
@@ -114,8 +116,25 @@ class LearnerService:
             info.policy_version, info.checksum, info.stats = msg.policy_version, msg.checksum, msg.stats
             info.gen_tokens_per_s = msg.stats.get("gen_tokens_per_s", info.gen_tokens_per_s)
         elif isinstance(msg, RolloutRequest):
+            self.admission.received(identity, msg.returned)  # dropped by the actor: will never arrive
             self.admission.request(identity, msg.sequences)
             self.grant_rollouts()
+
+    def _seen(self, info: ActorInfo) -> None:
+        info.last_seen = time.monotonic()
+        if info.gone:
+            info.gone = False
+            logger.info("actor %d is back", info.actor_id)
+
+    def check_actors(self) -> None:
+        """Log actors silent past ``transport.actor_timeout_s`` as gone and release their rollout grants."""
+        now = time.monotonic()
+        for identity, info in self.actors.items():
+            if not info.gone and now - info.last_seen > self.cfg.transport.actor_timeout_s:
+                info.gone = True
+                self.admission.forget(identity)
+                logger.warning("actor %d is gone: silent for %.0f s", info.actor_id, now - info.last_seen)
+        self.grant_rollouts()
 
     def grant_rollouts(self) -> None:
         """Grant waiting actors a batch each while the in-flight bound allows (``learner/admission.py``)."""
@@ -149,7 +168,7 @@ class LearnerService:
         for identity, info in self.actors.items():
             if info.actor_id == msg.actor_id:
                 info.gen_tokens_per_s = msg.gen_tokens_per_s
-                info.last_seen = time.monotonic()
+                self._seen(info)
                 self.admission.received(identity, len(msg.sequences))
         self.grant_rollouts()  # stale or rejected sequences free their slots at once
 
@@ -200,7 +219,7 @@ class LearnerService:
             "lag/dropped": self.buffer.counters["lag/dropped"],
             "buffer/depth": self.buffer.depth,
             "rollout/in_flight": self.admission.outstanding,
-            "actors/connected": len(self.actors),
+            "actors/connected": sum(not a.gone for a in self.actors.values()),
             **self.sync,
             **stats,
         }
@@ -208,6 +227,7 @@ class LearnerService:
             out.update({f"actor/{a.actor_id}/{k}": v for k, v in a.stats.items()})
             out[f"actor/{a.actor_id}/gen_tokens_per_s"] = a.gen_tokens_per_s
             out[f"actor/{a.actor_id}/policy_version"] = a.policy_version
+            out[f"actor/{a.actor_id}/heartbeat_age_s"] = now - a.last_seen
         out.update(self.counters)
         out["reject/curve_denied"] = self.sockets.denied_peers
         out.update({k: v for k, v in self.buffer.counters.items() if k.startswith("reject/")})
@@ -215,6 +235,7 @@ class LearnerService:
 
     def step(self, timeout_ms: int = 100) -> dict[str, Any] | None:
         self.poll(timeout_ms)
+        self.check_actors()
         return self.maybe_update()
 
     def shutdown(self, reason: str) -> None:

@@ -43,7 +43,7 @@ def samples() -> dict[str, p.Message]:
             sender="actor-1", policy_version=4, checksum="c0ffee", stats={"gen_tokens_per_s": 10.5}
         ),
         "shutdown": p.Shutdown(reason="run finished"),
-        "rollout_request": p.RolloutRequest(actor_id=2, sequences=16),
+        "rollout_request": p.RolloutRequest(actor_id=2, sequences=16, returned=8),
         "rollout_grant": p.RolloutGrant(policy_version=6),
     }
 

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,55 @@ def test_actors_generate_only_what_the_learner_can_train_in_time(harness):
     assert harness.service.maybe_update() is not None  # the learner takes the batch...
     poll_all()
     assert sum(w.granted for w in workers) == 2  # ...and the waiting actor gets its grant
+
+
+def test_a_silent_actor_is_logged_gone_its_grant_released_and_welcome_back(model_cache, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="learner.service")
+    with zmq_context() as ctx:
+        h = Harness(
+            small_config(model_cache, tmp_path, "run.max_updates=5", "transport.actor_timeout_s=0.3"), ctx
+        )
+        try:
+            worker = h.actor(0)
+            h.join(worker)
+            for _ in range(100):
+                h.service.poll(5)
+                if worker.poll_grant(0):
+                    break
+            assert worker.granted == 1 and h.service.admission.outstanding == 8
+            info = next(iter(h.service.actors.values()))
+            deadline = time.monotonic() + 10
+            while not info.gone and time.monotonic() < deadline:
+                h.service.poll(20)
+                h.service.check_actors()
+            assert info.gone and h.service.admission.outstanding == 0
+            assert "actor 0 is gone" in caplog.text
+            worker.heartbeat(force=True)
+            for _ in range(100):
+                h.service.poll(10)
+                if not info.gone:
+                    break
+            assert not info.gone and "actor 0 is back" in caplog.text
+        finally:
+            h.close()
+
+
+def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
+    worker = harness.actor(0)
+    harness.join(worker)
+
+    def until_granted():
+        for _ in range(100):
+            harness.service.poll(5)
+            if worker.poll_grant(0):
+                return
+        raise AssertionError("no grant")
+
+    until_granted()
+    assert harness.service.admission.outstanding == 8
+    worker.granted -= 1  # the batch of that grant went stale while blocked and was dropped by the actor
+    worker.stats.stale_dropped += 8
+    until_granted()  # the next request reports the 8 dropped sequences: they will never arrive
+    assert harness.service.admission.outstanding == 8 and worker.granted == 1

@@ -1,0 +1,179 @@
+"""A run over separate hosts, simulated with network namespaces: each has its own address behind a veth pair.
+
+The learner binds 10.231.0.1 in one namespace with CURVE keys; two actors run in two others; an outsider with
+a key pair of its own is refused. Mid-run one actor's link goes down: the learner keeps training with the other,
+and after the link comes back the first actor resumes contributing. Skips where namespaces cannot be made
+(not Linux, not root, no ``ip``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from common.blas import env_with_fast_blas
+from common.config import config_to_toml, load_config
+from common.transport import Endpoints, free_tcp_ports, make_keys
+from tests.test_runtime import SMALL
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBNET = "10.231.0"
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+def _namespaces_possible() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux-only"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root"
+    probe = f"mppo-probe-{uuid.uuid4().hex[:6]}"
+    out = _ip("netns", "add", probe, check=False)
+    if out.returncode != 0:
+        return f"ip netns add failed: {out.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_namespaces_possible() is not None, reason=str(_namespaces_possible()))
+
+
+class Hosts:
+    """Namespaces ``<tag><name>`` on one bridge, host i at ``10.231.0.<i>``."""
+
+    def __init__(self, names: list[str]):
+        self.tag = uuid.uuid4().hex[:4]
+        self.bridge = f"br{self.tag}"
+        self.ns: dict[str, str] = {}
+        self.link: dict[str, str] = {}
+        self.address: dict[str, str] = {}
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("link", "set", self.bridge, "up")
+        for i, name in enumerate(names, start=1):
+            ns, outside, inside = f"m{self.tag}{name}", f"v{self.tag}{i}", f"p{self.tag}{i}"
+            _ip("netns", "add", ns)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            _ip("link", "set", inside, "netns", ns)
+            _ip("link", "set", outside, "master", self.bridge)
+            _ip("link", "set", outside, "up")
+            _ip("-n", ns, "addr", "add", f"{SUBNET}.{i}/24", "dev", inside)
+            _ip("-n", ns, "link", "set", inside, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            self.ns[name], self.link[name], self.address[name] = ns, outside, f"{SUBNET}.{i}"
+
+    def run(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen:
+        env = env_with_fast_blas()
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[name], *cmd],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def set_link(self, name: str, up: bool) -> None:
+        _ip("link", "set", self.link[name], "up" if up else "down")
+
+    def close(self) -> None:
+        for ns in self.ns.values():
+            _ip("netns", "del", ns, check=False)
+        _ip("link", "del", self.bridge, check=False)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(condition, seconds: float, what: str, procs: dict) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        dead = {k: p.returncode for k, p in procs.items() if k != "outsider" and p.poll() is not None}
+        assert not dead, f"{dead} exited while waiting for {what}"
+        time.sleep(0.2)  # polling a file another process writes; nothing to hand-shake with
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _sent(run_dir: Path, actor: int) -> float:
+    rows = _rows(run_dir)
+    return rows[-1].get(f"actor/{actor}/batches_sent", 0.0) if rows else 0.0
+
+
+def test_a_run_across_hosts_survives_a_link_cut_and_refuses_outsiders(model_cache, tmp_path):
+    hosts = Hosts(["learner", "a", "b", "outsider"])
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        make_keys(tmp_path / "keys")
+        make_keys(tmp_path / "other")
+        shutil.copy(tmp_path / "keys" / "learner.key", tmp_path / "other" / "learner.key")
+        run_dir = tmp_path / "run"
+        settings = [
+            *SMALL,
+            'model.name="tiny"',
+            f'model.cache_dir="{model_cache}"',
+            f'run.run_dir="{run_dir}"',
+            "run.max_updates=1000",
+            f'transport.host="{hosts.address["learner"]}"',
+            f'transport.keys_dir="{tmp_path / "keys"}"',
+            "transport.heartbeat_s=0.5",
+            "transport.startup_timeout_s=20",
+        ]
+        configs = {}
+        for name, keys in (("run", "keys"), ("outsider", "other")):
+            cfg = load_config(None, [*settings, f'transport.keys_dir="{tmp_path / keys}"'])
+            configs[name] = tmp_path / f"{name}.toml"
+            configs[name].write_text(config_to_toml(cfg))
+        endpoints = json.dumps(Endpoints.tcp(hosts.address["learner"], free_tcp_ports()).as_dict())
+        launch = [sys.executable, str(ROOT / "launch.py")]
+        procs["learner"] = hosts.run(
+            "learner",
+            [*launch, "learner", "--config", str(configs["run"]), "--endpoints", endpoints],
+            tmp_path / "learner.log",
+        )
+        for i, name in enumerate(("a", "b")):
+            cmd = [*launch, "actor", "--config", str(configs["run"]), "--endpoints", endpoints]
+            procs[name] = hosts.run(
+                name, [*cmd, "--actor-id", str(i), "--num-actors", "2"], tmp_path / f"{name}.log"
+            )
+        cmd = [*launch, "actor", "--config", str(configs["outsider"]), "--endpoints", endpoints]
+        procs["outsider"] = hosts.run(
+            "outsider", [*cmd, "--actor-id", "7", "--num-actors", "2"], tmp_path / "x.log"
+        )
+
+        _wait_for(
+            lambda: _sent(run_dir, 0) >= 1 and _sent(run_dir, 1) >= 1, 240, "both actors' batches", procs
+        )
+        hosts.set_link("a", up=False)
+        cut_at = len(_rows(run_dir))
+        _wait_for(lambda: len(_rows(run_dir)) >= cut_at + 4, 240, "updates without actor a", procs)
+        sent_while_cut = _sent(run_dir, 0)
+        hosts.set_link("a", up=True)
+        _wait_for(lambda: _sent(run_dir, 0) > sent_while_cut, 240, "actor a to resume", procs)
+
+        procs["learner"].terminate()  # SIGTERM: checkpoint, tell the actors to stop
+        codes = {name: p.wait(timeout=120) for name, p in procs.items()}
+        learner_log = (tmp_path / "learner.log").read_text()
+        assert codes["learner"] == 0 and codes["a"] == 0 and codes["b"] == 0, (codes, learner_log[-3000:])
+        assert codes["outsider"] != 0  # never admitted: it gave up after startup_timeout_s
+        assert "refused a CURVE client" in learner_log
+        assert "actor 0 joined" in learner_log and "actor 1 joined" in learner_log
+        assert _rows(run_dir)[-1]["reject/curve_denied"] >= 1
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        hosts.close()
