@@ -123,6 +123,7 @@ class ActorWorker:
             logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
         elif isinstance(msg, RolloutGrant):
             self.granted += 1
+            self._next_request = 0.0  # answered: the next request goes out as soon as this grant is used
         elif isinstance(msg, Welcome):
             logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
             # A (re)started learner knows no earlier request or grant.
