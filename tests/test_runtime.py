@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,26 @@ class Harness:
     def close(self):
         for s in self.sockets:
             s.close()
+
+
+@contextmanager
+def harness_with(model_cache, tmp_path, *settings):
+    """A harness over the small config plus ``settings``, closed on exit."""
+    with zmq_context() as ctx:
+        h = Harness(small_config(model_cache, tmp_path, *settings), ctx)
+        try:
+            yield h
+        finally:
+            h.close()
+
+
+def until_granted(h: Harness, worker, rounds: int = 100) -> None:
+    """Step learner and actor until the actor holds a rollout grant."""
+    for _ in range(rounds):
+        h.service.poll(5)
+        if worker.poll_grant(0):
+            return
+    raise AssertionError("no grant")
 
 
 @pytest.fixture
@@ -253,22 +274,16 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
     from common.lora import adapter_weights
     from learner.update import Experience, collate
 
-    with zmq_context() as ctx:
-        h = Harness(
-            small_config(model_cache, tmp_path, "run.max_updates=2", 'ppo.reference_on="actors"'), ctx
+    with harness_with(model_cache, tmp_path, "run.max_updates=2", 'ppo.reference_on="actors"') as h:
+        worker = h.actor(0)
+        h.join(worker)
+        # Adapters that change the policy: the reference must still be the base model's.
+        mx.random.seed(5)
+        weights = adapter_weights(worker.model)
+        worker.model.load_weights(
+            [(k, mx.random.normal(v.shape) * 0.3) for k, v in weights.items()], strict=False
         )
-        try:
-            worker = h.actor(0)
-            h.join(worker)
-            # Adapters that change the policy: the reference must still be the base model's.
-            mx.random.seed(5)
-            weights = adapter_weights(worker.model)
-            worker.model.load_weights(
-                [(k, mx.random.normal(v.shape) * 0.3) for k, v in weights.items()], strict=False
-            )
-            batch = worker.generate_batch()
-        finally:
-            h.close()
+        batch = worker.generate_batch()
     assert batch.ref_logprobs is not None and batch.ref_logprobs.shape == batch.behaviour_logprobs.shape
     prompts, responses, at = [], [], 0
     for seq in batch.sequences:
@@ -330,49 +345,32 @@ def test_a_silent_actor_is_logged_gone_its_grant_released_and_welcome_back(model
     import logging
 
     caplog.set_level(logging.INFO, logger="learner.service")
-    with zmq_context() as ctx:
-        h = Harness(
-            small_config(model_cache, tmp_path, "run.max_updates=5", "transport.actor_timeout_s=0.3"), ctx
-        )
-        try:
-            worker = h.actor(0)
-            h.join(worker)
-            for _ in range(100):
-                h.service.poll(5)
-                if worker.poll_grant(0):
-                    break
-            assert worker.granted == 1 and h.service.admission.outstanding == 8
-            info = next(iter(h.service.actors.values()))
-            deadline = time.monotonic() + 10
-            while not info.gone and time.monotonic() < deadline:
-                h.service.poll(20)
-                h.service.check_actors()
-            assert info.gone and h.service.admission.outstanding == 0
-            assert "actor 0 is gone" in caplog.text
-            worker.heartbeat(force=True)
-            for _ in range(100):
-                h.service.poll(10)
-                if not info.gone:
-                    break
-            assert not info.gone and "actor 0 is back" in caplog.text
-        finally:
-            h.close()
+    with harness_with(model_cache, tmp_path, "run.max_updates=5", "transport.actor_timeout_s=0.3") as h:
+        worker = h.actor(0)
+        h.join(worker)
+        until_granted(h, worker)
+        assert worker.granted == 1 and h.service.admission.outstanding == 8
+        info = next(iter(h.service.actors.values()))
+        deadline = time.monotonic() + 10
+        while not info.gone and time.monotonic() < deadline:
+            h.service.poll(20)
+            h.service.check_actors()
+        assert info.gone and h.service.admission.outstanding == 0
+        assert "actor 0 is gone" in caplog.text
+        worker.heartbeat(force=True)
+        for _ in range(100):
+            h.service.poll(10)
+            if not info.gone:
+                break
+        assert not info.gone and "actor 0 is back" in caplog.text
 
 
 def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
     worker = harness.actor(0)
     harness.join(worker)
-
-    def until_granted():
-        for _ in range(100):
-            harness.service.poll(5)
-            if worker.poll_grant(0):
-                return
-        raise AssertionError("no grant")
-
-    until_granted()
+    until_granted(harness, worker)
     assert harness.service.admission.outstanding == 8
     worker.granted -= 1  # the batch of that grant went stale while blocked and was dropped by the actor
     worker.stats.stale_dropped += 8
-    until_granted()  # the next request reports the 8 dropped sequences: they will never arrive
+    until_granted(harness, worker)  # the next request reports the 8 dropped sequences: they will never arrive
     assert harness.service.admission.outstanding == 8 and worker.granted == 1
