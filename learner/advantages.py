@@ -24,18 +24,31 @@ def masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
     return float((x * mask).sum() / count) if count > 0 else 0.0
 
 
+def masked_moments(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``[sum, sum of squares, count]`` of ``x`` over masked positions (float64; summable across ranks)."""
+    xm = np.asarray(x, np.float64) * mask
+    return np.array([xm.sum(), (xm * x).sum(), float(mask.sum())], np.float64)
+
+
+def whiten_with(
+    x: np.ndarray, mask: np.ndarray, moments: np.ndarray, shift_mean: bool = True, eps: float = 1e-8
+) -> np.ndarray:
+    """``(x - mean) / std`` with mean and unbiased std from ``moments`` (``masked_moments``, maybe of all ranks)."""
+    total, total_sq, count = (float(m) for m in moments)
+    mean = total / count if count > 0 else 0.0
+    var = max(total_sq - count * mean * mean, 0.0) / max(count - 1, 1)
+    whitened = (x - mean) / np.sqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return (whitened * mask).astype(np.float32)
+
+
 def masked_whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps: float = 1e-8) -> np.ndarray:
     """``(x - mean) / std`` over masked positions (std unbiased); 0 outside the mask.
 
     With ``shift_mean=False`` only the scale changes (the mean is added back), as TRL does for rewards.
     """
-    mean = masked_mean(x, mask)
-    count = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / max(count - 1, 1)
-    whitened = (x - mean) / np.sqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return (whitened * mask).astype(np.float32)
+    return whiten_with(x, mask, masked_moments(x, mask), shift_mean, eps)
 
 
 def kl_estimate(logprobs: np.ndarray, ref_logprobs: np.ndarray, estimator: KLEstimator = "k1") -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,14 @@ def write_ring_hostfile(path: Path, host: str, ports: list[int]) -> Path:
 def average_gradients(grads: Any, group: Any | None) -> Any:
     """Mean of ``grads`` over the ranks (unchanged without a group)."""
     return grads if group is None else nn.average_gradients(grads, group=group)
+
+
+def sum_over_ranks(values: np.ndarray, group: Any | None) -> np.ndarray:
+    """Elementwise sum of a small float array over the ranks (unchanged without a group)."""
+    if group is None:
+        return values
+    summed = mx.distributed.all_sum(mx.array(values.astype(np.float32)), group=group)
+    return np.array(summed, dtype=np.float64)
 
 
 def mean_over_ranks(value: float, group: Any | None) -> float:

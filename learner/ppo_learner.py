@@ -21,7 +21,7 @@ from common.config import PPOUpdateConfig
 from common.logprobs import gather_token_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
 from learner import advantages as adv
-from learner.distributed import average_gradients, mean_over_ranks
+from learner.distributed import average_gradients, mean_over_ranks, sum_over_ranks
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.ppo import explained_variance, token_entropy
@@ -159,8 +159,9 @@ class PPOLearner:
             return adv.broadcast_to_tokens(seq_adv, mask), None
         rewards = adv.shape_rewards(scores, kl, mask, kl_coef)
         advantages, returns = adv.compute_gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
-        if self.cfg.whiten_advantages:
-            advantages = adv.masked_whiten(advantages, mask)
+        if self.cfg.whiten_advantages:  # over the whole batch of all ranks, as one learner would
+            moments = sum_over_ranks(adv.masked_moments(advantages, mask), self.group)
+            advantages = adv.whiten_with(advantages, mask, moments)
         return advantages, returns
 
     def prepare(self, exp: Experience) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -1,0 +1,98 @@
+"""Data-parallel learners: an update on 2 ranks (mlx.distributed ring on loopback) equals one rank's update on
+the union of their batches, to float32 tolerance (atol 2e-5 on every trainable weight)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from common.blas import env_with_fast_blas
+from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
+from common.lora import adapter_weights
+from common.models import load_model
+from learner.models import build_policy_and_value
+from learner.ppo_learner import PPOLearner
+from learner.update import Experience
+from local_run import child_env, learner_rank_env
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQUENCES, PROMPT, RESPONSE = 8, 5, 6
+
+
+def dp_learner(cache: str, batch: int, group=None) -> PPOLearner:
+    """The same initial learner in every process: tiny model, separate critic, seeded non-zero adapters."""
+    loaded = load_model(ModelConfig(name="tiny", cache_dir=cache))
+    mx.random.seed(0)
+    container = build_policy_and_value(loaded.model, LoraConfig(rank=4, alpha=8.0), "separate")
+    mx.random.seed(1)
+    container.policy.load_weights(
+        [(k, mx.random.normal(v.shape) * 0.05) for k, v in adapter_weights(container.policy).items()],
+        strict=False,
+    )
+    cfg = PPOUpdateConfig(
+        batch_size=batch,
+        num_minibatches=1,
+        micro_batch_size=2,
+        update_epochs=2,
+        learning_rate=1e-3,
+        group_size=1,
+    )
+    return PPOLearner(container, cfg, 1.0, group=group)
+
+
+def dp_experience(part: slice = slice(None)) -> Experience:
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, 250, (SEQUENCES, PROMPT)).tolist()
+    responses = rng.integers(3, 250, (SEQUENCES, RESPONSE)).tolist()
+    behaviour = list(-2.0 + 0.1 * rng.standard_normal((SEQUENCES, RESPONSE)).astype(np.float32))
+    scores = rng.standard_normal(SEQUENCES).astype(np.float32)
+    return Experience(
+        prompts[part], responses[part], behaviour[part], scores[part], np.zeros(SEQUENCES)[part]
+    )
+
+
+def trained_weights(learner: PPOLearner) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(learner.container.trainable_parameters())}
+
+
+def rank_main(out_dir: str, cache: str) -> None:
+    """Run by each rank: update on its half of the batch, save what it trained."""
+    from learner.distributed import init_group
+
+    group = init_group()
+    rank, half = group.rank(), SEQUENCES // group.size()
+    learner = dp_learner(cache, half, group)
+    learner.update(dp_experience(slice(rank * half, (rank + 1) * half)))
+    np.savez(Path(out_dir) / f"rank{rank}.npz", **trained_weights(learner))
+
+
+def test_two_ranks_equal_one_rank_on_the_union_of_their_batches(model_cache, tmp_path):
+    single = dp_learner(str(model_cache), SEQUENCES)
+    before = trained_weights(single)
+    single.update(dp_experience())
+    expected = trained_weights(single)
+    code = f"from tests.test_distributed import rank_main; rank_main({str(tmp_path)!r}, {str(model_cache)!r})"
+    procs = []
+    for rank in range(2):
+        env = child_env(1, learner_rank_env(tmp_path, "127.0.0.1", rank, 2))
+        env["LD_PRELOAD"] = env_with_fast_blas(env).get("LD_PRELOAD", "")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+        )
+    errors = [p.communicate(timeout=300)[1].decode()[-2000:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], json.dumps(errors)
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    assert ranks[0].keys() == expected.keys()
+    moved = [k for k in expected if not np.allclose(expected[k], before[k])]
+    assert any("lora" in k for k in moved) and any(k.startswith("value") for k in moved)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name])  # the ranks stay identical
+        np.testing.assert_allclose(ranks[0][name], value, atol=2e-5, err_msg=name)
