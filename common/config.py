@@ -162,6 +162,9 @@ class RunConfig:
     """Publish new adapters to actors every N updates."""
     checkpoint_every: int = 10
     """Save a checkpoint every N updates (and at the end)."""
+    collective_timeout_s: float = 120.0
+    """With several learner ranks: a gradient or statistics exchange not done after this long means a rank
+    or the network between ranks is gone; the rank prints where it waited and exits instead of hanging."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from common.config import PPOUpdateConfig
 from common.logprobs import gather_token_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
 from learner import advantages as adv
-from learner.distributed import average_gradients, mean_over_ranks, sum_over_ranks
+from learner.distributed import average_gradients, collective, mean_over_ranks, sum_over_ranks
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.ppo import explained_variance, token_entropy
@@ -225,7 +225,10 @@ class PPOLearner:
             # Evaluate per micro-batch: otherwise every micro-batch's activations stay alive until the step.
             mx.eval(grads, stats)
         stats["grad/norm"] = self._apply_fn(grads)
-        mx.eval(self.container.parameters(), self.optimizer.state, stats)
+        with collective(
+            "the gradient all-reduce"
+        ):  # micro-batches are evaluated: this is the exchange + Adam
+            mx.eval(self.container.parameters(), self.optimizer.state, stats)
         return stats
 
     def optimize(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:

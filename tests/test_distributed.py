@@ -96,3 +96,15 @@ def test_two_ranks_equal_one_rank_on_the_union_of_their_batches(model_cache, tmp
     for name, value in expected.items():
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name])  # the ranks stay identical
         np.testing.assert_allclose(ranks[0][name], value, atol=2e-5, err_msg=name)
+
+
+def test_a_rank_whose_peer_never_comes_exits_with_a_clear_error(tmp_path):
+    """Rank 0 of 2 alone: joining the ring would wait forever; the watchdog ends it, showing where it hung."""
+    env = child_env(1, learner_rank_env(tmp_path, "127.0.0.1", 0, 2))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    code = "from learner.distributed import init_group; init_group(timeout_s=2, join_timeout_s=2)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Timeout" in out.stderr and "in init_group" in out.stderr
