@@ -172,7 +172,9 @@ class ActorWorker:
             sequence_seed(self.cfg.run.seed, self.actor_id, self.batch_id, k) for k in range(len(prompts))
         ]
         start = time.perf_counter()
-        completions = generate_completions(self.model, prompts, self.params, self.stop_ids, seeds)
+        completions = generate_completions(
+            self.model, prompts, self.params, self.stop_ids, seeds, on_step=self.heartbeat
+        )  # heartbeats keep flowing during a long generation (the learner's actor_timeout_s)
         self.stats.generate_s += time.perf_counter() - start
         n_generated = sum(len(c.response_ids) for c in completions)
         self.stats.generated_tokens += n_generated

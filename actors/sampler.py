@@ -13,7 +13,7 @@ included, so this module runs its own decode loop on mlx-lm models and caches:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -116,8 +116,12 @@ def generate_completions(
     params: SamplingParams,
     stop_ids: set[int] | frozenset[int],
     seeds: Sequence[int],
+    on_step: Callable[[], None] | None = None,
 ) -> list[Completion]:
-    """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``."""
+    """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``.
+
+    ``on_step`` is called after every decoding step (the actor heartbeats from it during long generations).
+    """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not prompts:
@@ -151,6 +155,8 @@ def generate_completions(
                 finish[seq] = "stop"
             else:
                 keep.append(r)
+        if on_step is not None:
+            on_step()
         if step + 1 == n_new or not keep:
             break
         if len(keep) < len(rows):

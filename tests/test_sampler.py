@@ -127,3 +127,12 @@ def test_bundled_model_logprobs_and_stop(smollm):
     assert "Paris" in tok.decode(answer.response_ids)
     assert answer.finish_reason == "stop" and answer.response_ids[-1] in tok.eos_token_ids
     assert math.isfinite(answer.logprobs[-1]) and answer.logprobs[-1] <= 0
+
+
+def test_on_step_is_called_once_per_decoding_step(tiny):
+    calls = []
+    params = SamplingParams(max_new_tokens=5)
+    completions = generate_completions(
+        tiny.model, [[1, 40, 41], [1, 42]], params, set(), seeds=[0, 1], on_step=lambda: calls.append(1)
+    )
+    assert len(calls) == max(len(c.response_ids) for c in completions) == 5
