@@ -3,8 +3,8 @@
 Subcommands (the launcher uses them to start its children; use them by hand to spread a run over machines):
 
     python launch.py [run] ...                       learner(s) + actors on this machine, supervised
-    python launch.py learner --config F --endpoints JSON --run-dir D
-    python launch.py actor --config F --endpoints JSON --actor-id I --num-actors N
+    python launch.py learner --config F --bind tcp://HOST:PORT --run-dir D
+    python launch.py actor --config F --connect tcp://HOST:PORT --actor-id I --num-actors N
     python launch.py keys DIR                        CURVE key pairs for a run that leaves this machine
 
 Settings come from the defaults, then ``--config FILE.toml``, then the shortcuts below and ``--set`` overrides.
@@ -63,7 +63,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     actor = sub.add_parser("actor", help="one actor process (started by the launcher, or by hand)")
     for p in (learner, actor):
         add_config_args(p)
-        p.add_argument("--endpoints", required=True, help="JSON with experience/weights/control addresses")
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument(
+            "--bind" if p is learner else "--connect",
+            dest="base",
+            metavar="tcp://HOST:PORT",
+            help="the learner's three ports: experience PORT, weights PORT+1, control PORT+2",
+        )
+        where.add_argument(
+            "--endpoints", help="JSON with experience/weights/control addresses (the launcher's)"
+        )
         p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     learner.add_argument("--rank", type=int, default=0, help="learner rank (set by the launcher)")
     actor.add_argument("--actor-id", type=int, required=True)
@@ -117,23 +126,62 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", e)
         return 2
     if command == "learner":
-        from common.transport import Endpoints
         from learner.process import run_learner
 
         watch_parent(args.parent_pid)
-        return run_learner(cfg, Endpoints(**json.loads(args.endpoints)), Path(cfg.run.run_dir))
+        try:
+            endpoints = endpoints_of(args)
+        except ValueError as e:
+            logger.error("%s", e)
+            return 2
+        if problem := unprotected_bind(endpoints, cfg.transport.keys_dir):
+            logger.error("%s", problem)
+            return 2
+        return run_learner(cfg, endpoints, Path(cfg.run.run_dir))
     if command == "actor":
         from actors.actor import run_actor
-        from common.transport import Endpoints
 
         watch_parent(args.parent_pid)
-        return run_actor(cfg, args.actor_id, args.num_actors, Endpoints(**json.loads(args.endpoints)))
+        try:
+            endpoints = endpoints_of(args)
+        except ValueError as e:
+            logger.error("%s", e)
+            return 2
+        return run_actor(cfg, args.actor_id, args.num_actors, endpoints)
     from local_run import launch_local_run, run_one_process
 
     if args.one_process:
         history = run_one_process(cfg, args.actors)
         return 0 if len(history) == cfg.run.max_updates else 1
     return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve())
+
+
+def endpoints_of(args: argparse.Namespace):
+    from common.transport import Endpoints
+
+    if args.base:
+        return Endpoints.from_base(args.base)
+    return Endpoints(**json.loads(args.endpoints))
+
+
+def unprotected_bind(endpoints, keys_dir: str) -> str | None:
+    """Why the learner must not bind ``endpoints`` (reachable from other machines without CURVE keys), or None."""
+    from urllib.parse import urlsplit
+
+    from common.config_checks import is_loopback
+
+    hosts = {
+        urlsplit(address).hostname or ""
+        for address in endpoints.as_dict().values()
+        if address.startswith("tcp")
+    }
+    exposed = sorted(h for h in hosts if not is_loopback(h))
+    if exposed and not keys_dir:
+        return (
+            f"binding {', '.join(exposed)} exposes the learner to other machines: it needs ZeroMQ CURVE keys; "
+            "make them with 'python launch.py keys DIR', copy DIR to every machine and set transport.keys_dir=DIR"
+        )
+    return None
 
 
 def watch_parent(parent_pid: int) -> None:

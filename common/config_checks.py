@@ -64,7 +64,7 @@ def validate_run(cfg: Config) -> list[str]:
     for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
-    if not t.keys_dir and not _is_loopback(t.host):
+    if not t.keys_dir and not is_loopback(t.host):
         p.append(
             f"transport.host={t.host!r} is reachable from other machines: it needs ZeroMQ CURVE keys; make them "
             "with 'python launch.py keys DIR', copy DIR to every machine and set transport.keys_dir=DIR"
@@ -72,7 +72,8 @@ def validate_run(cfg: Config) -> list[str]:
     return p
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address) keeps sockets on this machine."""
     import ipaddress
 
     if host == "localhost":

@@ -58,6 +58,16 @@ class Endpoints:
     def tcp(cls, host: str, ports: tuple[int, int, int]) -> Endpoints:
         return cls(*(f"tcp://{host}:{port}" for port in ports))
 
+    @classmethod
+    def from_base(cls, address: str) -> Endpoints:
+        """``tcp://HOST:PORT`` -> experience at PORT, weights at PORT+1, control at PORT+2."""
+        scheme, _, rest = address.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65534:
+            raise ValueError(f"{address!r}: expected tcp://HOST:PORT with PORT below 65534")
+        base = int(port)
+        return cls.tcp(host, (base, base + 1, base + 2))
+
 
 def free_tcp_ports(host: str = "127.0.0.1", count: int = 3) -> tuple[int, ...]:
     """``count`` distinct ports that were free on ``host`` a moment ago (the learner binds them next)."""

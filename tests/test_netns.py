@@ -21,7 +21,7 @@ import pytest
 
 from common.blas import env_with_fast_blas
 from common.config import config_to_toml, load_config
-from common.transport import Endpoints, free_tcp_ports, make_keys
+from common.transport import make_keys
 from tests.test_runtime import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,19 +137,19 @@ def test_a_run_across_hosts_survives_a_link_cut_and_refuses_outsiders(model_cach
             cfg = load_config(None, [*settings, f'transport.keys_dir="{tmp_path / keys}"'])
             configs[name] = tmp_path / f"{name}.toml"
             configs[name].write_text(config_to_toml(cfg))
-        endpoints = json.dumps(Endpoints.tcp(hosts.address["learner"], free_tcp_ports()).as_dict())
+        base = f"tcp://{hosts.address['learner']}:5555"  # a fresh namespace: every port is free
         launch = [sys.executable, str(ROOT / "launch.py")]
         procs["learner"] = hosts.run(
             "learner",
-            [*launch, "learner", "--config", str(configs["run"]), "--endpoints", endpoints],
+            [*launch, "learner", "--config", str(configs["run"]), "--bind", base],
             tmp_path / "learner.log",
         )
         for i, name in enumerate(("a", "b")):
-            cmd = [*launch, "actor", "--config", str(configs["run"]), "--endpoints", endpoints]
+            cmd = [*launch, "actor", "--config", str(configs["run"]), "--connect", base]
             procs[name] = hosts.run(
                 name, [*cmd, "--actor-id", str(i), "--num-actors", "2"], tmp_path / f"{name}.log"
             )
-        cmd = [*launch, "actor", "--config", str(configs["outsider"]), "--endpoints", endpoints]
+        cmd = [*launch, "actor", "--config", str(configs["outsider"]), "--connect", base]
         procs["outsider"] = hosts.run(
             "outsider", [*cmd, "--actor-id", "7", "--num-actors", "2"], tmp_path / "x.log"
         )

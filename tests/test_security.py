@@ -102,3 +102,33 @@ def test_only_actors_with_a_run_key_can_join(model_cache, tmp_path):
         finally:
             for s in opened:
                 s.close()
+
+
+def test_a_learner_bound_beyond_loopback_without_keys_refuses_to_start(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "learner",
+            "--bind",
+            "tcp://0.0.0.0:5555",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "needs ZeroMQ CURVE keys" in out.stderr, out.stderr[-2000:]
+
+
+def test_base_addresses_name_three_consecutive_ports():
+    endpoints = Endpoints.from_base("tcp://10.0.0.5:5555")
+    assert endpoints.as_dict() == {
+        "experience": "tcp://10.0.0.5:5555",
+        "weights": "tcp://10.0.0.5:5556",
+        "control": "tcp://10.0.0.5:5557",
+    }
+    for bad in ("10.0.0.5:5555", "tcp://10.0.0.5", "tcp://:5555", "udp://h:1", "tcp://h:65535"):
+        with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+            Endpoints.from_base(bad)
