@@ -35,6 +35,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-updates", type=int, help="stop after this many updates (run.max_updates)")
     parser.add_argument("--run-dir", help="where config, metrics, logs and checkpoints go (run.run_dir)")
     parser.add_argument(
+        "--backend",
+        choices=("ring", "mpi", "nccl", "jaccl"),
+        help="learner ranks' mlx.distributed backend (run.backend)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -97,6 +102,8 @@ def resolve_config(args: argparse.Namespace):
         shortcuts.append(f"run.max_updates={args.max_updates}")
     if args.run_dir:
         shortcuts.append(f"run.run_dir={json.dumps(args.run_dir)}")
+    if args.backend:
+        shortcuts.append(f"run.backend={json.dumps(args.backend)}")
     return load_config(args.config, [*shortcuts, *args.overrides])
 
 

@@ -74,6 +74,15 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
     except ValueError as e:
         logger.error("%s", e)
         return 2
+    if num_learners > 1 and cfg.run.backend != "ring":
+        logger.error(
+            "--learners %d on one machine uses the ring backend; start %s ranks with mlx.launch and "
+            "'launch.py learner --backend %s' instead",
+            num_learners,
+            cfg.run.backend,
+            cfg.run.backend,
+        )
+        return 2
     if num_learners < 1 or num_actors < num_learners:
         logger.error("need --learners >= 1 and at least one actor per learner rank (--actors >= --learners)")
         return 2

@@ -162,6 +162,9 @@ class RunConfig:
     """Publish new adapters to actors every N updates."""
     checkpoint_every: int = 10
     """Save a checkpoint every N updates (and at the end)."""
+    backend: str = "ring"
+    """mlx.distributed backend of the learner ranks: ring (what ``--learners M`` sets up on one machine), or
+    mpi, nccl, jaccl for ranks started by ``mlx.launch``/``mpirun`` with that backend's environment."""
     collective_timeout_s: float = 120.0
     """With several learner ranks: a gradient or statistics exchange not done after this long means a rank
     or the network between ranks is gone; the rank prints where it waited and exits instead of hanging."""

@@ -41,7 +41,11 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    group = init_group(timeout_s=cfg.run.collective_timeout_s, join_timeout_s=cfg.transport.startup_timeout_s)
+    group = init_group(
+        cfg.run.backend,
+        timeout_s=cfg.run.collective_timeout_s,
+        join_timeout_s=cfg.transport.startup_timeout_s,
+    )
     learner = build_learner(cfg, group)
     with zmq_context() as ctx:
         sockets = LearnerSockets(

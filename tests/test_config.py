@@ -69,3 +69,11 @@ def test_toml_round_trip_and_hash(tmp_path):
     assert config_hash(load_config(None, ["sampling.temperature=0.8"])) != config_hash(cfg)
     # Where a run writes its files does not change what it computes.
     assert config_hash(load_config(path, ['run.run_dir="elsewhere"'])) == config_hash(cfg)
+
+
+def test_learner_backend_is_one_mlx_distributed_knows():
+    from common.config import ConfigError, load_config
+
+    assert load_config(None, ['run.backend="jaccl"']).run.backend == "jaccl"
+    with pytest.raises(ConfigError, match="run.backend='gloo'"):
+        load_config(None, ['run.backend="gloo"'])
