@@ -47,6 +47,7 @@ bench: setup
 	$(WITH_BLAS) $(PY) bench/generation.py
 	$(WITH_BLAS) $(PY) bench/learner.py
 	$(WITH_BLAS) $(PY) bench/runtime.py
+	$(WITH_BLAS) $(PY) bench/distributed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
