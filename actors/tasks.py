@@ -39,10 +39,14 @@ def _arithmetic_prompts(seed: int = 1234, count: int = 400) -> tuple[str, ...]:
 
 
 def arithmetic_reward(prompt: str, completion: str) -> float:
-    """1 when the first integer in the completion is the sum asked for, else 0."""
+    """1 when the completion's first number other than the two operands is the sum asked for, else 0.
+
+    Small models restate the question ("9 + 2 = 11"): taking the first number would score that 0. Numbers after
+    the answer do not count, so listing candidates does not pay.
+    """
     a, b = (int(x) for x in _NUMBER.findall(prompt)[:2])
-    found = _NUMBER.search(completion)
-    return float(found is not None and int(found.group()) == a + b)
+    answers = (int(x) for x in _NUMBER.findall(completion) if int(x) not in (a, b))
+    return float(next(answers, None) == a + b)
 
 
 _QUESTIONS = (
