@@ -6,6 +6,7 @@ Subcommands (the launcher uses them to start its children; use them by hand to s
     python launch.py learner --config F --bind tcp://HOST:PORT --run-dir D
     python launch.py actor --config F --connect tcp://HOST:PORT --actor-id I --num-actors N
     python launch.py keys DIR                        CURVE key pairs for a run that leaves this machine
+    python launch.py --hostfile hosts.json ...       learner and actors on other machines, over SSH
 
 Settings come from the defaults, then ``--config FILE.toml``, then the shortcuts below and ``--set`` overrides.
 """
@@ -64,6 +65,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(
             "--one-process", action="store_true", help="learner and actors in this process (debugging)"
         )
+        p.add_argument(
+            "--hostfile", help="JSON hosts (mlx.launch format + role/actors): start the run over SSH"
+        )
+        p.add_argument("--ssh-command", default="ssh", help="how to reach a host (default: ssh)")
+        p.add_argument(
+            "--remote-dir", default=str(Path(__file__).resolve().parent), help="this checkout's path there"
+        )
+        p.add_argument("--remote-python", default=sys.executable, help="the Python to run there")
     learner = sub.add_parser("learner", help="one learner process (started by the launcher, or by hand)")
     actor = sub.add_parser("actor", help="one actor process (started by the launcher, or by hand)")
     for p in (learner, actor):
@@ -157,10 +166,34 @@ def main(argv: list[str] | None = None) -> int:
         return run_actor(cfg, args.actor_id, args.num_actors, endpoints)
     from local_run import launch_local_run, run_one_process
 
+    if args.hostfile:
+        return launch_over_ssh(cfg, args)
     if args.one_process:
         history = run_one_process(cfg, args.actors)
         return 0 if len(history) == cfg.run.max_updates else 1
     return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve())
+
+
+def launch_over_ssh(cfg, args: argparse.Namespace) -> int:
+    """``--hostfile``: the run's processes on the listed machines (``remote_run.py``)."""
+    import dataclasses
+    import shlex
+
+    from common.config import config_to_toml
+    from remote_run import launch_remote_run, read_hostfile
+
+    try:
+        hosts = read_hostfile(args.hostfile)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    run_dir = str(Path(cfg.run.run_dir).resolve())  # the same absolute path on every machine
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=run_dir))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    text = config_to_toml(cfg)
+    (Path(run_dir) / "config.toml").write_text(text)
+    ssh = shlex.split(args.ssh_command)
+    return launch_remote_run(text, run_dir, hosts, ssh, args.remote_dir, args.remote_python)
 
 
 def endpoints_of(args: argparse.Namespace):

@@ -177,3 +177,37 @@ def test_a_run_across_hosts_survives_a_link_cut_and_refuses_outsiders(model_cach
             if p.poll() is None:
                 p.kill()
         hosts.close()
+
+
+def test_launch_with_a_hostfile_starts_the_run_on_its_hosts(model_cache, tmp_path):
+    """``launch.py --hostfile`` over an ssh stand-in that runs the command in the host's namespace."""
+    hosts = Hosts(["learner", "a", "b"])
+    try:
+        make_keys(tmp_path / "keys")
+        fake_ssh = tmp_path / "ssh"
+        fake_ssh.write_text('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
+        fake_ssh.chmod(0o755)
+        hostfile = tmp_path / "hosts.json"
+        entries = [{"ssh": hosts.ns["learner"], "ips": [hosts.address["learner"]], "role": "learner"}]
+        entries += [{"ssh": hosts.ns[n], "ips": [hosts.address[n]], "actors": 1} for n in ("a", "b")]
+        hostfile.write_text(json.dumps(entries))
+        run_dir = tmp_path / "run"
+        cmd = [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "--hostfile",
+            str(hostfile),
+            "--ssh-command",
+            str(fake_ssh),
+        ]
+        cmd += ["--model", "tiny", "--max-updates", "3", "--run-dir", str(run_dir)]
+        for item in [*SMALL, f'model.cache_dir="{model_cache}"', f'transport.keys_dir="{tmp_path / "keys"}"']:
+            cmd += ["--set", item]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_fast_blas())
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = _rows(run_dir)
+        assert [r["policy_version"] for r in rows] == [1, 2, 3]
+        assert f"learner on {hosts.ns['learner']} at tcp://{hosts.address['learner']}:5555" in out.stderr
+        assert "actor 0 joined" in out.stderr and "actor 1 joined" in out.stderr
+    finally:
+        hosts.close()

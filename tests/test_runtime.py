@@ -374,3 +374,15 @@ def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
     worker.stats.stale_dropped += 8
     until_granted(harness, worker)  # the next request reports the 8 dropped sequences: they will never arrive
     assert harness.service.admission.outstanding == 8 and worker.granted == 1
+
+
+def test_a_bad_hostfile_lists_its_problems(tmp_path):
+    from remote_run import read_hostfile
+
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"]}, {"ips": []}]))
+    with pytest.raises(ValueError) as err:
+        read_hostfile(path)
+    text = str(err.value)
+    assert "host 0 (a): 'role' is learner or actors" in text and "host 1: needs 'ssh'" in text
+    assert "0 hosts with role learner" in text
