@@ -9,7 +9,8 @@ The hostfile is a JSON list in ``mlx.launch``'s format, one entry per machine, e
 Like ``mlx.launch``, every machine has this checkout at the same path (``--remote-dir``, default: this one) and
 the same Python (``--remote-python``). The launcher copies the resolved config to each machine (over SSH's
 stdin), starts the learner bound to its first IP (``--bind``) and the actors connected to it (``--connect``),
-and supervises them as a local run: a failed process ends the run, Ctrl-C stops it cleanly. A non-loopback
+and supervises them as a local run: a failed process ends the run, Ctrl-C stops it cleanly. Several learner
+hosts are data-parallel ranks over mlx.distributed's ring (port 5600 between them), actors spread over them. A non-loopback
 learner needs ``transport.keys_dir`` (a folder present on every machine); the learner refuses to start without.
 """
 
@@ -26,6 +27,7 @@ from local_run import supervise
 
 logger = logging.getLogger("launch")
 BASE_PORT = 5555
+RING_PORT = 5600  # mlx.distributed ring between learner ranks on different hosts
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ def read_hostfile(path: str | Path) -> list[Host]:
             continue
         hosts.append(Host(entry["ssh"], str(ips[0]), role, actors))
     learners = [h for h in hosts if h.role == "learner"]
-    if len(learners) != 1:
-        problems.append(f"{len(learners)} hosts with role learner: exactly one is supported")
+    if not learners:
+        problems.append("0 hosts with role learner: one or more (one learner rank each) are needed")
     if hosts and not sum(h.actors for h in hosts):
         problems.append("no actors: give some host an 'actors' count")
     if problems:
@@ -70,38 +72,47 @@ def _remote(ssh: list[str], host: Host, command: list[str]) -> list[str]:
     return [*ssh, host.ssh, " ".join(shlex.quote(part) for part in command)]
 
 
+def _copy(ssh: list[str], host: Host, text: str, path: str) -> None:
+    folder = shlex.quote(str(Path(path).parent))
+    command = _remote(ssh, host, ["sh", "-c", f"mkdir -p {folder} && cat > {shlex.quote(path)}"])
+    subprocess.run(command, input=text.encode(), check=True, timeout=120)
+
+
 def launch_remote_run(
     cfg_toml: str, run_dir: str, hosts: list[Host], ssh: list[str], remote_dir: str, python: str
 ) -> int:
-    """Copy the config to every host, start the learner and the actors, supervise; returns the exit code."""
-    learner = next(h for h in hosts if h.role == "learner")
-    base = f"tcp://{learner.ip}:{BASE_PORT}"
-    config = f"{run_dir}/config.toml"
+    """Copy the config to every host, start the learner rank(s) and the actors, supervise; returns the exit code.
+
+    Each learner host is one rank (ring backend between their first IPs); actors go round-robin to the ranks.
+    """
+    learners = [h for h in hosts if h.role == "learner"]
+    bases = [f"tcp://{h.ip}:{BASE_PORT}" for h in learners]
+    config, ring = f"{run_dir}/config.toml", f"{run_dir}/ring_hostfile.json"
+    ring_text = json.dumps([[f"{h.ip}:{RING_PORT}"] for h in learners])
     for host in {h.ssh: h for h in hosts}.values():
-        copy = _remote(
-            ssh, host, ["sh", "-c", f"mkdir -p {shlex.quote(run_dir)} && cat > {shlex.quote(config)}"]
-        )
-        subprocess.run(copy, input=cfg_toml.encode(), check=True, timeout=120)
+        _copy(ssh, host, cfg_toml, config)
+        if len(learners) > 1 and host.role == "learner":
+            _copy(ssh, host, ring_text, ring)
     launch = [python, f"{remote_dir}/launch.py"]
-    procs = {
-        "learner-0": subprocess.Popen(
-            _remote(ssh, learner, [*launch, "learner", "--config", config, "--bind", base]),
-            start_new_session=True,
-        )
-    }
+    procs = {}
+    for rank, (host, base) in enumerate(zip(learners, bases, strict=True)):
+        ranks = ["env", f"MLX_RANK={rank}", f"MLX_HOSTFILE={ring}"] if len(learners) > 1 else []
+        command = [*ranks, *launch, "learner", "--config", config, "--bind", base, "--rank", str(rank)]
+        procs[f"learner-{rank}"] = subprocess.Popen(_remote(ssh, host, command), start_new_session=True)
     total = sum(h.actors for h in hosts)
     actor_id = 0
     for host in hosts:
         for _ in range(host.actors):
-            command = [*launch, "actor", "--config", config, "--connect", base]
+            command = [*launch, "actor", "--config", config, "--connect", bases[actor_id % len(bases)]]
             command += ["--actor-id", str(actor_id), "--num-actors", str(total)]
             procs[f"actor-{actor_id}"] = subprocess.Popen(_remote(ssh, host, command), start_new_session=True)
             actor_id += 1
+    where = ", ".join(f"{h.ssh} at {b}" for h, b in zip(learners, bases, strict=True))
     logger.info(
-        "run %s: learner on %s at %s; %d actor(s) on %d host(s)",
+        "run %s: %d learner rank(s) on %s; %d actor(s) on %d host(s)",
         run_dir,
-        learner.ssh,
-        base,
+        len(learners),
+        where,
         total,
         len(hosts),
     )

@@ -207,7 +207,41 @@ def test_launch_with_a_hostfile_starts_the_run_on_its_hosts(model_cache, tmp_pat
         assert out.returncode == 0, out.stderr[-3000:]
         rows = _rows(run_dir)
         assert [r["policy_version"] for r in rows] == [1, 2, 3]
-        assert f"learner on {hosts.ns['learner']} at tcp://{hosts.address['learner']}:5555" in out.stderr
+        assert (
+            f"learner rank(s) on {hosts.ns['learner']} at tcp://{hosts.address['learner']}:5555" in out.stderr
+        )
         assert "actor 0 joined" in out.stderr and "actor 1 joined" in out.stderr
+    finally:
+        hosts.close()
+
+
+def test_a_hostfile_with_two_learner_hosts_trains_as_two_ranks(model_cache, tmp_path):
+    hosts = Hosts(["l0", "l1", "a", "b"])
+    try:
+        fake_ssh = tmp_path / "ssh"
+        fake_ssh.write_text('#!/bin/sh\nhost="$1"; shift\nexec ip netns exec "$host" sh -c "$*"\n')
+        fake_ssh.chmod(0o755)
+        make_keys(tmp_path / "keys")
+        entries = [{"ssh": hosts.ns[n], "ips": [hosts.address[n]], "role": "learner"} for n in ("l0", "l1")]
+        entries += [{"ssh": hosts.ns[n], "ips": [hosts.address[n]], "actors": 1} for n in ("a", "b")]
+        (tmp_path / "hosts.json").write_text(json.dumps(entries))
+        run_dir = tmp_path / "run"
+        cmd = [sys.executable, str(ROOT / "launch.py"), "--hostfile", str(tmp_path / "hosts.json")]
+        cmd += [
+            "--ssh-command",
+            str(fake_ssh),
+            "--model",
+            "tiny",
+            "--max-updates",
+            "2",
+            "--run-dir",
+            str(run_dir),
+        ]
+        for item in [*SMALL, f'model.cache_dir="{model_cache}"', f'transport.keys_dir="{tmp_path / "keys"}"']:
+            cmd += ["--set", item]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_fast_blas())
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "learner rank 0 of 2" in out.stderr and "learner rank 1 of 2" in out.stderr
+        assert [r["policy_version"] for r in _rows(run_dir)] == [1, 2]  # rank 0 writes the metrics
     finally:
         hosts.close()
