@@ -92,16 +92,20 @@ def _await_acks(sockets, version: int, n: int, deadline_s: float = 120.0) -> Non
                 acked.add(identity)
 
 
-def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") -> dict:
+def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default", hosts=None) -> dict:
+    """Sync latency to ``num_actors`` receivers: local processes, or one per namespace of ``hosts`` (over the bridge)."""
+    from bench.netns import BRIDGE_ADDRESS
     from common import protocol
     from common.transport import Endpoints, LearnerSockets, free_tcp_ports, zmq_context
     from common.weights import AdapterSync
 
     model = _policy_model(model_name)
     adapters = AdapterSync(model)
-    endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports())
+    address = "127.0.0.1" if hosts is None else BRIDGE_ADDRESS
+    endpoints = Endpoints.tcp(address, free_tcp_ports(address))
     cmd = [sys.executable, __file__, "--receiver", "--model", model_name, json.dumps(endpoints.as_dict())]
-    procs = [subprocess.Popen([*cmd, str(i)]) for i in range(num_actors)]
+    prefixes = [[] if hosts is None else hosts.prefix(f"a{i}") for i in range(num_actors)]
+    procs = [subprocess.Popen([*prefix, *cmd, str(i)]) for i, prefix in enumerate(prefixes)]
     latencies = []
     with zmq_context() as ctx:
         sockets = LearnerSockets(ctx, endpoints)
@@ -134,6 +138,22 @@ def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default") 
         "bytes": int(msg.flat.nbytes),
         "full_bytes": int(full_bytes),
     }
+
+
+def run_sync(actor_counts: list[int], model: str, netns: bool) -> list[dict]:
+    """Sync rows on loopback, then (``netns``) with every actor in a namespace of its own behind a veth pair."""
+    rows = [{"where": "loopback", **bench_sync(n, model_name=model)} for n in actor_counts]
+    if netns:
+        from bench.netns import Hosts
+
+        hosts = Hosts([f"a{i}" for i in range(max(actor_counts))])
+        try:
+            rows += [
+                {"where": "namespaces", **bench_sync(n, model_name=model, hosts=hosts)} for n in actor_counts
+            ]
+        finally:
+            hosts.close()
+    return rows
 
 
 def _flat(model) -> dict:
@@ -220,6 +240,9 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/mlx-ppo-bench-runtime")
     parser.add_argument("--model", default="default", help="model for the sync and scaling runs")
+    parser.add_argument(
+        "--netns", action="store_true", help="sync: also to actors in network namespaces of their own (root)"
+    )
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -228,13 +251,15 @@ def main() -> None:
     results: dict = {"machine": f"{describe_machine()}; date {date.today()}"}
     print(results["machine"])
     if "sync" in args.parts:
-        results["sync"] = [bench_sync(n, model_name=args.model) for n in args.actors]
+        results["sync"] = run_sync(args.actors, args.model, args.netns)
         print(
-            "| actors | sync p50 ms | sync p90 ms | snapshot MB | share of full weights |\n|---:|---:|---:|---:|---:|"
+            "| actors | where | sync p50 ms | sync p90 ms | snapshot MB | share of full weights |\n"
+            "|---:|---|---:|---:|---:|---:|"
         )
         for r in results["sync"]:
             print(
-                f"| {r['actors']} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / r['full_bytes']:.2%} |"
+                f"| {r['actors']} | {r['where']} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['bytes'] / 1e6:.1f} | "
+                f"{r['bytes'] / r['full_bytes']:.2%} |"
             )
     if "transport" in args.parts:
         t = results["transport"] = bench_transport()
