@@ -88,6 +88,7 @@ class ExperienceBuffer:
 
     def add(self, msg: ExperienceBatch, current_version: int) -> int:
         """Add a batch's valid, fresh groups; returns the number of sequences accepted."""
+        self.counters["batches/received"] += 1
         groups, rejects = split_groups(msg, self.group_size)
         self.counters.update(rejects)
         if current_version - msg.policy_version > self.max_policy_lag:
