@@ -386,3 +386,41 @@ def test_a_bad_hostfile_lists_its_problems(tmp_path):
     text = str(err.value)
     assert "host 0 (a): 'role' is learner or actors" in text and "host 1: needs 'ssh'" in text
     assert "0 hosts with role learner" in text
+
+
+def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
+    import signal
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--actors",
+        "2",
+        "--model",
+        "tiny",
+        "--max-updates",
+        "1000",
+    ]
+    cmd += ["--run-dir", str(run_dir)]
+    for item in [*SMALL, f'model.cache_dir="{model_cache}"', "run.checkpoint_every=1000"]:
+        cmd += ["--set", item]
+    launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.2)  # polling a file the learner writes
+    family = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(family) >= 3  # learner + 2 actors
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert (
+        run_dir / "checkpoints" / f"step-{steps[-1]:06d}"
+    ).is_dir()  # the final checkpoint, not a periodic one
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.pid for p in alive]
