@@ -181,7 +181,7 @@ class ActorWorker:
         sequences = []
         for i, c in zip(indices, completions, strict=True):
             text = self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids])
-            score = safe_score(self.task.reward, self.task.prompts[i], text)
+            score = safe_score(self.task.reward, self.task.prompts[i], text, self.cfg.run.reward_timeout_s)
             sequences.append(
                 protocol.Sequence_(len(c.prompt_ids), len(c.response_ids), score, c.finish_reason, i)
             )

@@ -10,7 +10,10 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,10 +98,45 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def safe_score(reward: RewardFn, prompt: str, completion: str) -> float:
-    """The reward, or NaN when it raises or returns a non-finite value (logged)."""
+class RewardTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``RewardTimeout`` in this thread after ``seconds`` (a SIGALRM timer; main thread, Unix only).
+
+    Elsewhere (a worker thread, Windows) no limit applies. C code that never returns to Python cannot be
+    interrupted this way; pure-Python loops and sleeps can.
+    """
+    if (
+        seconds <= 0
+        or threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "SIGALRM")
+    ):
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise RewardTimeout(f"took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        value = float(reward(prompt, completion))
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def safe_score(reward: RewardFn, prompt: str, completion: str, timeout_s: float = 0.0) -> float:
+    """The reward, or NaN when it raises, exceeds ``timeout_s`` (0: no limit) or is not finite (logged).
+
+    A NaN score makes the learner drop the sequence's group (``reject/bad_score``): never trained on.
+    """
+    try:
+        with _time_limit(timeout_s):
+            value = float(reward(prompt, completion))
     except (
         Exception
     ) as e:  # a user reward function may fail in any way; the sequence is dropped, not the actor

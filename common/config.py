@@ -165,6 +165,8 @@ class RunConfig:
     backend: str = "ring"
     """mlx.distributed backend of the learner ranks: ring (what ``--learners M`` sets up on one machine), or
     mpi, nccl, jaccl for ranks started by ``mlx.launch``/``mpirun`` with that backend's environment."""
+    reward_timeout_s: float = 10.0
+    """A reward call taking longer is abandoned: the sequence scores NaN and its group is dropped (0: no limit)."""
     collective_timeout_s: float = 120.0
     """With several learner ranks: a gradient or statistics exchange not done after this long means a rank
     or the network between ranks is gone; the rank prints where it waited and exits instead of hanging."""

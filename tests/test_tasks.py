@@ -30,3 +30,17 @@ def test_a_failing_reward_scores_nan():
         raise RuntimeError("reward server down")
 
     assert math.isnan(safe_score(broken, PROMPT, "11"))
+
+
+def test_a_reward_past_its_time_limit_scores_nan_and_the_timer_is_cleared():
+    import time
+
+    def endless(prompt: str, completion: str) -> float:
+        while True:
+            time.sleep(0.01)
+
+    start = time.monotonic()
+    assert math.isnan(safe_score(endless, PROMPT, "11", timeout_s=0.2))
+    assert time.monotonic() - start < 5
+    assert safe_score(arithmetic_reward, PROMPT, "11", timeout_s=0.2) == 1.0
+    time.sleep(0.3)  # no stray alarm fires after a reward finished in time
