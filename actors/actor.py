@@ -95,6 +95,7 @@ class ActorWorker:
         self._next_hello = 0.0
         self.pending: ExperienceBatch | None = None
         self.granted = 0  # batches the learner allowed and this actor has not generated yet
+        self.run_id = ""  # the learner's, from its welcome
         self._reported_drops = 0  # stale-dropped sequences already given back to the learner's admission
         self._next_request = 0.0
 
@@ -115,6 +116,11 @@ class ActorWorker:
         except ProtocolError as e:
             logger.warning("ignored a bad message from the learner: %s", e)
             return
+        if isinstance(msg, Refuse) and msg.rejoin:
+            logger.info("the learner does not know this actor (it restarted?): saying hello again")
+            self.sockets.request(self._hello())
+            self.sockets.request(protocol.WeightsRequest(self.actor_id, self.policy_version))
+            return
         if isinstance(msg, Shutdown | Refuse):
             raise ActorStopped(msg.reason, refused=isinstance(msg, Refuse))
         if isinstance(msg, Weights) and msg.policy_version > self.policy_version:
@@ -126,16 +132,24 @@ class ActorWorker:
             self._next_request = 0.0  # answered: the next request goes out as soon as this grant is used
         elif isinstance(msg, Welcome):
             logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
+            if self.run_id and msg.run_id != self.run_id:  # a new learner: its snapshot replaces ours
+                logger.info(
+                    "the learner restarted (run %s -> %s): taking its snapshot", self.run_id, msg.run_id
+                )
+                self.policy_version = -1
+            self.run_id = msg.run_id
             # A (re)started learner knows no earlier request or grant.
             self.granted, self._next_request, self._reported_drops = 0, 0.0, self.stats.stale_dropped
+
+    def _hello(self) -> Hello:
+        return Hello(self.actor_id, config_hash(self.cfg), host=socket.gethostname(), pid=os.getpid())
 
     def poll_connect(self, timeout_ms: int = 200) -> bool:
         """One round of joining: (re)send hello + snapshot request every 2 s, handle replies. True once joined."""
         if self.policy_version >= 0:
             return True
         if time.monotonic() >= self._next_hello:  # the learner may not be up yet: ask again now and then
-            hello = Hello(self.actor_id, config_hash(self.cfg), host=socket.gethostname(), pid=os.getpid())
-            self.sockets.request(hello)
+            self.sockets.request(self._hello())
             self.sockets.request(protocol.WeightsRequest(self.actor_id))
             self._next_hello = time.monotonic() + 2.0
         frames = self.sockets.receive_control(timeout_ms)

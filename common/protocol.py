@@ -81,9 +81,13 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Refuse:
-    """Learner -> actor: not accepted, and why (the actor logs it and exits non-zero)."""
+    """Learner -> actor: not accepted, and why (the actor logs it and exits non-zero).
+
+    ``rejoin``: not refused for good: this learner does not know the actor (it restarted), which should say hello.
+    """
 
     reason: str
+    rejoin: bool = False
 
 
 @dataclass(frozen=True)
@@ -438,7 +442,7 @@ _BUILDERS = {
         _field(b, "pid", int, 0),
     ),
     MsgType.WELCOME: lambda b, _: Welcome(_field(b, "policy_version", int), _field(b, "run_id", str)),
-    MsgType.REFUSE: lambda b, _: Refuse(_field(b, "reason", str)),
+    MsgType.REFUSE: lambda b, _: Refuse(_field(b, "reason", str), _field(b, "rejoin", bool, False)),
     MsgType.EXPERIENCE: _build_experience,
     MsgType.WEIGHTS: _build_weights,
     MsgType.WEIGHTS_REQUEST: lambda b, _: WeightsRequest(

@@ -110,6 +110,8 @@ class LearnerService:
             self._hello(identity, msg)
         elif info is None:
             self._reject("unknown_peer", f"{type(msg).__name__} before hello")
+            # An actor of an earlier incarnation of this learner (restarted): ask it to say hello again.
+            self.sockets.reply(identity, Refuse("unknown actor: say hello again", rejoin=True))
         elif isinstance(msg, WeightsRequest) and self.snapshot is not None:
             self.sockets.reply(identity, self.snapshot)
         elif isinstance(msg, Heartbeat):

@@ -424,3 +424,42 @@ def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
     ).is_dir()  # the final checkpoint, not a periodic one
     gone, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, [p.pid for p in alive]
+
+
+def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tmp_path):
+    """The learner process is replaced (same address): its actor is asked to say hello again, is welcomed,
+    takes the new learner's snapshot whatever its version, and gets work from it."""
+    cfg = small_config(model_cache, tmp_path, "run.max_updates=10", "transport.heartbeat_s=0.2")
+    endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports())
+    with zmq_context() as ctx:
+        first = LearnerSockets(ctx, endpoints, 2)
+        old = LearnerService(cfg, first, build_learner(cfg), tmp_path / "old")
+        old.learner.policy_version = 5
+        old.publish_weights()
+        loaded = load_model(cfg.model)
+        attach_lora(loaded.model, cfg.lora)
+        actor_sockets = ActorSockets(ctx, endpoints, 2)
+        worker = ActorWorker(cfg, 0, 1, actor_sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+        second = None
+        try:
+            for _ in range(500):
+                old.poll(5)
+                if worker.poll_connect(5):
+                    break
+            assert worker.policy_version == 5
+            first.close()  # the learner goes away...
+            second = LearnerSockets(ctx, endpoints, 2)  # ...and a new one (fresh, v0) takes its address
+            new = LearnerService(cfg, second, build_learner(cfg), tmp_path / "new")
+            new.publish_weights()
+            deadline = time.monotonic() + 60
+            while not (worker.granted and new.actors) and time.monotonic() < deadline:
+                new.poll(10)
+                worker.poll_grant(10)
+            assert new.actors and worker.granted == 1
+            assert new.counters["reject/unknown_peer"] >= 1
+            assert worker.policy_version == 0 and worker.checksum == new.snapshot.checksum
+        finally:
+            actor_sockets.close()
+            for s in (first, second):
+                if s is not None:
+                    s.close()
