@@ -11,6 +11,7 @@ launcher, which asks the learners to checkpoint and stop; children exit by thems
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("launch")
@@ -101,13 +104,14 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
             env=env,
             start_new_session=True,
         )
+    starters = {}
     for i in range(num_actors):
         extra = ["--actor-id", str(i), "--num-actors", str(num_actors)]
-        procs[f"actor-{i}"] = subprocess.Popen(
-            child_command(script, "actor", config_path, ranks[i % num_learners], extra),
-            env=child_env(actor_threads),
-            start_new_session=True,
+        command = child_command(script, "actor", config_path, ranks[i % num_learners], extra)
+        starters[f"actor-{i}"] = functools.partial(
+            subprocess.Popen, command, env=child_env(actor_threads), start_new_session=True
         )
+        procs[f"actor-{i}"] = starters[f"actor-{i}"]()
     logger.info(
         "run %s: %d learner rank(s), rank 0 at %s, %d BLAS thread(s) each; %d actor(s), %d each",
         run_dir,
@@ -117,12 +121,21 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
         num_actors,
         actor_threads,
     )
-    return supervise(procs)
+    return supervise(procs, starters, cfg.run.max_actor_restarts)
 
 
-def supervise(procs: dict[str, subprocess.Popen]) -> int:
-    """Wait for the learners; on a child failure or Ctrl-C ask them to checkpoint and stop. Returns the exit code."""
+def supervise(
+    procs: dict[str, subprocess.Popen],
+    restarters: dict[str, Callable[[], subprocess.Popen]] | None = None,
+    max_restarts: int = 0,
+) -> int:
+    """Wait for the learners; on a child failure or Ctrl-C ask them to checkpoint and stop. Returns the exit code.
+
+    A child in ``restarters`` (the actors) that fails is started again after 1, 2, 4 ... s (at most 30), up to
+    ``max_restarts`` times in all; the run goes on meanwhile. Beyond that, or for a learner, the run stops.
+    """
     learners = [p for name, p in procs.items() if name.startswith("learner")]
+    restarters, restarts, due = restarters or {}, Counter(), {}
     state = {"stopping": False, "failed": 0}
 
     def stop_learners(signum=None, _frame=None):
@@ -139,10 +152,24 @@ def supervise(procs: dict[str, subprocess.Popen]) -> int:
         with contextlib.suppress(subprocess.TimeoutExpired):
             learners[0].wait(timeout=0.5)
         for name, proc in procs.items():
-            if proc.poll() not in (None, 0) and not state["stopping"]:
-                logger.error("%s exited with code %d; stopping the run", name, proc.returncode)
-                state["failed"] = proc.returncode
-                stop_learners()
+            if proc.poll() in (None, 0) or state["stopping"] or name in due:
+                continue
+            if name in restarters and restarts[name] < max_restarts:
+                restarts[name] += 1
+                delay = min(2.0 ** (restarts[name] - 1), 30.0)
+                logger.warning(
+                    "%s exited with code %d; restarting it in %.0f s (restart %d of at most %d)",
+                    name, proc.returncode, delay, restarts[name], max_restarts,
+                )  # fmt: skip
+                due[name] = time.monotonic() + delay
+                continue
+            logger.error("%s exited with code %d; stopping the run", name, proc.returncode)
+            state["failed"] = proc.returncode
+            stop_learners()
+        for name, when in list(due.items()):
+            if time.monotonic() >= when and not state["stopping"]:
+                procs[name] = restarters[name]()
+                del due[name]
     stop_children(procs)
     codes = {name: p.returncode for name, p in procs.items() if name.startswith("learner") and p.returncode}
     if codes:

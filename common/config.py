@@ -165,6 +165,8 @@ class RunConfig:
     backend: str = "ring"
     """mlx.distributed backend of the learner ranks: ring (what ``--learners M`` sets up on one machine), or
     mpi, nccl, jaccl for ranks started by ``mlx.launch``/``mpirun`` with that backend's environment."""
+    max_actor_restarts: int = 3
+    """The launcher restarts a failed actor (after 1, 2, 4 ... s) up to this many times in all; then the run stops."""
     reward_timeout_s: float = 10.0
     """A reward call taking longer is abandoned: the sequence scores NaN and its group is dropped (0: no limit)."""
     collective_timeout_s: float = 120.0

@@ -54,6 +54,8 @@ def validate_run(cfg: Config) -> list[str]:
             p.append(f"run.{name}={getattr(r, name)} must be >= 1")
     if r.backend not in ("ring", "mpi", "nccl", "jaccl"):
         p.append(f"run.backend={r.backend!r}: use ring, mpi, nccl or jaccl")
+    if r.max_actor_restarts < 0:
+        p.append(f"run.max_actor_restarts={r.max_actor_restarts} must be >= 0")
     if r.reward_timeout_s < 0:
         p.append(f"run.reward_timeout_s={r.reward_timeout_s} must be >= 0 (0: no limit)")
     if not r.collective_timeout_s > 0:

@@ -463,3 +463,52 @@ def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tm
             for s in (first, second):
                 if s is not None:
                     s.close()
+
+
+def test_a_killed_actor_is_restarted_and_the_run_goes_on(model_cache, tmp_path):
+    import signal
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--actors",
+        "2",
+        "--model",
+        "tiny",
+        "--max-updates",
+        "100000",
+    ]
+    cmd += ["--run-dir", str(run_dir)]
+    for item in [*SMALL, f'model.cache_dir="{model_cache}"', "transport.actor_timeout_s=2"]:
+        cmd += ["--set", item]
+    launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+
+    def connected() -> list[int]:
+        text = metrics.read_text() if metrics.exists() else ""
+        return [json.loads(line)["actors/connected"] for line in text.splitlines()]
+
+    def wait_until(condition, what: str) -> None:
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert launcher.poll() is None and time.monotonic() < deadline, what
+            time.sleep(0.2)  # polling a file the learner writes
+
+    try:
+        wait_until(lambda: 2 in connected(), "both actors working")
+        family = psutil.Process(launcher.pid).children(recursive=True)
+        victim = next(p for p in family if "--actor-id 1 " in " ".join(p.cmdline()) + " ")
+        victim.send_signal(signal.SIGKILL)
+        seen = len(connected())
+        wait_until(lambda: 1 in connected()[seen:], "the learner to notice the silent actor")
+        gone_at = seen + connected()[seen:].index(1)
+        wait_until(lambda: 2 in connected()[gone_at:], "the restarted actor to join")
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "actor-1 exited with code -9; restarting it in 1 s (restart 1 of at most 3)" in stderr
+    assert "actor 1 is gone" in stderr and stderr.count("actor 1 joined") == 2
