@@ -388,12 +388,8 @@ def test_a_bad_hostfile_lists_its_problems(tmp_path):
     assert "0 hosts with role learner" in text
 
 
-def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
-    import signal
-
-    import psutil
-
-    run_dir = tmp_path / "run"
+def start_tiny_launcher(model_cache, run_dir: Path, *settings: str) -> subprocess.Popen:
+    """``launch.py`` with 2 actors on the tiny model and a run long enough to be stopped by the test."""
     cmd = [
         sys.executable,
         str(ROOT / "launch.py"),
@@ -402,23 +398,40 @@ def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
         "--model",
         "tiny",
         "--max-updates",
-        "1000",
+        "100000",
     ]
     cmd += ["--run-dir", str(run_dir)]
-    for item in [*SMALL, f'model.cache_dir="{model_cache}"', "run.checkpoint_every=1000"]:
+    for item in [*SMALL, f'model.cache_dir="{model_cache}"', *settings]:
         cmd += ["--set", item]
-    launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not get going"
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_until(launcher: subprocess.Popen, condition, what: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert launcher.poll() is None and time.monotonic() < deadline, what
         time.sleep(0.2)  # polling a file the learner writes
+
+
+def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
+    import signal
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    launcher = start_tiny_launcher(model_cache, run_dir, "run.checkpoint_every=100000")
+    wait_until(launcher, lambda: len(metric_rows(run_dir)) >= 2, "the run did not get going")
     family = psutil.Process(launcher.pid).children(recursive=True)
     assert len(family) >= 3  # learner + 2 actors
     launcher.send_signal(signal.SIGINT)
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [row["step"] for row in metric_rows(run_dir)]
     assert (
         run_dir / "checkpoints" / f"step-{steps[-1]:06d}"
     ).is_dir()  # the final checkpoint, not a periodic one
@@ -471,41 +484,20 @@ def test_a_killed_actor_is_restarted_and_the_run_goes_on(model_cache, tmp_path):
     import psutil
 
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "--actors",
-        "2",
-        "--model",
-        "tiny",
-        "--max-updates",
-        "100000",
-    ]
-    cmd += ["--run-dir", str(run_dir)]
-    for item in [*SMALL, f'model.cache_dir="{model_cache}"', "transport.actor_timeout_s=2"]:
-        cmd += ["--set", item]
-    launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
+    launcher = start_tiny_launcher(model_cache, run_dir, "transport.actor_timeout_s=2")
 
     def connected() -> list[int]:
-        text = metrics.read_text() if metrics.exists() else ""
-        return [json.loads(line)["actors/connected"] for line in text.splitlines()]
-
-    def wait_until(condition, what: str) -> None:
-        deadline = time.monotonic() + 300
-        while not condition():
-            assert launcher.poll() is None and time.monotonic() < deadline, what
-            time.sleep(0.2)  # polling a file the learner writes
+        return [row["actors/connected"] for row in metric_rows(run_dir)]
 
     try:
-        wait_until(lambda: 2 in connected(), "both actors working")
+        wait_until(launcher, lambda: 2 in connected(), "both actors working")
         family = psutil.Process(launcher.pid).children(recursive=True)
         victim = next(p for p in family if "--actor-id 1 " in " ".join(p.cmdline()) + " ")
         victim.send_signal(signal.SIGKILL)
         seen = len(connected())
-        wait_until(lambda: 1 in connected()[seen:], "the learner to notice the silent actor")
+        wait_until(launcher, lambda: 1 in connected()[seen:], "the learner to notice the silent actor")
         gone_at = seen + connected()[seen:].index(1)
-        wait_until(lambda: 2 in connected()[gone_at:], "the restarted actor to join")
+        wait_until(launcher, lambda: 2 in connected()[gone_at:], "the restarted actor to join")
     finally:
         launcher.send_signal(signal.SIGINT)
         _, stderr = launcher.communicate(timeout=120)
