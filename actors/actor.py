@@ -96,6 +96,8 @@ class ActorWorker:
         self.pending: ExperienceBatch | None = None
         self.granted = 0  # batches the learner allowed and this actor has not generated yet
         self.run_id = ""  # the learner's, from its welcome
+        self.grant_version = 0  # generate only with at least the learner's version at the latest grant
+        self._next_snapshot_request = 0.0
         self._reported_drops = 0  # stale-dropped sequences already given back to the learner's admission
         self._next_request = 0.0
 
@@ -129,6 +131,8 @@ class ActorWorker:
             logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
         elif isinstance(msg, RolloutGrant):
             self.granted += 1
+            self.grant_version = max(self.grant_version, msg.policy_version)
+            self._next_snapshot_request = time.monotonic() + self.cfg.transport.heartbeat_s
             self._next_request = 0.0  # answered: the next request goes out as soon as this grant is used
         elif isinstance(msg, Welcome):
             logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
@@ -140,6 +144,7 @@ class ActorWorker:
             self.run_id = msg.run_id
             # A (re)started learner knows no earlier request or grant.
             self.granted, self._next_request, self._reported_drops = 0, 0.0, self.stats.stale_dropped
+            self.grant_version = 0
 
     def _hello(self) -> Hello:
         return Hello(self.actor_id, config_hash(self.cfg), host=socket.gethostname(), pid=os.getpid())
@@ -270,7 +275,19 @@ class ActorWorker:
                 self._handle(broadcast)
             self._handle(frames)
         self.apply_newer_weights()
-        return self.granted > 0
+        return self.granted > 0 and self._has_granted_weights(timeout_ms)
+
+    def _has_granted_weights(self, timeout_ms: int) -> bool:
+        """Whether this actor runs at least the policy version of its grant (sampling older would be staler than
+        the learner's bound allows); waits up to ``timeout_ms`` for the snapshot, asking for it if it is late."""
+        if self.policy_version >= self.grant_version:
+            return True
+        if self.sockets.weights.poll(timeout_ms):
+            self.apply_newer_weights()
+        if self.policy_version < self.grant_version and time.monotonic() >= self._next_snapshot_request:
+            self.sockets.request(protocol.WeightsRequest(self.actor_id, self.policy_version))
+            self._next_snapshot_request = time.monotonic() + self.cfg.transport.heartbeat_s
+        return self.policy_version >= self.grant_version
 
     def wait_for_grant(self) -> None:
         """Block (answering control messages, heartbeating) until the learner grants a batch."""
