@@ -141,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logger.error("%s", e)
         return 2
-    if command == "learner":
-        from learner.process import run_learner
-
+    if command in ("learner", "actor"):
         watch_parent(args.parent_pid)
         try:
             endpoints = endpoints_of(args)
         except ValueError as e:
             logger.error("%s", e)
             return 2
+    if command == "learner":
+        from learner.process import run_learner
+
         if problem := unprotected_bind(endpoints, cfg.transport.keys_dir):
             logger.error("%s", problem)
             return 2
@@ -157,12 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     if command == "actor":
         from actors.actor import run_actor
 
-        watch_parent(args.parent_pid)
-        try:
-            endpoints = endpoints_of(args)
-        except ValueError as e:
-            logger.error("%s", e)
-            return 2
         return run_actor(cfg, args.actor_id, args.num_actors, endpoints)
     from local_run import launch_local_run, run_one_process
 
