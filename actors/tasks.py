@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,13 +121,19 @@ def _time_limit(seconds: float) -> Iterator[None]:
     def expire(_signum, _frame):
         raise RewardTimeout(f"took longer than {seconds:g} s")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Another SIGALRM user (pytest-timeout, a user's own watchdog) gets its handler and the rest of its
+    # timer back afterwards; a timer of its that would have fired meanwhile fires at once on restore.
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_delay > 0:
+            remaining = max(previous_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
 
 
 def safe_score(reward: RewardFn, prompt: str, completion: str, timeout_s: float = 0.0) -> float:

@@ -40,9 +40,31 @@ def test_a_reward_past_its_time_limit_scores_nan_and_the_timer_is_cleared():
         while True:
             time.sleep(0.01)
 
+    handler_before = signal.getsignal(signal.SIGALRM)
+    timer_before = signal.getitimer(signal.ITIMER_REAL)  # pytest-timeout may have one armed
     start = time.monotonic()
     assert math.isnan(safe_score(endless, PROMPT, "11", timeout_s=0.2))
     assert time.monotonic() - start < 5
     assert safe_score(arithmetic_reward, PROMPT, "11", timeout_s=0.2) == 1.0
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left armed to fire later
-    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGALRM) is handler_before
+    delay_after, _ = signal.getitimer(signal.ITIMER_REAL)
+    if timer_before[0] == 0:
+        assert delay_after == 0  # no alarm of ours left armed to fire later
+    else:
+        assert 0 < delay_after <= timer_before[0]  # the other timer keeps running, not reset
+
+
+def test_another_sigalrm_timer_survives_a_reward_time_limit():
+    import signal
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        assert safe_score(arithmetic_reward, PROMPT, "11", timeout_s=0.2) == 1.0
+        delay, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < delay <= 30.0
+        assert not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
