@@ -1,13 +1,15 @@
 """Runtime benchmarks: weight sync to actors, transport overhead, end-to-end samples/s vs a synchronous loop.
 
-    python bench/runtime.py [sync] [transport] [scaling] [--actors 1,2,4] [--updates 4]
+    python bench/runtime.py [sync] [transport] [scaling] [--actors 1,2,4] [--updates 4] [--set KEY=VALUE]...
 
 - sync: the learner publishes real SmolLM2-135M LoRA snapshots to 1/2/4 actor processes over TCP loopback;
   latency = publish until every actor has decoded, verified and applied it and said so (p50/p90 of 10).
 - transport: one experience batch (16 x 128 tokens) encoded, sent over TCP, received and decoded, against the
   learner's update time from ``bench/results/learner.json``.
 - scaling: samples/s of the whole system (learner + N actor processes) against the synchronous
-  generate-then-train loop in one process (``--one-process``), same model, settings and cores.
+  generate-then-train loop in one process (``--one-process``), same model, settings and cores. ``--set`` adds
+  config overrides after ``SCALING_SETTINGS`` (e.g. larger batches on a GPU); each row also reports the learner's
+  busy fraction over updates 2..N, the largest policy lag and the sequences dropped (from ``metrics.jsonl``).
 
 Prints markdown tables and writes ``bench/results/runtime.json``.
 """
@@ -203,9 +205,30 @@ def _samples_per_s(run_dir: Path, batch: int) -> float:
     return (len(rows) - 1) * batch / (rows[-1]["time_s"] - rows[0]["time_s"])
 
 
-def bench_scaling(actor_counts: list[int], updates: int, workdir: Path, model: str = "default") -> list[dict]:
+def _run_stats(run_dir: Path) -> dict:
+    """Learner busy fraction (updates 2..N), largest lag and sequences dropped, as metrics.jsonl reports them."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    busy = [r["perf/learner_busy_frac"] for r in rows[1:] if "perf/learner_busy_frac" in r]
+    return {
+        "busy_min": min(busy) if busy else None,
+        "busy_max": max(busy) if busy else None,
+        "lag_max": max((r.get("lag/max", 0) for r in rows), default=None),
+        "dropped": rows[-1].get("lag/dropped") if rows else None,
+        "time_s": [r.get("time_s") for r in rows],
+    }
+
+
+def _setting_value(settings: list[str], key: str) -> int:
+    return int([s for s in settings if s.startswith(f"{key}=")][-1].split("=", 1)[1])
+
+
+def bench_scaling(
+    actor_counts: list[int], updates: int, workdir: Path, model: str = "default", extra: tuple[str, ...] = ()
+) -> list[dict]:
     rows = []
     launch = str(Path(__file__).resolve().parent.parent / "launch.py")
+    settings = [*SCALING_SETTINGS, *extra]
+    batch = _setting_value(settings, "ppo.batch_size")
     modes = [("sync", 1)] + [("async", n) for n in actor_counts]
     for mode, n in modes:
         run_dir = workdir / f"{mode}-{n}"
@@ -221,12 +244,22 @@ def bench_scaling(actor_counts: list[int], updates: int, workdir: Path, model: s
             str(run_dir),
         ]
         cmd += ["--one-process"] if mode == "sync" else []
-        for item in [*SCALING_SETTINGS, f"model.name={json.dumps(model)}"]:
+        for item in [*settings, f"model.name={json.dumps(model)}"]:
             cmd += ["--set", item]
+        start = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
         if out.returncode != 0:
             raise RuntimeError(f"{mode} run with {n} actor(s) failed:\n{out.stderr[-4000:]}")
-        rows.append({"mode": mode, "actors": n, "samples_per_s": _samples_per_s(run_dir, batch=8)})
+        rows.append(
+            {
+                "mode": mode,
+                "actors": n,
+                "samples_per_s": _samples_per_s(run_dir, batch=batch),
+                "wall_s": wall,
+                **_run_stats(run_dir),
+            }
+        )
         print(f"  {mode} with {n} actor(s): {rows[-1]['samples_per_s']:.3f} samples/s", flush=True)
     return rows
 
@@ -243,6 +276,14 @@ def main() -> None:
     parser.add_argument(
         "--netns", action="store_true", help="sync: also to actors in network namespaces of their own (root)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="scaling: extra config override KEY=VALUE",
+    )
+    parser.add_argument("--output", default=str(RESULTS / "runtime.json"))
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
@@ -268,15 +309,24 @@ def main() -> None:
             f"{t['p50_ms'] / 1000 / t['update_s']:.4%} of a {t['update_s']:.1f} s update"
         )
     if "scaling" in args.parts:
-        rows = results["scaling"] = bench_scaling(args.actors, args.updates, Path(args.workdir), args.model)
+        results["scaling_settings"] = [*SCALING_SETTINGS, *args.overrides]
+        rows = results["scaling"] = bench_scaling(
+            args.actors, args.updates, Path(args.workdir), args.model, tuple(args.overrides)
+        )
         base = rows[0]["samples_per_s"]
-        print("| mode | actors | samples/s | vs synchronous |\n|---|---:|---:|---:|")
+        print(
+            "| mode | actors | samples/s | vs synchronous | learner busy (updates 2-N) | lag max | dropped |\n"
+            "|---|---:|---:|---:|---:|---:|---:|"
+        )
         for r in rows:
+            busy = "" if r["busy_min"] is None else f"{r['busy_min']:.2f}-{r['busy_max']:.2f}"
             print(
-                f"| {r['mode']} | {r['actors']} | {r['samples_per_s']:.3f} | {r['samples_per_s'] / base:.2f}x |"
+                f"| {r['mode']} | {r['actors']} | {r['samples_per_s']:.3f} | {r['samples_per_s'] / base:.2f}x | "
+                f"{busy} | {r['lag_max']} | {r['dropped']} |"
             )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "runtime.json").write_text(json.dumps(results, indent=2))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
