@@ -66,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "--one-process", action="store_true", help="learner and actors in this process (debugging)"
         )
         p.add_argument(
+            "--resume",
+            dest="resume_dir",
+            metavar="RUN_DIR",
+            help="continue the run in RUN_DIR from its newest checkpoint, with its config (+ --set overrides)",
+        )
+        p.add_argument(
             "--hostfile", help="JSON hosts (mlx.launch format + role/actors): start the run over SSH"
         )
         p.add_argument("--ssh-command", default="ssh", help="how to reach a host (default: ssh)")
@@ -89,6 +95,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )
         p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     learner.add_argument("--rank", type=int, default=0, help="learner rank (set by the launcher)")
+    learner.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in run.run_dir"
+    )
     actor.add_argument("--actor-id", type=int, required=True)
     actor.add_argument("--num-actors", type=int, required=True)
     keys = sub.add_parser(
@@ -99,10 +108,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace):
-    """Defaults < --config < shortcuts < --set; raises ConfigError listing every problem."""
-    from common.config import load_config
+    """Defaults < --config (or the resumed run's config.toml) < shortcuts < --set; raises ConfigError listing
+    every problem."""
+    from common.config import ConfigError, load_config
 
-    shortcuts = []
+    config_file, shortcuts = args.config, []
+    if resume_dir := getattr(args, "resume_dir", None):
+        if args.config or args.run_dir:
+            raise ConfigError(
+                ["--resume RUN_DIR takes the run's own config.toml and run dir: drop --config/--run-dir"]
+            )
+        config_file = Path(resume_dir) / "config.toml"
+        if not config_file.is_file():
+            raise ConfigError([f"--resume {resume_dir}: no config.toml there (not a run directory?)"])
+        shortcuts.append(f"run.run_dir={json.dumps(str(resume_dir))}")
     if args.model:
         shortcuts.append(f"model.name={json.dumps(args.model)}")
     if args.task:
@@ -113,7 +132,7 @@ def resolve_config(args: argparse.Namespace):
         shortcuts.append(f"run.run_dir={json.dumps(args.run_dir)}")
     if args.backend:
         shortcuts.append(f"run.backend={json.dumps(args.backend)}")
-    return load_config(args.config, [*shortcuts, *args.overrides])
+    return load_config(config_file, [*shortcuts, *args.overrides])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,19 +173,26 @@ def main(argv: list[str] | None = None) -> int:
         if problem := unprotected_bind(endpoints, cfg.transport.keys_dir):
             logger.error("%s", problem)
             return 2
-        return run_learner(cfg, endpoints, Path(cfg.run.run_dir))
+        return run_learner(cfg, endpoints, Path(cfg.run.run_dir), resume=args.resume)
     if command == "actor":
         from actors.actor import run_actor
 
         return run_actor(cfg, args.actor_id, args.num_actors, endpoints)
     from local_run import launch_local_run, run_one_process
 
+    if args.resume_dir and (args.hostfile or args.one_process):
+        logger.error(
+            "--resume runs on this machine: for a run over several machines start its learner with "
+            "'launch.py learner --resume --config RUN_DIR/config.toml ...' and its actors as before"
+        )
+        return 2
     if args.hostfile:
         return launch_over_ssh(cfg, args)
     if args.one_process:
         history = run_one_process(cfg, args.actors)
         return 0 if len(history) == cfg.run.max_updates else 1
-    return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve())
+    resume = args.resume_dir is not None
+    return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve(), resume)
 
 
 def launch_over_ssh(cfg, args: argparse.Namespace) -> int:

@@ -66,8 +66,11 @@ def learner_rank_env(run_dir: Path, host: str, rank: int, num_learners: int) -> 
     return {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
 
 
-def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> int:
-    """Start the learner rank(s) and actors, supervise them, and return the run's exit code."""
+def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path, resume: bool = False) -> int:
+    """Start the learner rank(s) and actors, supervise them, and return the run's exit code.
+
+    ``resume``: the learners continue from the newest checkpoint in ``run.run_dir``.
+    """
     from actors.tasks import get_task
     from common.config import config_to_toml
     from common.transport import Endpoints, free_tcp_ports
@@ -100,7 +103,9 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path) -> i
     for rank, endpoints in enumerate(ranks):
         env = child_env(learner_threads, learner_rank_env(run_dir, host, rank, num_learners))
         procs[f"learner-{rank}"] = subprocess.Popen(
-            child_command(script, "learner", config_path, endpoints, ["--rank", str(rank)]),
+            child_command(
+                script, "learner", config_path, endpoints, ["--rank", str(rank)] + ["--resume"] * resume
+            ),
             env=env,
             start_new_session=True,
         )

@@ -79,7 +79,7 @@ class ActorWorker:
     def __init__(
         self, cfg: Config, actor_id: int, num_actors: int, sockets: ActorSockets, model, tokenizer, task: Task
     ):
-        self.cfg, self.actor_id, self.sockets = cfg, actor_id, sockets
+        self.cfg, self.actor_id, self.num_actors, self.sockets = cfg, actor_id, num_actors, sockets
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.adapters = AdapterSync(model)
         use_fast_cpu_ops(model)  # a no-op off the CPU; the reference pass (no KV cache) takes the fast path
@@ -100,6 +100,11 @@ class ActorWorker:
         self._next_snapshot_request = 0.0
         self._reported_drops = 0  # stale-dropped sequences already given back to the learner's admission
         self._next_request = 0.0
+        self.epoch = 0  # bumped when the learner's run changes or rewinds us: older batches are not sent
+        self.learner_seen = time.monotonic()
+        self.learner_silent = False
+        self._retry_backoff_s = 1.0
+        self._next_retry = 0.0
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
@@ -118,6 +123,7 @@ class ActorWorker:
         except ProtocolError as e:
             logger.warning("ignored a bad message from the learner: %s", e)
             return
+        self._heard_from_learner()
         if isinstance(msg, Refuse) and msg.rejoin:
             logger.info("the learner does not know this actor (it restarted?): saying hello again")
             self.sockets.request(self._hello())
@@ -125,7 +131,9 @@ class ActorWorker:
             return
         if isinstance(msg, Shutdown | Refuse):
             raise ActorStopped(msg.reason, refused=isinstance(msg, Refuse))
-        if isinstance(msg, Weights) and msg.policy_version > self.policy_version:
+        if isinstance(msg, Weights) and msg.run_id and msg.run_id != self.run_id:  # untagged: older learner
+            logger.debug("ignored a snapshot of learner run %r (welcomed by %r)", msg.run_id, self.run_id)
+        elif isinstance(msg, Weights) and msg.policy_version > self.policy_version:
             self.adapters.apply(msg)
             self.policy_version, self.checksum = msg.policy_version, msg.checksum
             logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
@@ -135,19 +143,62 @@ class ActorWorker:
             self._next_snapshot_request = time.monotonic() + self.cfg.transport.heartbeat_s
             self._next_request = 0.0  # answered: the next request goes out as soon as this grant is used
         elif isinstance(msg, Welcome):
-            logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
-            if self.run_id and msg.run_id != self.run_id:  # a new learner: its snapshot replaces ours
-                logger.info(
-                    "the learner restarted (run %s -> %s): taking its snapshot", self.run_id, msg.run_id
-                )
-                self.policy_version = -1
-            self.run_id = msg.run_id
-            # A (re)started learner knows no earlier request or grant.
-            self.granted, self._next_request, self._reported_drops = 0, 0.0, self.stats.stale_dropped
-            self.grant_version = 0
+            self._welcomed(msg)
+
+    def _welcomed(self, msg: Welcome) -> None:
+        logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
+        if msg.config_hash and msg.config_hash != config_hash(self.cfg):
+            raise ActorStopped(
+                f"learner run {msg.run_id} has config {msg.config_hash}, this actor {config_hash(self.cfg)}",
+                refused=True,
+            )
+        if self.run_id and msg.run_id != self.run_id:  # a new learner: its snapshot replaces ours
+            logger.info("the learner restarted (run %s -> %s): taking its snapshot", self.run_id, msg.run_id)
+            self.policy_version, self.epoch = -1, self.epoch + 1
+        self.run_id = msg.run_id
+        if msg.next_batch >= 0:  # resumed from a checkpoint: redo what it had not trained
+            self.batch_id, self.epoch = msg.next_batch, self.epoch + 1
+            self.sampler.cursor = msg.next_batch * (self.cfg.sampling.batch_size // self.cfg.ppo.group_size)
+            logger.info(
+                "continuing at batch %d (prompt %d of this shard)", msg.next_batch, self.sampler.cursor
+            )
+        self.pending = None  # generated for the learner's earlier run, or before the rewind
+        # A (re)started learner knows no earlier request or grant.
+        self.granted, self._next_request, self._reported_drops = 0, 0.0, self.stats.stale_dropped
+        self.grant_version = 0
+
+    def _heard_from_learner(self) -> None:
+        self.learner_seen = time.monotonic()
+        if self.learner_silent:
+            logger.info("the learner answers again")
+        self.learner_silent, self._retry_backoff_s = False, 1.0
+
+    def watch_learner(self) -> bool:
+        """Whether the learner is silent past ``transport.learner_timeout_s``; if so, say hello again now and
+        then (after 1, 2, 4 ... 30 s) until it answers (the same learner, or a restarted one)."""
+        now = time.monotonic()
+        if not self.run_id or now - self.learner_seen <= self.cfg.transport.learner_timeout_s:
+            return False
+        if not self.learner_silent:
+            self.learner_silent = True
+            logger.warning(
+                "the learner went silent: nothing heard for %.0f s; asking again with backoff",
+                now - self.learner_seen,
+            )
+        if now >= self._next_retry:
+            self.sockets.request(self._hello())
+            self._next_retry = now + self._retry_backoff_s
+            self._retry_backoff_s = min(2 * self._retry_backoff_s, 30.0)
+        return True
 
     def _hello(self) -> Hello:
-        return Hello(self.actor_id, config_hash(self.cfg), host=socket.gethostname(), pid=os.getpid())
+        return Hello(
+            self.actor_id,
+            config_hash(self.cfg),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            num_actors=self.num_actors,
+        )
 
     def poll_connect(self, timeout_ms: int = 200) -> bool:
         """One round of joining: (re)send hello + snapshot request every 2 s, handle replies. True once joined."""
@@ -169,7 +220,8 @@ class ActorWorker:
         while not self.poll_connect():
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"no snapshot from the learner within {self.cfg.transport.startup_timeout_s}s"
+                    f"the learner never started: no welcome and snapshot from {self.sockets.endpoints.control} "
+                    f"within {self.cfg.transport.startup_timeout_s:.0f} s (transport.startup_timeout_s)"
                 )
         self.stats.wait_weights_s += time.perf_counter() - start
 
@@ -241,9 +293,16 @@ class ActorWorker:
         A batch that became too old while waiting is dropped here (counted) instead of being shipped to be dropped.
         """
         start = time.perf_counter()
+        epoch = self.epoch
         while not self.sockets.send_experience(batch, timeout_ms=200):
             self.apply_newer_weights()  # raises ActorStopped on shutdown
-            self.heartbeat()
+            if not self.watch_learner():
+                self.heartbeat()
+            if self.epoch != epoch:  # the learner restarted or rewound this actor meanwhile
+                logger.info(
+                    "dropped batch %d: it was generated for the learner's earlier run", batch.batch_id
+                )
+                break
             if self.is_stale(batch):
                 self.stats.stale_dropped += len(batch.sequences)
                 logger.info(
@@ -257,6 +316,8 @@ class ActorWorker:
         self.stats.blocked_send_s += time.perf_counter() - start
 
     def heartbeat(self, force: bool = False) -> None:
+        if self.learner_silent:  # hellos go out instead (``watch_learner``)
+            return
         if force or time.monotonic() - self._last_heartbeat >= self.cfg.transport.heartbeat_s:
             self.sockets.request(
                 Heartbeat(f"actor-{self.actor_id}", self.policy_version, self.checksum, self.stats.as_dict())
@@ -265,6 +326,11 @@ class ActorWorker:
 
     def poll_grant(self, timeout_ms: int) -> bool:
         """Ask the learner for a batch (again every heartbeat interval while unanswered); True once granted."""
+        if self.watch_learner():  # no requests into the void; hellos with backoff instead
+            frames = self.sockets.receive_control(timeout_ms)
+            if frames is not None:
+                self._handle(frames)
+            return False
         if self.granted == 0 and time.monotonic() >= self._next_request:
             returned = self.stats.stale_dropped - self._reported_drops
             if self.sockets.request(RolloutRequest(self.actor_id, self.cfg.sampling.batch_size, returned)):

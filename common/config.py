@@ -113,7 +113,9 @@ class PPOUpdateConfig:
     is_cap: float = 2.0
     """Truncation of the off-policy importance weight proximal/behaviour."""
     max_policy_lag: int = 2
-    """Sequences sampled more than this many versions ago are dropped (counted)."""
+    """Sequences sampled more than this many versions ago are dropped (counted). 0: strictly on-policy, every
+    batch sampled with the newest policy and generation paused while the learner trains (deterministic with
+    one actor and fixed seeds)."""
     value_model: str = "separate"
     """'separate' (own LoRA trunk over the shared frozen base + head) or 'shared' (head on the policy trunk)."""
     full_finetune: bool = False
@@ -141,6 +143,9 @@ class TransportConfig:
     """How long an actor waits for the learner's welcome and first snapshot."""
     actor_timeout_s: float = 120.0
     """An actor silent this long counts as gone: logged, its rollout grant released. It may come back."""
+    learner_timeout_s: float = 60.0
+    """An actor that hears nothing from its learner this long logs it as gone silent and asks again with
+    backoff (1, 2, 4 ... 30 s) until a learner answers; it keeps at most one batch meanwhile."""
     max_message_mb: int = 256
     """Messages larger than this are rejected unread."""
     keys_dir: str = ""
@@ -162,6 +167,8 @@ class RunConfig:
     """Publish new adapters to actors every N updates."""
     checkpoint_every: int = 10
     """Save a checkpoint every N updates (and at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints in ``<run_dir>/checkpoints``."""
     backend: str = "ring"
     """mlx.distributed backend of the learner ranks: ring (what ``--learners M`` sets up on one machine), or
     mpi, nccl, jaccl for ranks started by ``mlx.launch``/``mpirun`` with that backend's environment."""

@@ -49,7 +49,7 @@ def validate(cfg: Config) -> list[str]:
 def validate_run(cfg: Config) -> list[str]:
     """Problems with the ``[run]`` and ``[transport]`` sections."""
     r, t, p = cfg.run, cfg.transport, []
-    for name in ("max_updates", "sync_every", "checkpoint_every"):
+    for name in ("max_updates", "sync_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(r, name) < 1:
             p.append(f"run.{name}={getattr(r, name)} must be >= 1")
     if r.backend not in ("ring", "mpi", "nccl", "jaccl"):
@@ -67,7 +67,7 @@ def validate_run(cfg: Config) -> list[str]:
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
         if getattr(t, name) < 1:
             p.append(f"transport.{name}={getattr(t, name)} must be >= 1")
-    for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s"):
+    for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s", "learner_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
     if not t.keys_dir and not is_loopback(t.host):
@@ -108,9 +108,10 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
             f"ppo.micro_batch_size={u.micro_batch_size} must divide the minibatch size "
             f"{u.batch_size} / {u.num_minibatches} = {u.batch_size // u.num_minibatches}"
         )
-    for name in ("update_epochs", "max_policy_lag"):
-        if getattr(u, name) < 1:
-            p.append(f"ppo.{name}={getattr(u, name)} must be >= 1")
+    if u.update_epochs < 1:
+        p.append(f"ppo.update_epochs={u.update_epochs} must be >= 1")
+    if u.max_policy_lag < 0:
+        p.append(f"ppo.max_policy_lag={u.max_policy_lag} must be >= 0")
     for name in ("learning_rate", "clip_coef", "value_clip", "is_cap", "kl_horizon"):
         if not getattr(u, name) > 0:
             p.append(f"ppo.{name}={getattr(u, name)} must be > 0")

@@ -69,14 +69,20 @@ class Hello:
     protocol_version: int = PROTOCOL_VERSION
     host: str = ""
     pid: int = 0
+    num_actors: int = 0
+    """Actors in this actor's run (the learner reports the ones that never start); 0: unknown."""
 
 
 @dataclass(frozen=True)
 class Welcome:
-    """Learner -> actor: accepted; the current policy version and the run id to echo."""
+    """Learner -> actor: accepted; the current policy version, this learner run's id and config hash (the actor
+    checks it too, and takes snapshots of this run only), and where the actor continues after a resume."""
 
     policy_version: int
     run_id: str
+    config_hash: str = ""
+    next_batch: int = -1
+    """The actor's next batch id (its prompt cursor and seeds follow) from the checkpoint; -1: keep its own."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,8 @@ class Weights:
     """Wire dtype of ``flat`` (bfloat16 travels as uint16)."""
     flat: np.ndarray
     """1-D, every tensor's elements back to back."""
+    run_id: str = ""
+    """The publishing learner run's id (actors take snapshots of the run that welcomed them only)."""
 
     def sizes(self) -> list[int]:
         return [math.prod(shape) for shape in self.shapes]
@@ -253,6 +261,7 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
             "checksum": msg.checksum,
             "names": list(msg.names),
             "shapes": [list(shape) for shape in msg.shapes],
+            "run_id": msg.run_id,
         }
         return body, [("flat", msg.flat, msg.dtype)]
     return dict(msg.__dict__), []
@@ -423,6 +432,7 @@ def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
         tuple(tuple(s) for s in shapes),
         _wire_dtype(flat),
         flat.reshape(-1),
+        _field(body, "run_id", str, ""),
     )
     total = sum(msg.sizes())
     _check(total == flat.size, "bad_shape", f"shapes hold {total} elements, the buffer {flat.size}")
@@ -440,8 +450,14 @@ _BUILDERS = {
         _field(b, "protocol_version", int),
         _field(b, "host", str, ""),
         _field(b, "pid", int, 0),
+        _field(b, "num_actors", int, 0),
     ),
-    MsgType.WELCOME: lambda b, _: Welcome(_field(b, "policy_version", int), _field(b, "run_id", str)),
+    MsgType.WELCOME: lambda b, _: Welcome(
+        _field(b, "policy_version", int),
+        _field(b, "run_id", str),
+        _field(b, "config_hash", str, ""),
+        _field(b, "next_batch", int, -1),
+    ),
     MsgType.REFUSE: lambda b, _: Refuse(_field(b, "reason", str), _field(b, "rejoin", bool, False)),
     MsgType.EXPERIENCE: _build_experience,
     MsgType.WEIGHTS: _build_weights,

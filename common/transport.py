@@ -191,6 +191,7 @@ class LearnerSockets:
     def __init__(
         self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 4, keys: CurveKeys | None = None
     ):
+        self.endpoints = endpoints
         self.gate = CurveGate(ctx, keys.folder) if keys is not None else None
         self.experience = _socket(ctx, zmq.PULL, experience_hwm)
         self.weights = _socket(ctx, zmq.PUB, 2)
@@ -253,12 +254,17 @@ class ActorSockets:
     def __init__(
         self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 2, keys: CurveKeys | None = None
     ):
+        self.endpoints = endpoints
         self.experience = _socket(ctx, zmq.PUSH, experience_hwm)
         self.weights = _socket(ctx, zmq.SUB, 2)
         self.weights.setsockopt(
             zmq.SUBSCRIBE, b""
         )  # subscribe before asking for the snapshot (Clone pattern)
         self.control = _socket(ctx, zmq.DEALER, 100)
+        # Queue only to a learner that is connected: nothing piles up for a dead one, to be replayed (stale
+        # requests, old-policy experience) to its successor; a send fails and the actor tries again later.
+        for sock in (self.experience, self.control):
+            sock.setsockopt(zmq.IMMEDIATE, 1)
         for sock, address in (
             (self.experience, endpoints.experience),
             (self.weights, endpoints.weights),

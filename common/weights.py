@@ -40,7 +40,7 @@ class AdapterSync:
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(module[leaf].shape) for module, leaf in self.slots.values())
 
-    def snapshot(self, policy_version: int) -> Weights:
+    def snapshot(self, policy_version: int, run_id: str = "") -> Weights:
         """The adapters now, as one message (names sorted, so the checksum is reproducible)."""
         tensors = [module[leaf] for module, leaf in self.slots.values()]
         mx.eval(tensors)
@@ -51,9 +51,8 @@ class AdapterSync:
         host = np.concatenate([np.asarray(memoryview(t)).reshape(-1) for t in tensors])
         wire_dtype = wire_dtype or host.dtype.name
         shapes = self.shapes()
-        return Weights(
-            policy_version, checksum(self.names, shapes, host), self.names, shapes, wire_dtype, host
-        )
+        digest = checksum(self.names, shapes, host)
+        return Weights(policy_version, digest, self.names, shapes, wire_dtype, host, run_id)
 
     def apply(self, msg: Weights) -> None:
         """Load ``msg`` into the model; a checksum, name or shape mismatch raises ValueError and changes nothing."""

@@ -22,6 +22,7 @@ class RolloutAdmission:
     """Grants in request order while the in-flight bound holds; keyed by the actor's control-socket identity."""
 
     def __init__(self, limit: int):
+        """``limit``: sequences that may be granted-but-unreceived plus buffered (``max_policy_lag`` x batch)."""
         if limit < 1:
             raise ValueError(f"admission limit {limit} must be >= 1")
         self.limit = limit

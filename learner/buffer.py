@@ -27,6 +27,7 @@ class Group:
     """``group_size`` sequences sampled from one prompt with one policy version."""
 
     actor_id: int
+    batch_id: int
     policy_version: int
     prompts: list[list[int]]
     responses: list[list[int]]
@@ -44,7 +45,14 @@ def split_groups(msg: ExperienceBatch, group_size: int) -> tuple[list[Group], Co
     groups, tok_at, lp_at = [], 0, 0
     for start in range(0, len(msg.sequences), group_size):
         group = Group(
-            msg.actor_id, msg.policy_version, [], [], [], [] if msg.ref_logprobs is not None else None, []
+            msg.actor_id,
+            msg.batch_id,
+            msg.policy_version,
+            [],
+            [],
+            [],
+            [] if msg.ref_logprobs is not None else None,
+            [],
         )
         reason = None
         for seq in msg.sequences[start : start + group_size]:

@@ -1,42 +1,61 @@
-"""Checkpoints: the policy adapters (mlx-lm format), the value model (its own file) and the learner's counters.
+"""Checkpoints: everything a run needs to continue exactly where it was (``launch.py --resume RUN_DIR``).
 
-Each checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a half
-checkpoint; the newest ``keep`` are kept. ``<run_dir>/adapters`` always holds the latest policy adapters for
+A checkpoint ``<run_dir>/checkpoints/step-NNNNNN/`` holds
+
+- ``adapters.safetensors`` + ``adapter_config.json``: the policy adapters in mlx-lm format,
+- ``trainable.safetensors``: every trainable tensor (adapters or full weights, and the value model),
+- ``optimizer.safetensors``: Adam's moments and step count,
+- ``learner_state.json``: policy version, update count, KL coefficient, each actor's next batch (its prompt
+  cursor and sampling seeds follow from it) and the resolved config it ran with. The learner's random draws
+  follow from (run seed, policy version) alone (``PPOLearner._reseed``), so there is no RNG state to save.
+
+It is written into a temporary folder and renamed into place, so a crash never leaves a half checkpoint; the
+newest ``keep`` are kept. ``<run_dir>/adapters`` always holds the latest policy adapters for
 ``mlx_lm.generate --adapter-path``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from common.config import LoraConfig
 from common.lora import save_adapters
 from learner.ppo_learner import PPOLearner
 
-VALUE_WEIGHTS = "value.safetensors"
+logger = logging.getLogger(__name__)
+
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
 STATE_FILE = "learner_state.json"
 
 
 def _write_checkpoint(folder: Path, learner: PPOLearner, lora: LoraConfig, extra: dict[str, Any]) -> None:
-    save_adapters(learner.container.policy, folder, lora)
-    if learner.container.has_value:
-        value = dict(tree_flatten(learner.container.value.trainable_parameters()))
-        mx.save_safetensors(str(folder / VALUE_WEIGHTS), value)
-    state = {"policy_version": learner.policy_version, "kl_coef": learner.kl_controller.value, **extra}
+    container = learner.container
+    save_adapters(container.policy, folder, lora)
+    mx.save_safetensors(str(folder / TRAINABLE), dict(tree_flatten(container.trainable_parameters())))
+    optimizer_state = dict(tree_flatten(learner.optimizer.state))
+    mx.save_safetensors(str(folder / OPTIMIZER), optimizer_state)
+    state = {
+        "policy_version": learner.policy_version,
+        "kl_coef": learner.kl_controller.value,
+        **extra,
+    }
+    # Written last: a folder with this file is complete (the rename makes that atomic anyway).
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def save_checkpoint(
     run_dir: Path, learner: PPOLearner, lora: LoraConfig, step: int, keep: int = 3, **extra: Any
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically, refresh ``adapters/``, prune old checkpoints."""
+    """Write ``checkpoints/step-NNNNNN`` atomically, refresh ``adapters/``, keep the newest ``keep``."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -50,3 +69,49 @@ def save_checkpoint(
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return max(complete, key=lambda p: p.name, default=None)
+
+
+def _assign_in_place(target: Any, source: Any, where: str = "") -> None:
+    """Copy ``source``'s arrays into the same places of ``target`` (a dict/list tree), keeping its containers.
+
+    Compiled update functions hold the optimizer's state tree itself, so its containers must stay the same
+    objects; only the leaves change.
+    """
+    items = source.items() if isinstance(source, dict) else enumerate(source)
+    for key, value in items:
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(value, dict | list):
+            _assign_in_place(target[key], value, name)
+        else:
+            if target[key].shape != value.shape:
+                raise ValueError(f"checkpoint {name}: shape {value.shape} != {target[key].shape}")
+            target[key] = value.astype(target[key].dtype)
+
+
+def load_checkpoint(folder: Path, learner: PPOLearner) -> dict[str, Any]:
+    """Restore ``learner`` (weights, optimizer, KL coefficient, version) from ``folder``; returns its state."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    trainable = mx.load(str(folder / TRAINABLE))
+    expected = dict(tree_flatten(learner.container.trainable_parameters()))
+    if set(trainable) != set(expected):
+        missing, unknown = sorted(set(expected) - set(trainable)), sorted(set(trainable) - set(expected))
+        raise ValueError(
+            f"checkpoint {folder} does not fit this model: missing {missing[:3]}, unknown {unknown[:3]}"
+        )
+    learner.container.load_weights(list(trainable.items()), strict=False)
+    optimizer_state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER)).items()))
+    _assign_in_place(learner.optimizer.state, optimizer_state)
+    learner.policy_version = int(state["policy_version"])
+    learner.kl_controller.value = float(state["kl_coef"])
+    mx.eval(learner.container.parameters(), learner.optimizer.state)
+    logger.info("resumed from %s (update %d, policy v%d)", folder, state["step"], learner.policy_version)
+    return state

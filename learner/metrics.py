@@ -16,6 +16,16 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
 
+    def drop_after(self, step: int) -> None:
+        """Keep only the rows of updates up to ``step`` (a resumed run redoes the later ones)."""
+        self._file.close()
+        rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+        tmp = self.path.with_name(".tmp-metrics.jsonl")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+
     def write(self, metrics: dict[str, Any]) -> None:
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()

@@ -52,6 +52,7 @@ class PPOLearner:
         pad_multiple: int = 32,
         group: Any | None = None,
         proximal_in_step: bool | None = None,
+        seed: int = 0,
     ):
         self.container = container
         self.cfg = cfg
@@ -64,7 +65,8 @@ class PPOLearner:
         self.optimizer.init(container.trainable_parameters())
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
-        self.rng = np.random.default_rng(0)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
         # One gradient step per update and no critic (whose old values GAE needs first): the step's own forward
         # is the proximal policy, and the no-grad pass over the policy is skipped (as verl does on-policy).
         single_step = cfg.update_epochs == 1 and cfg.num_minibatches == 1 and cfg.is_critic_free
@@ -255,10 +257,17 @@ class PPOLearner:
         out["update/early_stop"] = float(early_stop)
         return out
 
+    def _reseed(self) -> None:
+        """Minibatch order and any dropout depend on (seed, policy version) alone: a run resumed from a
+        checkpoint draws what the uninterrupted run drew, with no RNG state to save."""
+        self.rng = np.random.default_rng([self.seed, self.policy_version])
+        mx.random.seed(int(np.random.SeedSequence([self.seed, self.policy_version]).generate_state(1)[0]))
+
     def update(self, exp: Experience) -> dict[str, Any]:
         """One full PPO update on ``exp``; bumps ``policy_version`` and returns the metrics."""
         start = time.perf_counter()
         mx.reset_peak_memory()
+        self._reseed()
         arrays, stats = self.prepare(exp)
         stats.update(self.optimize(arrays))
         if self.container.has_value:

@@ -24,12 +24,15 @@ def build_learner(cfg: Config, group=None):
     mx.random.seed(cfg.run.seed)
     value_kind = None if cfg.ppo.is_critic_free else cfg.ppo.value_model
     container = build_policy_and_value(loaded.model, cfg.lora, value_kind, cfg.ppo.full_finetune)
-    return PPOLearner(container, cfg.ppo, cfg.sampling.temperature, group=group)
+    return PPOLearner(container, cfg.ppo, cfg.sampling.temperature, group=group, seed=cfg.run.seed)
 
 
-def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
-    """Serve actors and train until ``run.max_updates`` (or SIGTERM/SIGINT), then checkpoint and stop actors."""
-    from learner.checkpoint import save_checkpoint
+def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool = False) -> int:
+    """Serve actors and train until ``run.max_updates`` (or SIGTERM/SIGINT), then checkpoint and stop actors.
+
+    ``resume``: continue from the newest checkpoint in ``run_dir`` (exit code 2 if there is none).
+    """
+    from learner.checkpoint import latest_checkpoint
     from learner.distributed import init_group
     from learner.service import LearnerService
 
@@ -41,6 +44,10 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        logger.error("nothing to resume: no checkpoint in %s", run_dir / "checkpoints")
+        return 2
     group = init_group(
         cfg.run.backend,
         timeout_s=cfg.run.collective_timeout_s,
@@ -53,12 +60,14 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path) -> int:
         )
         service = LearnerService(cfg, sockets, learner, run_dir)
         try:
+            if checkpoint is not None:
+                service.resume(checkpoint)
             service.publish_weights()
             logger.info("learner ready at %s (policy v%d)", endpoints.control, learner.policy_version)
             while not service.finished and not stop["requested"]:
                 service.step(timeout_ms=100)
             if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
-                save_checkpoint(run_dir, learner, cfg.lora, service.step_count)
+                service.save_checkpoint()
             service.shutdown("run finished" if service.finished else "learner stopped")
         finally:
             sockets.close()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from common import protocol
-from common.config import Config, config_hash
+from common.config import Config, config_hash, config_to_dict
 from common.protocol import (
     ExperienceBatch,
     Heartbeat,
@@ -35,7 +35,7 @@ from common.transport import LearnerSockets
 from common.weights import AdapterSync
 from learner.admission import RolloutAdmission
 from learner.buffer import ExperienceBuffer
-from learner.checkpoint import save_checkpoint
+from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.metrics import MetricsWriter, format_update_line
 from learner.ppo_learner import PPOLearner
 
@@ -54,6 +54,8 @@ class ActorInfo:
     gen_tokens_per_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
     """The actor's own counters from its last heartbeat (tokens/s, time waiting for weights, blocked on send)."""
+    num_actors: int = 0
+    """How many actors its run has (from its hello): the learner reports those that never start."""
     gone: bool = False
     """Silent for longer than ``transport.actor_timeout_s`` (it may come back)."""
 
@@ -64,7 +66,7 @@ class LearnerService:
         self.buffer = ExperienceBuffer(
             cfg.transport.buffer_batches * cfg.ppo.batch_size, cfg.ppo.group_size, cfg.ppo.max_policy_lag
         )
-        self.admission = RolloutAdmission(cfg.ppo.max_policy_lag * cfg.ppo.batch_size)
+        self.admission = RolloutAdmission(max(cfg.ppo.max_policy_lag, 1) * cfg.ppo.batch_size)
         self.counters: Counter = Counter()
         self.actors: dict[bytes, ActorInfo] = {}
         self.config_hash = config_hash(cfg)
@@ -78,6 +80,11 @@ class LearnerService:
         self.started = self.last_update_end = time.monotonic()
         self.sync = {"sync/ms": 0.0, "sync/bytes": 0}
         self.max_bytes = cfg.transport.max_message_mb * 2**20
+        self.next_batch: dict[int, int] = {}  # actor id -> the batch after the newest one received
+        self.resume_batch: dict[int, int] = {}  # from a checkpoint: where each actor continues on joining
+        self.resumed_num_actors = 0
+        self.never_started: set[int] = set()  # reported already
+        self._next_heartbeat = 0.0
 
     @property
     def finished(self) -> bool:
@@ -87,7 +94,7 @@ class LearnerService:
 
     def publish_weights(self) -> None:
         start = time.perf_counter()
-        self.snapshot = self.adapters.snapshot(self.learner.policy_version)
+        self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
         self.sockets.publish(self.snapshot)
         self.sync = {
             "sync/ms": 1000 * (time.perf_counter() - start),
@@ -129,14 +136,48 @@ class LearnerService:
             logger.info("actor %d is back", info.actor_id)
 
     def check_actors(self) -> None:
-        """Log actors silent past ``transport.actor_timeout_s`` as gone and release their rollout grants."""
+        """Report silent actors ("went silent": joined, then nothing for ``transport.actor_timeout_s``; their
+        rollout grants are released) and absent ones ("never started": no hello within
+        ``transport.startup_timeout_s`` while others of the run said there are that many)."""
         now = time.monotonic()
         for identity, info in self.actors.items():
             if not info.gone and now - info.last_seen > self.cfg.transport.actor_timeout_s:
                 info.gone = True
                 self.admission.forget(identity)
-                logger.warning("actor %d is gone: silent for %.0f s", info.actor_id, now - info.last_seen)
+                logger.warning(
+                    "actor %d went silent: nothing heard for %.1f s (its grant is released)",
+                    info.actor_id,
+                    now - info.last_seen,
+                )
+        if now - self.started > self.cfg.transport.startup_timeout_s:
+            expected = max((a.num_actors for a in self.actors.values()), default=0)
+            joined = {a.actor_id for a in self.actors.values()}
+            if not self.actors and -1 not in self.never_started:
+                self.never_started.add(-1)
+                logger.warning(
+                    "no actor has joined within %.0f s: are they running, and connecting to %s?",
+                    self.cfg.transport.startup_timeout_s,
+                    self.sockets.endpoints.control,
+                )
+            for actor_id in sorted(set(range(expected)) - joined - self.never_started):
+                self.never_started.add(actor_id)
+                logger.warning(
+                    "actor %d never started: no hello within %.0f s (transport.startup_timeout_s)",
+                    actor_id,
+                    self.cfg.transport.startup_timeout_s,
+                )
         self.grant_rollouts()
+
+    def heartbeat(self) -> None:
+        """Tell every actor this learner is alive (over control: a broadcast could push a snapshot out)."""
+        if time.monotonic() < self._next_heartbeat:
+            return
+        self._next_heartbeat = time.monotonic() + self.cfg.transport.heartbeat_s
+        checksum = self.snapshot.checksum if self.snapshot is not None else ""
+        beat = Heartbeat("learner", self.learner.policy_version, checksum, {"step": float(self.step_count)})
+        for identity, info in self.actors.items():
+            if not info.gone:
+                self.sockets.reply(identity, beat)
 
     def grant_rollouts(self) -> None:
         """Grant waiting actors a batch each while the in-flight bound allows (``learner/admission.py``)."""
@@ -153,11 +194,20 @@ class LearnerService:
             logger.error("%s", reason)
             self.sockets.reply(identity, Refuse(reason))
             return
+        for other in [i for i, a in self.actors.items() if a.actor_id == msg.actor_id and i != identity]:
+            del self.actors[other]  # the same actor, restarted: its old connection is dead
+            self.admission.forget(other)
         if identity not in self.actors:
             logger.info("actor %d joined from %s (pid %d)", msg.actor_id, msg.host, msg.pid)
-        self.actors[identity] = ActorInfo(msg.actor_id, msg.host, msg.pid)
+        self.actors[identity] = ActorInfo(msg.actor_id, msg.host, msg.pid, num_actors=msg.num_actors)
         self.admission.forget(identity)  # a (re)joining actor holds no grant
-        self.sockets.reply(identity, Welcome(self.learner.policy_version, self.run_id))
+        next_batch = -1
+        if msg.num_actors == self.resumed_num_actors:  # the same prompt shards as the checkpointed run
+            next_batch = self.resume_batch.pop(msg.actor_id, -1)
+        if next_batch >= 0:
+            logger.info("actor %d continues at batch %d (from the checkpoint)", msg.actor_id, next_batch)
+        welcome = Welcome(self.learner.policy_version, self.run_id, self.config_hash, next_batch)
+        self.sockets.reply(identity, welcome)
 
     def handle_experience(self, frames: list[bytes]) -> None:
         try:
@@ -166,12 +216,16 @@ class LearnerService:
             return self._reject(e.reason, str(e))
         if not isinstance(msg, ExperienceBatch):
             return self._reject("bad_type", f"{type(msg).__name__} on the experience channel")
-        self.buffer.add(msg, self.learner.policy_version)
         for identity, info in self.actors.items():
             if info.actor_id == msg.actor_id:
                 info.gen_tokens_per_s = msg.gen_tokens_per_s
                 self._seen(info)
                 self.admission.received(identity, len(msg.sequences))
+        if msg.policy_version > self.learner.policy_version:  # sampled for an earlier run of this learner
+            self._reject("future_version", f"v{msg.policy_version} > learner v{self.learner.policy_version}")
+        else:
+            self.buffer.add(msg, self.learner.policy_version)
+            self.next_batch[msg.actor_id] = max(self.next_batch.get(msg.actor_id, 0), msg.batch_id + 1)
         self.grant_rollouts()  # stale or rejected sequences free their slots at once
 
     def poll(self, timeout_ms: int) -> None:
@@ -192,7 +246,8 @@ class LearnerService:
         if taken is None:
             return None
         exp, lags = taken
-        self.grant_rollouts()  # the buffer has room again: the next batches generate while this one trains
+        if self.cfg.ppo.max_policy_lag > 0:  # the next batches generate while this one trains
+            self.grant_rollouts()  # (with no lag allowed, only after: they must sample the new policy)
         stats = self.learner.update(exp)
         self.step_count += 1
         if self.step_count % self.cfg.run.sync_every == 0:
@@ -205,8 +260,40 @@ class LearnerService:
         self.metrics.write(metrics)
         logger.info("%s", format_update_line(metrics))
         if self.step_count % self.cfg.run.checkpoint_every == 0 or self.finished:
-            save_checkpoint(self.run_dir, self.learner, self.cfg.lora, self.step_count)
+            self.save_checkpoint()
         return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the learner and where each actor's prompts continue (``learner/checkpoint.py``).
+
+        An actor continues at its oldest batch still buffered (not trained yet), else after its newest
+        received one: experience accepted but not trained is generated again after a resume, not skipped.
+        """
+        next_batch = dict(self.next_batch)
+        for group in self.buffer.groups:
+            next_batch[group.actor_id] = min(next_batch.get(group.actor_id, 0), group.batch_id)
+        return save_checkpoint(
+            self.run_dir,
+            self.learner,
+            self.cfg.lora,
+            self.step_count,
+            keep=self.cfg.run.keep_checkpoints,
+            actor_next_batch={str(k): v for k, v in sorted(next_batch.items())},
+            num_actors=max((a.num_actors for a in self.actors.values()), default=0),
+            config=config_to_dict(self.cfg),
+        )
+
+    def resume(self, folder: Path) -> None:
+        """Continue from the checkpoint ``folder``: learner state, update count, actors' prompt positions."""
+        state = load_checkpoint(folder, self.learner)
+        self.step_count = int(state["step"])
+        self.resume_batch = {int(k): int(v) for k, v in state.get("actor_next_batch", {}).items()}
+        self.next_batch = dict(self.resume_batch)
+        self.resumed_num_actors = int(state.get("num_actors", 0))
+        if self.metrics is not None:
+            self.metrics.drop_after(self.step_count)  # rows of updates the crash lost are done again
 
     def _metrics(self, stats: dict[str, Any], lags: np.ndarray, now: float) -> dict[str, Any]:
         wall = max(now - self.last_update_end, 1e-9)
@@ -238,6 +325,7 @@ class LearnerService:
     def step(self, timeout_ms: int = 100) -> dict[str, Any] | None:
         self.poll(timeout_ms)
         self.check_actors()
+        self.heartbeat()
         return self.maybe_update()
 
     def shutdown(self, reason: str) -> None:

@@ -13,12 +13,16 @@ import numpy as np
 from common import protocol as p
 
 FIXTURES = Path(__file__).parent / "fixtures" / f"protocol_v{p.PROTOCOL_VERSION}"
+# Version 2 as first released (session 2), before fields were added: what older peers still send.
+FIXTURES_BEFORE_ADDED_FIELDS = Path(__file__).parent / "fixtures" / "protocol_v2.0"
 
 
 def samples() -> dict[str, p.Message]:
     return {
-        "hello": p.Hello(actor_id=3, config_hash="0123456789abcdef", host="mac-mini", pid=4242),
-        "welcome": p.Welcome(policy_version=7, run_id="run-abc"),
+        "hello": p.Hello(actor_id=3, config_hash="0123456789abcdef", host="mac-mini", pid=4242, num_actors=4),
+        "welcome": p.Welcome(
+            policy_version=7, run_id="run-abc", config_hash="0123456789abcdef", next_batch=12
+        ),
         "refuse": p.Refuse(reason="config hash mismatch"),
         "experience": p.ExperienceBatch(
             actor_id=1,
@@ -37,6 +41,7 @@ def samples() -> dict[str, p.Message]:
             shapes=((2, 3), (1, 2)),
             dtype="bfloat16",
             flat=np.array([16256, 16384, 16448, 16512, 16544, 16576, 16592, 16608], np.uint16),
+            run_id="run-abc",
         ),
         "weights_request": p.WeightsRequest(actor_id=2, have_version=3),
         "heartbeat": p.Heartbeat(

@@ -1,3 +1,4 @@
+import dataclasses
 import struct
 
 import msgpack
@@ -5,7 +6,13 @@ import numpy as np
 import pytest
 
 from common import protocol as p
-from tests.protocol_samples import FIXTURES, pack_frames, samples, unpack_frames
+from tests.protocol_samples import (
+    FIXTURES,
+    FIXTURES_BEFORE_ADDED_FIELDS,
+    pack_frames,
+    samples,
+    unpack_frames,
+)
 
 
 def assert_same(a: p.Message, b: p.Message) -> None:
@@ -34,6 +41,19 @@ def test_golden_bytes(name):
     golden = (FIXTURES / f"{name}.bin").read_bytes()
     assert pack_frames(p.encode(samples()[name])) == golden, "the wire format changed: bump PROTOCOL_VERSION"
     assert_same(p.decode(unpack_frames(golden)), samples()[name])
+
+
+@pytest.mark.parametrize("name", sorted(samples()))
+def test_messages_from_before_fields_were_added_decode_with_the_defaults(name):
+    """Within a protocol version fields are only added: a peer of the first v2 release still talks to us."""
+    old = p.decode(unpack_frames((FIXTURES_BEFORE_ADDED_FIELDS / f"{name}.bin").read_bytes()))
+    sample = samples()[name]
+    defaults = {
+        "hello": {"num_actors": 0},
+        "welcome": {"config_hash": "", "next_batch": -1},
+        "weights": {"run_id": ""},
+    }
+    assert_same(old, dataclasses.replace(sample, **defaults.get(name, {})))
 
 
 def test_large_arrays_arrive_intact():

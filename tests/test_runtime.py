@@ -341,11 +341,14 @@ def test_actors_generate_only_what_the_learner_can_train_in_time(harness):
     assert sum(w.granted for w in workers) == 2  # ...and the waiting actor gets its grant
 
 
-def test_a_silent_actor_is_logged_gone_its_grant_released_and_welcome_back(model_cache, tmp_path, caplog):
+def test_silent_and_never_started_actors_are_told_apart_and_a_silent_one_is_welcomed_back(
+    model_cache, tmp_path, caplog
+):
     import logging
 
     caplog.set_level(logging.INFO, logger="learner.service")
-    with harness_with(model_cache, tmp_path, "run.max_updates=5", "transport.actor_timeout_s=0.3") as h:
+    settings = ("run.max_updates=5", "transport.actor_timeout_s=0.3", "transport.startup_timeout_s=0.3")
+    with harness_with(model_cache, tmp_path, *settings) as h:
         worker = h.actor(0)
         h.join(worker)
         until_granted(h, worker)
@@ -356,13 +359,36 @@ def test_a_silent_actor_is_logged_gone_its_grant_released_and_welcome_back(model
             h.service.poll(20)
             h.service.check_actors()
         assert info.gone and h.service.admission.outstanding == 0
-        assert "actor 0 is gone" in caplog.text
+        assert "actor 0 went silent" in caplog.text
+        # Actor 1 of the 2 this run has (the hello says) never said hello at all.
+        assert "actor 1 never started" in caplog.text and "actor 0 never started" not in caplog.text
         worker.heartbeat(force=True)
         for _ in range(100):
             h.service.poll(10)
             if not info.gone:
                 break
         assert not info.gone and "actor 0 is back" in caplog.text
+
+
+def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers(
+    model_cache, tmp_path, caplog
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="actors.actor")
+    with harness_with(model_cache, tmp_path, "transport.learner_timeout_s=0.3") as h:
+        worker = h.actor(0)
+        h.join(worker)
+        deadline = time.monotonic() + 10
+        while not worker.learner_silent and time.monotonic() < deadline:
+            worker.poll_grant(20)  # the learner is not stepped: no heartbeat, no grant
+        assert worker.learner_silent and "the learner went silent" in caplog.text
+        for _ in range(200):  # the learner runs again: it answers the actor's hello
+            h.service.step(timeout_ms=5)
+            worker.poll_grant(5)
+            if not worker.learner_silent:
+                break
+        assert not worker.learner_silent and "the learner answers again" in caplog.text
 
 
 def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
@@ -388,22 +414,25 @@ def test_a_bad_hostfile_lists_its_problems(tmp_path):
     assert "0 hosts with role learner" in text
 
 
-def start_tiny_launcher(model_cache, run_dir: Path, *settings: str) -> subprocess.Popen:
-    """``launch.py`` with 2 actors on the tiny model and a run long enough to be stopped by the test."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "--actors",
-        "2",
-        "--model",
-        "tiny",
-        "--max-updates",
-        "100000",
-    ]
-    cmd += ["--run-dir", str(run_dir)]
+def start_tiny_launcher(model_cache, run_dir: Path, *settings: str, args: tuple = ()) -> subprocess.Popen:
+    """``launch.py`` on the tiny model: by default 2 actors and a run long enough to be stopped by the test;
+    ``args`` replaces those arguments (and ``--run-dir``).
+
+    The run's log goes to ``<run_dir>.log`` (a pipe nobody reads while the test waits would fill up and block
+    every process of the run); ``finish`` returns it.
+    """
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--model", "tiny"]
+    cmd += list(args) or ["--actors", "2", "--max-updates", "100000", "--run-dir", str(run_dir)]
     for item in [*SMALL, f'model.cache_dir="{model_cache}"', *settings]:
         cmd += ["--set", item]
-    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    with open(f"{run_dir}.log", "a") as log:
+        return subprocess.Popen(cmd, stderr=log)
+
+
+def finish(launcher: subprocess.Popen, run_dir: Path, timeout_s: float = 120) -> str:
+    """Wait for the launcher to exit; its log."""
+    launcher.wait(timeout=timeout_s)
+    return Path(f"{run_dir}.log").read_text()
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -429,7 +458,7 @@ def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
     family = psutil.Process(launcher.pid).children(recursive=True)
     assert len(family) >= 3  # learner + 2 actors
     launcher.send_signal(signal.SIGINT)
-    _, stderr = launcher.communicate(timeout=120)
+    stderr = finish(launcher, run_dir)
     assert launcher.returncode == 0, stderr[-3000:]
     steps = [row["step"] for row in metric_rows(run_dir)]
     assert (
@@ -500,7 +529,7 @@ def test_a_killed_actor_is_restarted_and_the_run_goes_on(model_cache, tmp_path):
         wait_until(launcher, lambda: 2 in connected()[gone_at:], "the restarted actor to join")
     finally:
         launcher.send_signal(signal.SIGINT)
-        _, stderr = launcher.communicate(timeout=120)
+        stderr = finish(launcher, run_dir)
     assert launcher.returncode == 0, stderr[-3000:]
     assert "actor-1 exited with code -9; restarting it in 1 s (restart 1 of at most 3)" in stderr
-    assert "actor 1 is gone" in stderr and stderr.count("actor 1 joined") == 2
+    assert "actor 1 went silent" in stderr and stderr.count("actor 1 joined") == 2

@@ -14,7 +14,9 @@ from learner.update import Experience, collate
 LORA = LoraConfig(rank=4, alpha=8.0)
 
 
-def make_learner(model_cache, value_kind="separate", seed=0, proximal_in_step=None, **overrides):
+def make_learner(
+    model_cache, value_kind="separate", seed=0, proximal_in_step=None, compile_step=False, **overrides
+):
     loaded = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache)))
     mx.random.seed(seed)
     container = build_policy_and_value(loaded.model, LORA, value_kind=value_kind)
@@ -31,7 +33,7 @@ def make_learner(model_cache, value_kind="separate", seed=0, proximal_in_step=No
     settings = dict(batch_size=8, num_minibatches=1, micro_batch_size=8, update_epochs=1, learning_rate=1e-3)
     settings.update(overrides)
     cfg = PPOUpdateConfig(**settings)
-    learner = PPOLearner(container, cfg, 1.0, compile_step=False, proximal_in_step=proximal_in_step)
+    learner = PPOLearner(container, cfg, 1.0, compile_step=compile_step, proximal_in_step=proximal_in_step)
     return learner, loaded
 
 

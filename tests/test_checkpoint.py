@@ -1,0 +1,63 @@
+"""Checkpoints restore the learner exactly: weights, optimizer moments, KL coefficient, version and RNGs."""
+
+import json
+
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from common.config import LoraConfig
+from learner.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.test_update import LORA, make_learner, sample_experience
+
+SETTINGS = dict(batch_size=8, num_minibatches=2, micro_batch_size=4, update_epochs=2, kl_target=0.1)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def test_an_update_after_restoring_equals_the_update_without_a_break(model_cache, tmp_path):
+    """Learner A: update, checkpoint, update. Learner B (other initial weights): restore, the same update."""
+    a, loaded = make_learner(model_cache, seed=0, compile_step=True, **SETTINGS)
+    a.update(sample_experience(a, loaded.tokenizer, seed=0))
+    folder = save_checkpoint(tmp_path, a, LORA, step=1, actor_next_batch={"0": 3})
+    second = sample_experience(a, loaded.tokenizer, seed=1)
+    a.update(second)
+
+    b, _ = make_learner(model_cache, seed=7, compile_step=True, **SETTINGS)
+    state = load_checkpoint(folder, b)
+    assert state["step"] == 1 and state["actor_next_batch"] == {"0": 3}
+    assert b.policy_version == 1
+    b.update(second)
+    assert b.policy_version == a.policy_version == 2
+    assert b.kl_controller.value == pytest.approx(a.kl_controller.value, rel=1e-6)
+    weights_a, weights_b = flat(a.container.trainable_parameters()), flat(b.container.trainable_parameters())
+    assert set(weights_a) == set(weights_b) and any("value" in k for k in weights_a)
+    for name, value in weights_a.items():
+        np.testing.assert_allclose(weights_b[name], value, atol=1e-6, err_msg=name)
+    moments_a, moments_b = flat(a.optimizer.state), flat(b.optimizer.state)
+    for name, value in moments_a.items():
+        np.testing.assert_allclose(moments_b[name], value, atol=1e-6, err_msg=name)
+
+
+def test_only_complete_checkpoints_count_and_the_newest_are_kept(model_cache, tmp_path):
+    learner, _ = make_learner(model_cache, batch_size=8, num_minibatches=1, micro_batch_size=8)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, learner, LORA, step=step, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000003", "step-000004"]
+    (tmp_path / "checkpoints" / "step-000009").mkdir()  # a crash before the rename leaves no such name, but
+    (tmp_path / "checkpoints" / ".tmp-step-000010-1").mkdir()  # an incomplete folder must never be picked
+    assert latest_checkpoint(tmp_path).name == "step-000004"
+    assert json.loads((latest_checkpoint(tmp_path) / STATE_FILE).read_text())["step"] == 4
+    assert latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(model_cache, tmp_path):
+    learner, _ = make_learner(model_cache, batch_size=8, num_minibatches=1, micro_batch_size=8)
+    folder = save_checkpoint(tmp_path, learner, LORA, step=1)
+    other, _ = make_learner(model_cache, value_kind=None, batch_size=8, num_minibatches=1, micro_batch_size=8)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_checkpoint(folder, other)
+    assert LoraConfig  # the adapters' own format stays mlx-lm's (checked in test_lora)

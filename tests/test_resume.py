@@ -1,0 +1,135 @@
+"""Crash and resume with real processes: exact resume, and actors that outlive their learner."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from common.transport import free_tcp_ports
+from tests.test_runtime import ROOT, SMALL, finish, metric_rows, start_tiny_launcher
+
+ON_POLICY = ("ppo.max_policy_lag=0", "run.seed=3", "run.checkpoint_every=2")
+
+
+def wait_for(condition, what: str, seconds: float = 180, alive: tuple = ()) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        assert all(p.poll() is None for p in alive), f"{what}: a process exited early"
+        time.sleep(0.01)  # polling files the processes write
+
+
+def adapters(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+
+    folder = run_dir / "checkpoints" / f"step-{step:06d}"
+    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
+
+
+def state(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"step-{step:06d}" / "learner_state.json").read_text())
+
+
+def kill_family(launcher: subprocess.Popen) -> None:
+    family = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    for proc in family:
+        proc.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_four_updates_straight_equal_two_then_a_kill_then_resume_for_two_more(model_cache, tmp_path):
+    """One actor, strictly on-policy (``max_policy_lag=0``), fixed seeds: the run is deterministic, and a run
+    killed after its update-2 checkpoint and resumed ends where the uninterrupted one does."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    settings = (*ON_POLICY, "run.max_updates=4")
+    launcher = start_tiny_launcher(
+        model_cache, straight, *settings, args=("--actors", "1", "--run-dir", str(straight))
+    )
+    assert finish(launcher, straight, 300) and launcher.returncode == 0
+
+    launcher = start_tiny_launcher(
+        model_cache, broken, *settings, args=("--actors", "1", "--run-dir", str(broken))
+    )
+    checkpoint = broken / "checkpoints" / "step-000002"
+    wait_for(checkpoint.is_dir, "the first checkpoint", alive=(launcher,))
+    kill_family(launcher)  # SIGKILL: no final checkpoint, no goodbye
+    checkpoints = sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert checkpoints == ["step-000002"], "killed too late to test a resume"
+
+    resumed = start_tiny_launcher(model_cache, broken, args=("--actors", "1", "--resume", str(broken)))
+    log = finish(resumed, broken, 300)
+    assert resumed.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "actor 0 continues at batch 2" in log
+    assert state(broken, 4)["policy_version"] == state(straight, 4)["policy_version"] == 4
+    a, b = adapters(straight, 4), adapters(broken, 4)
+    assert set(a) == set(b)
+    for name in a:  # the same computation on the same machine: equal to float32 rounding
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+    assert not all(np.array_equal(a[k], adapters(broken, 2)[k]) for k in a)  # updates 3-4 did change them
+    assert [row["step"] for row in metric_rows(broken)] == [1, 2, 3, 4]  # rows the crash left are redone
+
+
+def process_command(role: str, run_dir: Path, model_cache, address: str, *extra: str) -> list[str]:
+    where = ["--bind", address] if role == "learner" else ["--connect", address]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        role,
+        *where,
+        "--model",
+        "tiny",
+        "--run-dir",
+        str(run_dir),
+    ]
+    settings = (
+        *SMALL,
+        f'model.cache_dir="{model_cache}"',
+        "run.max_updates=6",
+        "transport.heartbeat_s=0.2",
+        "transport.learner_timeout_s=1",
+    )
+    for item in settings:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
+def test_an_actor_outlives_its_learner_and_continues_with_the_resumed_one(model_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    address = f"tcp://127.0.0.1:{free_tcp_ports()[0]}"
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("learner", "learner2", "actor")}  # noqa: SIM115
+
+    def log(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()
+
+    learner = subprocess.Popen(
+        process_command("learner", run_dir, model_cache, address), stderr=logs["learner"]
+    )
+    actor = subprocess.Popen(
+        process_command("actor", run_dir, model_cache, address, "--actor-id", "0", "--num-actors", "1"),
+        stderr=logs["actor"],
+    )
+    try:
+        wait_for((run_dir / "checkpoints" / "step-000002").is_dir, "a checkpoint", alive=(learner, actor))
+        learner.kill()
+        learner.wait()
+        wait_for(lambda: "the learner went silent" in log("actor"), "the actor to notice", alive=(actor,))
+        learner = subprocess.Popen(
+            process_command("learner", run_dir, model_cache, address, "--resume"), stderr=logs["learner2"]
+        )
+        assert learner.wait(timeout=300) == 0, log("learner2")[-3000:]
+        assert actor.wait(timeout=60) == 0, log("actor")[-3000:]  # the same process all along
+    finally:
+        for proc in (learner, actor):
+            if proc.poll() is None:
+                proc.kill()
+        for file in logs.values():
+            file.close()
+    actor_log = log("actor")
+    assert "the learner answers again" in actor_log and "the learner restarted (run" in actor_log
+    assert "continuing at batch" in actor_log
+    assert "resumed from" in log("learner2") and "learner done after 6 updates" in log("learner2")
+    assert state(run_dir, 6)["policy_version"] == 6
