@@ -137,7 +137,8 @@ def supervise(
     """Wait for the learners; on a child failure or Ctrl-C ask them to checkpoint and stop. Returns the exit code.
 
     A child in ``restarters`` (the actors) that fails is started again after 1, 2, 4 ... s (at most 30), up to
-    ``max_restarts`` times in all; the run goes on meanwhile. Beyond that, or for a learner, the run stops.
+    ``max_restarts`` times in all; the run goes on meanwhile. Beyond that, for a learner, or for exit code 2
+    (settings or prompts it cannot work with: a restart would fail the same way), the run stops.
     """
     learners = [p for name, p in procs.items() if name.startswith("learner")]
     restarters, restarts, due = restarters or {}, Counter(), {}
@@ -159,7 +160,7 @@ def supervise(
         for name, proc in procs.items():
             if proc.poll() in (None, 0) or state["stopping"] or name in due:
                 continue
-            if name in restarters and restarts[name] < max_restarts:
+            if name in restarters and restarts[name] < max_restarts and proc.returncode != 2:
                 restarts[name] += 1
                 delay = min(2.0 ** (restarts[name] - 1), 30.0)
                 logger.warning(
@@ -180,7 +181,8 @@ def supervise(
     if codes:
         logger.error("learner(s) failed: %s", codes)
         return next(iter(codes.values()))
-    return 1 if state["failed"] else 0
+    failed = state["failed"]
+    return failed if failed > 0 else int(failed != 0)  # a child killed by a signal: 1
 
 
 def stop_children(procs: dict[str, subprocess.Popen], grace_s: float = 30.0) -> None:

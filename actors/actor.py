@@ -38,6 +38,10 @@ from common.weights import AdapterSync
 logger = logging.getLogger(__name__)
 
 
+EXIT_BAD_SETUP = 2
+"""Exit code of an actor that cannot work with its settings or prompts: restarting it would not help."""
+
+
 class ActorStopped(Exception):
     """The learner told this actor to stop (``refused``: it would not accept this actor at all)."""
 
@@ -70,6 +74,35 @@ class ActorStats:
         }
 
 
+def encode_prompts(tokenizer, texts, max_tokens: int) -> tuple[list[list[int]], list[str]]:
+    """Chat-formatted token ids of each usable prompt and its text; empty prompts and prompts over
+    ``max_tokens`` (``sampling.max_prompt_tokens``) are left out and logged. None usable: ValueError."""
+    ids, kept, empty, too_long = [], [], 0, []
+    for text in texts:
+        if not text.strip():
+            empty += 1
+            continue
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+        if len(encoded) > max_tokens:
+            too_long.append(len(encoded))
+            continue
+        ids.append(encoded)
+        kept.append(text)
+    if empty or too_long:
+        logger.warning(
+            "left out %d empty prompt(s) and %d longer than sampling.max_prompt_tokens=%d (up to %d tokens)",
+            empty,
+            len(too_long),
+            max_tokens,
+            max(too_long, default=0),
+        )
+    if not ids:
+        raise ValueError(f"no usable prompt among {len(texts)}: all empty or over {max_tokens} tokens")
+    return ids, kept
+
+
 def sequence_seed(run_seed: int, actor_id: int, batch_id: int, index: int) -> int:
     """The seed of one sequence: the same run, actor, batch and position always sample the same way."""
     return int(np.random.SeedSequence([run_seed, actor_id, batch_id, index]).generate_state(1)[0])
@@ -85,7 +118,9 @@ class ActorWorker:
         use_fast_cpu_ops(model)  # a no-op off the CPU; the reference pass (no KV cache) takes the fast path
         self.params = SamplingParams.from_config(cfg.sampling)
         self.stop_ids = set(tokenizer.eos_token_ids)
-        self.prompts = [self._encode(p) for p in task.prompts]
+        self.prompts, self.prompt_texts = encode_prompts(
+            tokenizer, task.prompts, cfg.sampling.max_prompt_tokens
+        )
         self.sampler = PromptSampler(len(self.prompts), actor_id, num_actors, cfg.run.seed)
         self.policy_version = -1
         self.checksum = ""
@@ -105,14 +140,6 @@ class ActorWorker:
         self.learner_silent = False
         self._retry_backoff_s = 1.0
         self._next_retry = 0.0
-
-    def _encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True
-        )
-        if len(ids) > self.cfg.sampling.max_prompt_tokens:
-            raise ValueError(f"prompt of {len(ids)} tokens > sampling.max_prompt_tokens: {text[:60]!r}")
-        return ids
 
     # -- control -------------------------------------------------------------------------------------------
 
@@ -252,7 +279,7 @@ class ActorWorker:
         sequences = []
         for i, c in zip(indices, completions, strict=True):
             text = self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids])
-            score = safe_score(self.task.reward, self.task.prompts[i], text, self.cfg.run.reward_timeout_s)
+            score = safe_score(self.task.reward, self.prompt_texts[i], text, self.cfg.run.reward_timeout_s)
             sequences.append(
                 protocol.Sequence_(len(c.prompt_ids), len(c.response_ids), score, c.finish_reason, i)
             )
@@ -394,12 +421,25 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
     loaded = load_model(cfg.model)
     attach_lora(loaded.model, cfg.lora)
     task = get_task(cfg.run.task)
+    context = getattr(loaded.model.args, "max_position_embeddings", None) or 0
+    needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens
+    if context and needed > context:
+        logger.error(
+            "sampling.max_prompt_tokens + max_new_tokens = %d > the model's context of %d tokens",
+            needed,
+            context,
+        )
+        return EXIT_BAD_SETUP
     with zmq_context() as ctx:
         sockets = ActorSockets(
             ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "actor")
         )
         try:
-            worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
+            try:
+                worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
+            except ValueError as e:  # no usable prompt
+                logger.error("%s", e)
+                return EXIT_BAD_SETUP
             worker.connect()
             while True:
                 worker.step()

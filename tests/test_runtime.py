@@ -533,3 +533,20 @@ def test_a_killed_actor_is_restarted_and_the_run_goes_on(model_cache, tmp_path):
     assert launcher.returncode == 0, stderr[-3000:]
     assert "actor-1 exited with code -9; restarting it in 1 s (restart 1 of at most 3)" in stderr
     assert "actor 1 went silent" in stderr and stderr.count("actor 1 joined") == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ('run.task="nope"', "unknown task 'nope': built-in tasks are"),
+        ("sampling.max_prompt_tokens=1020", "max_new_tokens = 1028 > the model's context of 1024 tokens"),
+    ],
+)
+def test_a_run_that_cannot_work_stops_with_the_reason_and_no_restarts(
+    model_cache, tmp_path, setting, message
+):
+    run_dir = tmp_path / "run"
+    launcher = start_tiny_launcher(model_cache, run_dir, setting)
+    log = finish(launcher, run_dir, timeout_s=300)
+    assert launcher.returncode == 2, log[-3000:]
+    assert message in log and "restarting it" not in log

@@ -68,3 +68,14 @@ def test_another_sigalrm_timer_survives_a_reward_time_limit():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_empty_and_overlong_prompts_are_left_out_and_none_usable_is_an_error(tiny, caplog):
+    from actors.actor import encode_prompts
+
+    texts = ["", "   ", "what is 2 + 2?", "word " * 400]
+    ids, kept = encode_prompts(tiny.tokenizer, texts, max_tokens=64)
+    assert kept == ["what is 2 + 2?"] and len(ids) == 1 and 0 < len(ids[0]) <= 64
+    assert "left out 2 empty prompt(s) and 1 longer than sampling.max_prompt_tokens=64" in caplog.text
+    with pytest.raises(ValueError, match="no usable prompt among 2"):
+        encode_prompts(tiny.tokenizer, ["", "word " * 400], max_tokens=64)
