@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.reference import reference_logprobs
+from actors.rewards import load_reward
 from actors.sampler import SamplingParams, generate_completions
-from actors.tasks import PromptSampler, Task, safe_score
+from actors.tasks import PromptSampler, Task
 from common import protocol
 from common.config import Config, config_hash
 from common.cpu_ops import use_fast_cpu_ops
@@ -114,6 +115,8 @@ class ActorWorker:
     ):
         self.cfg, self.actor_id, self.num_actors, self.sockets = cfg, actor_id, num_actors, sockets
         self.model, self.tokenizer, self.task = model, tokenizer, task
+        # resolve_task's batch scorer; a Task built by hand scores with its per-sample reward.
+        self.scorer = task.scorer or load_reward("", task, cfg.run.reward_timeout_s)
         self.adapters = AdapterSync(model)
         use_fast_cpu_ops(model)  # a no-op off the CPU; the reference pass (no KV cache) takes the fast path
         self.params = SamplingParams.from_config(cfg.sampling)
@@ -276,13 +279,14 @@ class ActorWorker:
         self.stats.generate_s += time.perf_counter() - start
         n_generated = sum(len(c.response_ids) for c in completions)
         self.stats.generated_tokens += n_generated
-        sequences = []
-        for i, c in zip(indices, completions, strict=True):
-            text = self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids])
-            score = safe_score(self.task.reward, self.prompt_texts[i], text, self.cfg.run.reward_timeout_s)
-            sequences.append(
-                protocol.Sequence_(len(c.prompt_ids), len(c.response_ids), score, c.finish_reason, i)
-            )
+        texts = [
+            self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids]) for c in completions
+        ]
+        scores = self.scorer([self.prompt_texts[i] for i in indices], texts)  # NaN where the reward failed
+        sequences = [
+            protocol.Sequence_(len(c.prompt_ids), len(c.response_ids), score, c.finish_reason, i)
+            for i, c, score in zip(indices, completions, scores, strict=True)
+        ]
         batch = ExperienceBatch(
             self.actor_id,
             self.batch_id,
@@ -413,14 +417,18 @@ class ActorWorker:
 
 def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
     """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
-    from actors.tasks import get_task
+    from actors.tasks import TaskSetupError, resolve_task
     from common.lora import attach_lora
     from common.models import load_model
     from common.transport import zmq_context
 
+    try:
+        task = resolve_task(cfg)  # before the model: a bad prompt file or reward fails in seconds
+    except TaskSetupError as e:
+        logger.error("%s", e)
+        return EXIT_BAD_SETUP
     loaded = load_model(cfg.model)
     attach_lora(loaded.model, cfg.lora)
-    task = get_task(cfg.run.task)
     context = getattr(loaded.model.args, "max_position_embeddings", None) or 0
     needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens
     if context and needed > context:

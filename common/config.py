@@ -160,7 +160,15 @@ class RunConfig:
     seed: int = 0
     """Seed for model initialisation, prompt order and sampling."""
     task: str = "arithmetic"
-    """Built-in task (prompts + reward): arithmetic, length, letters."""
+    """Built-in task (prompts + reward): arithmetic, length, letters, sentiment, format."""
+    prompts: str = ""
+    """Prompt source; '' takes the task's own. A .jsonl file (one object a line: "prompt" and optional extra
+    fields the reward takes as keyword arguments), a .txt file (one prompt a line), or hf:NAME[:SPLIT[:FIELD]]
+    (a Hugging Face dataset; needs the datasets package and a network)."""
+    reward: str = ""
+    """Reward; '' takes the task's own. module:function (any importable function: (prompt, completion) ->
+    float, or with attribute batched = True (prompts, completions) -> list of floats), or rm:PATH (a reward
+    model saved by 'launch.py train-rm')."""
     max_updates: int = 20
     """Stop after this many updates."""
     sync_every: int = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(f"run.backend={r.backend!r}: use ring, mpi, nccl or jaccl")
     if r.max_actor_restarts < 0:
         p.append(f"run.max_actor_restarts={r.max_actor_restarts} must be >= 0")
+    p += validate_sources(r.prompts, r.reward)
     if r.reward_timeout_s < 0:
         p.append(f"run.reward_timeout_s={r.reward_timeout_s} must be >= 0 (0: no limit)")
     if not r.collective_timeout_s > 0:
@@ -74,6 +76,32 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(
             f"transport.host={t.host!r} is reachable from other machines: it needs ZeroMQ CURVE keys; make them "
             "with 'python launch.py keys DIR', copy DIR to every machine and set transport.keys_dir=DIR"
+        )
+    return p
+
+
+_IDENTIFIER = r"[A-Za-z_]\w*"
+_FUNCTION_SPEC = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}")
+
+
+def validate_sources(prompts: str, reward: str) -> list[str]:
+    """Format problems of ``run.prompts`` and ``run.reward`` (whether the files exist is the actors' check:
+    only they read them, possibly on other machines)."""
+    p: list[str] = []
+    if prompts.startswith("hf:"):
+        parts = prompts[3:].split(":")
+        if len(parts) > 3 or not parts[0].strip() or not all(x.strip() for x in parts[1:]):
+            p.append(f"run.prompts={prompts!r}: use hf:NAME, hf:NAME:SPLIT or hf:NAME:SPLIT:FIELD")
+    elif prompts and not prompts.lower().endswith((".jsonl", ".txt")):
+        p.append(
+            f"run.prompts={prompts!r}: use a .jsonl or .txt file, hf:NAME[:SPLIT[:FIELD]], or '' (task's)"
+        )
+    if reward.startswith("rm:"):
+        if not reward[3:].strip():
+            p.append(f"run.reward={reward!r}: rm: needs the reward model's folder, rm:PATH")
+    elif reward and not _FUNCTION_SPEC.fullmatch(reward):
+        p.append(
+            f"run.reward={reward!r}: use module:function (e.g. my_rewards:score), rm:PATH, or '' (the task's)"
         )
     return p
 

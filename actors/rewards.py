@@ -1,0 +1,243 @@
+"""Prompts and rewards chosen by configuration (``run.prompts``, ``run.reward``), and batch scorers.
+
+Prompts: '' (the task's own), a ``.jsonl`` file (an object a line with a "prompt" string; every other field is an
+*extra* of that prompt), a ``.txt`` file (a prompt a line, blank lines skipped), or ``hf:NAME[:SPLIT[:FIELD]]``
+(a Hugging Face dataset: the ``datasets`` package and a network; other columns become extras).
+
+Rewards: '' (the task's own), ``module:function`` or ``rm:PATH`` (a reward model, ``common/reward_model.py``).
+A function is per sample, ``(prompt, completion, **extras) -> float``, or batched when it has the attribute
+``batched = True``: ``(prompts, completions, **extras) -> list[float]``, each extra then a list aligned with
+the prompts (None where a prompt lacks it), as TRL passes dataset columns. A function gets only the extras it
+names (or all, with ``**kwargs``), so a plain ``(prompt, completion)`` function works with any prompt file.
+
+Every reward is used through a ``Scorer``: ``(prompts, completions) -> list[float]`` for a whole batch, NaN where
+the reward raised, ran past its time limit or gave a non-finite number (logged; the learner drops that group).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actors.tasks import TASKS, RewardFn, Scorer, Task, TaskSetupError, _time_limit, safe_score
+
+if TYPE_CHECKING:
+    from common.config import Config, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Scorer", "load_prompts", "load_prompt_records", "load_reward", "task_problems"]
+
+Extras = dict[str, dict[str, Any]]
+
+
+def load_prompts(spec: str, task: Task) -> tuple[str, ...]:
+    """The prompts ``spec`` (``run.prompts``) names; '' gives ``task.prompts``. Problems raise TaskSetupError."""
+    return load_prompt_records(spec)[0] if spec else task.prompts
+
+
+def load_prompt_records(spec: str) -> tuple[tuple[str, ...], Extras]:
+    """Prompts from a .jsonl/.txt file or ``hf:...`` and each prompt's extra fields (by prompt text)."""
+    if spec.startswith("hf:"):
+        records = _read_hf(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise TaskSetupError(f"run.prompts={spec!r}: no such file ({path.resolve()})")
+        records = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_txt(path)
+    if not records:
+        raise TaskSetupError(f"run.prompts={spec!r}: no prompts in it")
+    extras: Extras = {}
+    conflicts = 0
+    for record in records:
+        prompt, fields = record["prompt"], {k: v for k, v in record.items() if k != "prompt"}
+        if fields and extras.setdefault(prompt, fields) != fields:
+            conflicts += 1
+    if conflicts:  # extras are looked up by prompt text: one text can carry one set
+        logger.warning(
+            "%s: %d repeated prompt(s) with other extra fields; the first ones are used", spec, conflicts
+        )
+    return tuple(r["prompt"] for r in records), extras
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            problems.append(f"line {number}: not JSON ({e})")
+            continue
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            problems.append(f'line {number}: expected an object with a "prompt" string')
+            continue
+        records.append(record)
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (
+            f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        raise TaskSetupError(f"run.prompts={str(path)!r}: {len(problems)} bad line(s):\n  {shown}")
+    return records
+
+
+def _read_txt(path: Path) -> list[dict[str, Any]]:
+    return [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_hf(spec: str) -> list[dict[str, Any]]:
+    name, split, column = (spec[3:].split(":") + ["train", "prompt"])[:3]
+    try:
+        import datasets
+    except ImportError as e:
+        raise TaskSetupError(
+            f"run.prompts={spec!r} needs the 'datasets' package (pip install datasets) and a network; "
+            "offline, export the prompts to a .jsonl file and point run.prompts at it"
+        ) from e
+    try:
+        table = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub raises many kinds: offline, unknown name or split, auth
+        raise TaskSetupError(
+            f"run.prompts={spec!r}: could not load dataset {name!r} split {split!r} "
+            f"({type(e).__name__}: {e}); without a network, export the prompts to a .jsonl file"
+        ) from e
+    if column not in table.column_names:
+        raise TaskSetupError(f"run.prompts={spec!r}: no column {column!r}; columns: {table.column_names}")
+    return [{**row, "prompt": str(row[column])} for row in table]
+
+
+def load_reward(
+    spec: str, task: Task, timeout_s: float = 0.0, model_cfg: ModelConfig | None = None
+) -> Scorer:
+    """The batch scorer ``spec`` (``run.reward``) names; '' scores with ``task.reward``.
+
+    ``timeout_s`` limits each sample (a batched call gets ``timeout_s`` x its size); ``model_cfg`` says where
+    a reward model's base is cached and its dtype. Problems raise TaskSetupError.
+    """
+    if not spec:
+        return PerSampleScorer(task.reward, task.extras, timeout_s)
+    if spec.startswith("rm:"):
+        from common.config import ModelConfig
+        from common.reward_model import load_reward_model
+
+        try:
+            model = load_reward_model(spec[3:], model_cfg or ModelConfig())
+        except (OSError, ValueError) as e:
+            raise TaskSetupError(f"run.reward={spec!r}: {e}") from e
+        return BatchedScorer(model.score, {}, timeout_s)
+    fn = import_function(spec)
+    if getattr(fn, "batched", False) is True:
+        return BatchedScorer(fn, task.extras, timeout_s)
+    return PerSampleScorer(fn, task.extras, timeout_s)
+
+
+def import_function(spec: str) -> Callable[..., Any]:
+    """The function ``module:function`` names; a clear TaskSetupError when it cannot be had."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a user module may fail to import in any way
+        raise TaskSetupError(
+            f"run.reward={spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); the actors must be "
+            "able to import it: install it, keep it in this repository, or put its folder on PYTHONPATH"
+        ) from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise TaskSetupError(f"run.reward={spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+def _extra_names(fn: Callable[..., Any]) -> set[str] | None:
+    """The extras ``fn`` takes by name beyond its first two arguments; None: all (it has ``**kwargs``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no signature: give them nothing extra
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _finite(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+class PerSampleScorer:
+    """Scores a batch one sample at a time through ``safe_score`` (its time limit, NaN on failure)."""
+
+    def __init__(self, fn: RewardFn, extras: Mapping[str, Mapping[str, Any]], timeout_s: float):
+        self.fn, self.extras, self.timeout_s, self.names = fn, extras, timeout_s, _extra_names(fn)
+
+    def _kwargs(self, prompt: str) -> dict[str, Any]:
+        fields = self.extras.get(prompt, {})
+        return {k: v for k, v in fields.items() if self.names is None or k in self.names}
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        scores = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            kwargs = self._kwargs(prompt)
+            reward = (lambda p, c, kw=kwargs: self.fn(p, c, **kw)) if kwargs else self.fn
+            scores.append(safe_score(reward, prompt, completion, self.timeout_s))
+        return scores
+
+
+class BatchedScorer:
+    """Scores a batch in one call; the call failing, running past ``timeout_s`` x batch size or returning the
+    wrong number of scores makes the whole batch NaN (logged), a non-finite score only its own sample."""
+
+    def __init__(self, fn: Callable[..., Any], extras: Mapping[str, Mapping[str, Any]], timeout_s: float):
+        self.fn, self.extras, self.timeout_s, self.names = fn, extras, timeout_s, _extra_names(fn)
+
+    def _kwargs(self, prompts: Sequence[str]) -> dict[str, list[Any]]:
+        present = {k for p in prompts for k in self.extras.get(p, {})}
+        wanted = present if self.names is None else present & self.names
+        return {k: [self.extras.get(p, {}).get(k) for p in prompts] for k in sorted(wanted)}
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        n = len(prompts)
+        try:
+            with _time_limit(self.timeout_s * n):
+                values = list(self.fn(list(prompts), list(completions), **self._kwargs(prompts)))
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} scores for {n} completions")
+        except Exception as e:  # a user reward may fail in any way: the batch is dropped, not the actor
+            logger.warning("batched reward failed (%s: %s); %d sequences scored NaN", type(e).__name__, e, n)
+            return [math.nan] * n
+        scores = [_finite(v) for v in values]
+        if bad := sum(math.isnan(s) for s in scores):
+            logger.warning("batched reward gave %d non-finite score(s) of %d; scored NaN", bad, n)
+        return scores
+
+
+def task_problems(cfg: Config) -> list[str]:
+    """What would stop actors from setting up ``cfg``'s task, found without loading prompts or models: an
+    unknown task, a missing prompt file or reward model, a reward function that cannot be imported. For the
+    launcher to check once before starting anything."""
+    from common.reward_model import RM_CONFIG
+
+    r, problems = cfg.run, []
+    if r.task not in TASKS:
+        problems.append(f"unknown task {r.task!r}: built-in tasks are {', '.join(sorted(TASKS))}")
+    if r.prompts and not r.prompts.startswith("hf:") and not Path(r.prompts).expanduser().is_file():
+        problems.append(f"run.prompts={r.prompts!r}: no such file")
+    if r.reward.startswith("rm:") and not (Path(r.reward[3:]).expanduser() / RM_CONFIG).is_file():
+        problems.append(f"run.reward={r.reward!r}: no {RM_CONFIG} there (save one with 'launch.py train-rm')")
+    elif r.reward and not r.reward.startswith("rm:"):
+        try:
+            import_function(r.reward)
+        except TaskSetupError as e:
+            problems.append(str(e))
+    return problems
