@@ -6,6 +6,10 @@ Subcommands (the launcher uses them to start its children; use them by hand to s
     python launch.py learner --config F --bind tcp://HOST:PORT --run-dir D
     python launch.py actor --config F --connect tcp://HOST:PORT --actor-id I --num-actors N
     python launch.py keys DIR                        CURVE key pairs for a run that leaves this machine
+    python launch.py --resume RUN_DIR                continue a run from its newest checkpoint
+    python launch.py monitor RUN_DIR | plot RUN_DIR  watch a run live / chart its curves
+    python launch.py eval RUN_DIR --prompts F.jsonl  mean reward, KL and samples on held-out prompts
+    python launch.py train-rm --pairs P.jsonl ...    a reward model from preference pairs (--reward rm:PATH)
     python launch.py --hostfile hosts.json ...       learner and actors on other machines, over SSH
 
 Settings come from the defaults, then ``--config FILE.toml``, then the shortcuts below and ``--set`` overrides.
@@ -32,7 +36,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="default | tiny | a local mlx-lm folder | a Hugging Face id (model.name)"
     )
-    parser.add_argument("--task", help="built-in task: arithmetic, length, letters (run.task)")
+    parser.add_argument("--task", help="built-in task: arithmetic, length, letters ... (run.task)")
+    parser.add_argument("--prompts", help="prompts: FILE.jsonl, FILE.txt or hf:NAME (run.prompts)")
+    parser.add_argument("--reward", help="reward: module:function or rm:PATH (run.reward)")
     parser.add_argument("--max-updates", type=int, help="stop after this many updates (run.max_updates)")
     parser.add_argument("--run-dir", help="where config, metrics, logs and checkpoints go (run.run_dir)")
     parser.add_argument(
@@ -104,7 +110,74 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "keys", help="write learner and actor CURVE key pairs into DIR (then set transport.keys_dir=DIR)"
     )
     keys.add_argument("dir", help="folder for the keys; copy it to every machine of the run")
+    add_tool_parsers(sub)
     return parser.parse_args(argv)
+
+
+def add_tool_parsers(sub) -> None:
+    """Subcommands that work on a run directory (running, finished or copied from elsewhere)."""
+    monitor = sub.add_parser("monitor", help="live terminal view of a run's throughput and learning curves")
+    monitor.add_argument("run_dir")
+    monitor.add_argument("--refresh", type=float, default=2.0, help="seconds between frames (default 2)")
+    monitor.add_argument("--once", action="store_true", help="print one frame and exit")
+    plot = sub.add_parser("plot", help="PNG charts of a run's curves (needs matplotlib)")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="folder for the charts (default RUN_DIR/plots)")
+    evaluate = sub.add_parser(
+        "eval", help="mean reward, KL to the base model and samples on held-out prompts"
+    )
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "--prompts", default="", help="held-out prompts: .jsonl, .txt or hf:NAME (run.prompts)"
+    )
+    evaluate.add_argument("--adapters", help="adapter folder to evaluate (default RUN_DIR/adapters)")
+    evaluate.add_argument("--limit", type=int, default=0, help="evaluate at most this many prompts")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train_rm = sub.add_parser(
+        "train-rm", help="train a reward model on preference pairs (python launch.py train-rm --help)"
+    )
+    train_rm.add_argument("rm_args", nargs=argparse.REMAINDER)
+
+
+def run_tool(args: argparse.Namespace) -> int:
+    """``monitor``, ``plot``, ``eval`` and ``train-rm``."""
+    if args.command == "monitor":
+        from learner.monitor import run_monitor
+
+        return run_monitor(Path(args.run_dir), refresh_s=args.refresh, once=args.once)
+    if args.command == "plot":
+        from learner.plot import run_plot
+
+        return run_plot(Path(args.run_dir), Path(args.out) if args.out else None)
+    if args.command == "train-rm":
+        from learner.reward_model_training import main as train_reward_model
+
+        return train_reward_model(args.rm_args)
+    return evaluate_run(args)
+
+
+def evaluate_run(args: argparse.Namespace) -> int:
+    """``eval``: a run's (or any) adapters on held-out prompts; results into RUN_DIR/eval/<adapters>."""
+    from actors.evaluate import evaluate_policy
+    from actors.tasks import TaskSetupError, resolve_task
+    from common.config import ConfigError, load_config
+
+    run_dir = Path(args.run_dir)
+    prompts = [f"run.prompts={json.dumps(args.prompts)}"] if args.prompts else []
+    try:
+        cfg = load_config(run_dir / "config.toml", [*args.overrides, *prompts])
+        task = resolve_task(cfg)
+    except (ConfigError, TaskSetupError) as e:
+        logger.error("%s", e)
+        return 2
+    if not args.prompts:
+        logger.warning("no --prompts: evaluating on the training prompts, which are not held out")
+    texts = task.prompts[: args.limit] if args.limit else task.prompts
+    adapters = Path(args.adapters) if args.adapters else run_dir / "adapters"
+    out_dir = run_dir / "eval" / (adapters.name if args.adapters else "latest")
+    evaluate_policy(cfg, texts, task.scorer, adapters, out_dir)
+    logger.info("wrote %s", out_dir)
+    return 0
 
 
 def resolve_config(args: argparse.Namespace):
@@ -124,8 +197,9 @@ def resolve_config(args: argparse.Namespace):
         shortcuts.append(f"run.run_dir={json.dumps(str(resume_dir))}")
     if args.model:
         shortcuts.append(f"model.name={json.dumps(args.model)}")
-    if args.task:
-        shortcuts.append(f"run.task={json.dumps(args.task)}")
+    for name in ("task", "prompts", "reward"):
+        if getattr(args, name):
+            shortcuts.append(f"run.{name}={json.dumps(getattr(args, name))}")
     if args.max_updates is not None:
         shortcuts.append(f"run.max_updates={args.max_updates}")
     if args.run_dir:
@@ -142,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command or "run"
+    if command in ("monitor", "plot", "eval", "train-rm"):
+        setup_logging("tools")
+        return run_tool(args)
     if command == "keys":
         from common.transport import make_keys
 

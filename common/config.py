@@ -34,6 +34,9 @@ class ModelConfig:
     """'auto' (float32 on CPU, the checkpoint's own dtype on Metal/CUDA), 'float32', 'bfloat16' or 'float16'."""
     cache_dir: str = ""
     """Where converted models are kept; '' means $MLX_PPO_CACHE or ~/.cache/mlx-ppo."""
+    adapters: str = ""
+    """Start the policy from these saved LoRA adapters (an mlx-lm adapter folder, e.g. an earlier run's
+    ``adapters/``); '' starts from fresh adapters. The reference policy stays the base model."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ def config_hash(cfg: Config) -> str:
     d = config_to_dict(cfg)
     d["run"].pop("run_dir", None)
     d["model"].pop("cache_dir", None)
+    d["model"].pop("adapters", None)  # the learner's starting point; actors get its snapshots
     d["transport"].pop("keys_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +18,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16")
     if not m.name.strip():
         p.append("model.name is empty: use default, tiny, a model folder or a Hugging Face id")
+    if m.adapters and not (Path(m.adapters) / "adapters.safetensors").is_file():
+        p.append(f"model.adapters={m.adapters!r}: no adapters.safetensors there (an mlx-lm adapter folder)")
     if lo.rank < 1:
         p.append(f"lora.rank={lo.rank} must be >= 1")
     if lo.alpha <= 0:

@@ -24,6 +24,11 @@ def build_learner(cfg: Config, group=None):
     mx.random.seed(cfg.run.seed)
     value_kind = None if cfg.ppo.is_critic_free else cfg.ppo.value_model
     container = build_policy_and_value(loaded.model, cfg.lora, value_kind, cfg.ppo.full_finetune)
+    if cfg.model.adapters:
+        from common.lora import load_adapters
+
+        load_adapters(container.policy, cfg.model.adapters)
+        logger.info("policy starts from the adapters in %s", cfg.model.adapters)
     return PPOLearner(container, cfg.ppo, cfg.sampling.temperature, group=group, seed=cfg.run.seed)
 
 

@@ -77,6 +77,7 @@ class LearnerService:
         self.snapshot: protocol.Weights | None = None
         self.adapters = AdapterSync(learner.container.policy)
         self.step_count = 0
+        self.resumed_step = 0  # the update a resumed learner started from (its clock starts there)
         self.started = self.last_update_end = time.monotonic()
         self.sync = {"sync/ms": 0.0, "sync/bytes": 0}
         self.max_bytes = cfg.transport.max_message_mb * 2**20
@@ -258,7 +259,8 @@ class LearnerService:
         if not self.is_main:
             return metrics
         self.metrics.write(metrics)
-        logger.info("%s", format_update_line(metrics))
+        line = format_update_line(metrics, self.cfg.run.max_updates, resumed_step=self.resumed_step)
+        logger.info("%s", line)
         if self.step_count % self.cfg.run.checkpoint_every == 0 or self.finished:
             self.save_checkpoint()
         return metrics
@@ -288,7 +290,7 @@ class LearnerService:
     def resume(self, folder: Path) -> None:
         """Continue from the checkpoint ``folder``: learner state, update count, actors' prompt positions."""
         state = load_checkpoint(folder, self.learner)
-        self.step_count = int(state["step"])
+        self.step_count = self.resumed_step = int(state["step"])
         self.resume_batch = {int(k): int(v) for k, v in state.get("actor_next_batch", {}).items()}
         self.next_batch = dict(self.resume_batch)
         self.resumed_num_actors = int(state.get("num_actors", 0))
