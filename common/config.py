@@ -190,6 +190,9 @@ class RunConfig:
     collective_timeout_s: float = 120.0
     """With several learner ranks: a gradient or statistics exchange not done after this long means a rank
     or the network between ranks is gone; the rank prints where it waited and exits instead of hanging."""
+    metrics_sinks: tuple[str, ...] = ()
+    """Also send the metrics to: tensorboard (tensorboardX, into <run_dir>/tensorboard), wandb. Each needs
+    its package installed; metrics.jsonl is always written."""
 
 
 @dataclass(frozen=True)

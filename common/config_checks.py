@@ -61,6 +61,9 @@ def validate_run(cfg: Config) -> list[str]:
     if r.max_actor_restarts < 0:
         p.append(f"run.max_actor_restarts={r.max_actor_restarts} must be >= 0")
     p += validate_sources(r.prompts, r.reward)
+    unknown_sinks = sorted(set(r.metrics_sinks) - {"tensorboard", "wandb"})
+    if unknown_sinks:
+        p.append(f"run.metrics_sinks: unknown {unknown_sinks}; use tensorboard, wandb")
     if r.reward_timeout_s < 0:
         p.append(f"run.reward_timeout_s={r.reward_timeout_s} must be >= 0 (0: no limit)")
     if not r.collective_timeout_s > 0:

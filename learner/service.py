@@ -73,7 +73,9 @@ class LearnerService:
         self.run_id = uuid.uuid4().hex[:12]
         # With several learner ranks, rank 0 alone writes metrics and checkpoints (the weights are identical).
         self.is_main = learner.group is None or learner.group.rank() == 0
-        self.metrics = MetricsWriter(run_dir) if self.is_main else None
+        self.metrics = None
+        if self.is_main:
+            self.metrics = MetricsWriter(run_dir, cfg.run.metrics_sinks, config=config_to_dict(cfg))
         self.snapshot: protocol.Weights | None = None
         self.adapters = AdapterSync(learner.container.policy)
         self.step_count = 0

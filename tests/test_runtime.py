@@ -550,3 +550,11 @@ def test_a_run_that_cannot_work_stops_with_the_reason_and_no_restarts(
     log = finish(launcher, run_dir, timeout_s=300)
     assert launcher.returncode == 2, log[-3000:]
     assert message in log and "restarting it" not in log
+
+
+def test_metrics_also_reach_tensorboard_when_asked(model_cache, tmp_path):
+    pytest.importorskip("tensorboardX")
+    cfg = small_config(model_cache, tmp_path, "run.max_updates=2", 'run.metrics_sinks=["tensorboard"]')
+    assert len(run_one_process(cfg)) == 2
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
