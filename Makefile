@@ -43,11 +43,17 @@ lint: setup
 test: setup lint
 	$(WITH_BLAS) $(PY) -m pytest -q tests
 
+# Every benchmark, then bench/report.py rewrites the generated blocks of BENCHMARKS.md from bench/results/*.json.
+# The soak runs SOAK_MINUTES (3) here; BENCHMARKS.md's 10-minute soak is `make bench SOAK_MINUTES=10`, or alone:
+# python -m common.blas -- python bench/soak.py --minutes 10 --sample-s 10
+SOAK_MINUTES ?= 3
 bench: setup
 	$(WITH_BLAS) $(PY) bench/generation.py
-	$(WITH_BLAS) $(PY) bench/learner.py
+	$(WITH_BLAS) $(PY) bench/learner.py --repeats 2
 	$(WITH_BLAS) $(PY) bench/runtime.py
 	$(WITH_BLAS) $(PY) bench/distributed.py
+	$(WITH_BLAS) $(PY) bench/soak.py --minutes $(SOAK_MINUTES)
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """One learner rank against two (mlx.distributed ring on loopback) on the same total data: update time and result.
 
-    python bench/distributed.py [--model default] [--batch 16] [--repeats 2]
+    python bench/distributed.py [--model default] [--batch 16] [--repeats 2] [--output bench/results/distributed.json]
 
 Each configuration runs in fresh processes with the cores split evenly (2 ranks: half the BLAS threads each):
 the same seeded LoRA policy + separate critic, the same synthetic batch of ``--batch`` sequences (64 prompt + 64
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, run_record  # noqa: E402
 
 
 def rank_main(out_dir: str, model: str, batch: int, repeats: int) -> None:
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "distributed.json"))
     opts = parser.parse_args()
     rows = []
     for ranks in (1, 2):
@@ -105,10 +106,15 @@ def main() -> None:
             f"| {r['ranks']} | {opts.batch // r['ranks']} | {r['update_s']:.2f} | {rows[0]['update_s'] / r['update_s']:.2f}x |"
         )
     print(f"largest difference between the trained weights of 1 and 2 ranks: {diff:.2e}")
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    summary = {"machine": header, "rows": [{k: v for k, v in r.items() if k != "weights"} for r in rows]}
-    (results / "distributed.json").write_text(json.dumps({**summary, "max_weight_diff": diff}, indent=2))
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    summary = {
+        **run_record(),
+        "machine": header,
+        "batch": opts.batch,
+        "rows": [{k: v for k, v in r.items() if k != "weights"} for r in rows],
+    }
+    output.write_text(json.dumps({**summary, "max_weight_diff": diff}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, run_record  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -171,7 +171,7 @@ def main() -> None:
     print(_table(rows, args.batch_sizes))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"machine": header, "rows": rows}, indent=2))
+    output.write_text(json.dumps({**run_record(), "machine": header, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, run_record  # noqa: E402
 
 
 def matmul_peak_gflops(n: int = 0, repeats: int = 5, dtype: str = "auto") -> float:
@@ -180,7 +180,9 @@ def main() -> None:
     output.write_text(
         json.dumps(
             {
+                **run_record(),
                 "machine": header,
+                "peak_dtype": peak_dtype_name(opts.peak_dtype),
                 "peak_gflops": peak,
                 "peak_before_after": [peak_before, peak_after],
                 "rows": rows,

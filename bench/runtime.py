@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, run_record  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCALING_SETTINGS = [
@@ -289,7 +289,7 @@ def main() -> None:
     if args.receiver:
         run_receiver(args.parts[0], int(args.parts[1]), args.model)
         return
-    results: dict = {"machine": f"{describe_machine()}; date {date.today()}"}
+    results: dict = {**run_record(), "machine": f"{describe_machine()}; date {date.today()}"}
     print(results["machine"])
     if "sync" in args.parts:
         results["sync"] = run_sync(args.actors, args.model, args.netns)

@@ -1,12 +1,13 @@
 """Soak: a run of N actors for a fixed time, watching every process's memory and the learner's queues.
 
-    python bench/soak.py [--minutes 10] [--actors 2] [--model tiny] [--sample-s 5]
+    python bench/soak.py [--minutes 10] [--actors 2] [--model tiny] [--sample-s 5] [--output bench/results/soak.json]
 
 Starts ``launch.py`` (small settings, many short updates, so the runtime itself is what is exercised), samples
 the RSS of the learner and every actor with psutil, and reads ``buffer/depth``, ``rollout/in_flight`` and the
 counters from ``metrics.jsonl``. Reports each process's RSS after warm-up (the first fifth of the run) and at the
 end, the growth in between, and the queue depths over time; stops the run with SIGINT. Writes
-``bench/results/soak.json``.
+``bench/results/soak.json``. ``make bench`` runs it for 3 minutes (``SOAK_MINUTES``); the 10-minute soak of
+BENCHMARKS.md is ``python -m common.blas -- python bench/soak.py --minutes 10 --sample-s 10``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, run_record  # noqa: E402
 
 SETTINGS = [
     "sampling.batch_size=8",
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--run-dir", default="/tmp/mlx-ppo-soak")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "soak.json"))
     opts = parser.parse_args()
     run_dir = Path(opts.run_dir)
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -90,8 +92,11 @@ def main() -> None:
     warm = next(s for s in samples if s["t"] >= opts.minutes * 60 / 5)
     last = samples[-1]
     report = {
+        **run_record(),
         "machine": describe_machine(),
         "minutes": opts.minutes,
+        "actors": opts.actors,
+        "model": opts.model,
         "updates": rows[-1]["step"],
         "rss_mb_after_warmup": warm["rss_mb"],
         "rss_mb_end": last["rss_mb"],
@@ -114,9 +119,9 @@ def main() -> None:
         f"buffer depth max {report['buffer_depth_max']}, in flight max {report['in_flight_max']}, "
         f"dropped {report['lag_dropped']}, rejects {report['rejects']}"
     )
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "soak.json").write_text(json.dumps(report, indent=2))
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
