@@ -249,11 +249,10 @@ def resolve_task(cfg: Config) -> Task:
         task = dataclasses.replace(task, prompts=prompts, extras=extras)
     scorer = load_reward(cfg.run.reward, task, cfg.run.reward_timeout_s, cfg.model)
     logger.info(
-        "task %s: %d prompts from %s, reward %s",
-        task.name,
+        "%d prompts from %s; reward %s",
         len(task.prompts),
-        cfg.run.prompts or "the task",
-        cfg.run.reward or "of the task",
+        cfg.run.prompts or f"task {task.name}",
+        cfg.run.reward or f"of task {task.name}",
     )
     return dataclasses.replace(task, scorer=scorer)
 
