@@ -103,13 +103,15 @@ def _environment(scratch: str) -> dict[str, str]:
 
 
 def _remove(scratch: str) -> None:
-    def make_writable_and_retry(function, path, _exc_info):
+    def make_writable_and_retry(function, path, _exc):
         os.chmod(os.path.dirname(path), stat.S_IRWXU)  # the code may have made its folders read-only
         if os.path.isdir(path) and not os.path.islink(path):
             os.chmod(path, stat.S_IRWXU)
         function(path)
 
-    shutil.rmtree(scratch, onerror=make_writable_and_retry)
+    # Python 3.12 renamed the error callback (same arguments as far as this one reads them).
+    callback = "onexc" if sys.version_info >= (3, 12) else "onerror"
+    shutil.rmtree(scratch, **{callback: make_writable_and_retry})
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -117,7 +119,25 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
-    proc.wait()
+    proc.communicate()  # reaps it and closes its stdin pipe
+
+
+def _run_child(scratch: str, settings: dict, wall_s: float) -> tuple[int | None, str]:
+    """Run the guard in ``scratch``; (exit code or None when killed at ``wall_s``, the end of its output)."""
+    with tempfile.TemporaryFile() as out:  # not in scratch: the code cannot reach or replace it
+        command = [*network_isolation(), sys.executable, "-I", "-S", "-B", str(GUARD)]
+        proc = subprocess.Popen(
+            command, cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,  # its own group: killed as a whole
+        )  # fmt: skip
+        try:
+            proc.communicate(json.dumps(settings).encode(), timeout=wall_s)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            returncode = None
+        out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
+        return returncode, out.read().decode(errors="replace")
 
 
 def run_python_tests(code: str, tests: str, limits: SandboxLimits | None = None) -> SandboxResult:
@@ -138,29 +158,12 @@ def run_python_tests(code: str, tests: str, limits: SandboxLimits | None = None)
     try:
         Path(scratch, "solution.py").write_text(code, encoding="utf-8")
         Path(scratch, "tests.py").write_text(tests, encoding="utf-8")
-        with tempfile.TemporaryFile() as out:  # not in scratch: the code cannot reach or replace it
-            command = [*network_isolation(), sys.executable, "-I", "-S", "-B", str(GUARD)]
-            proc = subprocess.Popen(
-                command, cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,  # its own group: killed as a whole
-            )  # fmt: skip
-            timed_out = False
-            try:
-                proc.communicate(json.dumps(settings).encode(), timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-            out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
-            output = out.read().decode(errors="replace")
+        returncode, output = _run_child(scratch, settings, limits.wall_s)
     finally:
         _remove(scratch)
-    passed = not timed_out and proc.returncode == 0 and f"\n{nonce}\n" in output
-    blocked = output.rsplit("sandbox: blocked ", 1)[1].strip() if proc.returncode == BLOCKED else ""
+    passed = returncode == 0 and f"\n{nonce}\n" in output
+    _, marker, what = output.rpartition("sandbox: blocked ")
+    blocked = what.strip() if marker and returncode == BLOCKED else ""
     return SandboxResult(
-        passed,
-        None if timed_out else proc.returncode,
-        timed_out,
-        blocked,
-        output.replace(nonce, "<pass>"),
-        scratch,
+        passed, returncode, returncode is None, blocked, output.replace(nonce, "<pass>"), scratch
     )

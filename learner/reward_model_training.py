@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,27 @@ def _epoch(model, step, pairs_ids, batch_size: int, rng: np.random.Generator) ->
     return float(np.mean(losses))
 
 
+def _optimizer_step(model: RewardModel, lr: float) -> Callable[[mx.array, mx.array, int], float]:
+    """``step(tokens, lengths, n)``: one Adam step (gradient norm clipped to 1) on a batch whose first ``n``
+    rows are the chosen completions and the last ``n`` the rejected ones; returns the batch's loss."""
+    optimizer = optim.Adam(learning_rate=lr)
+
+    def loss_fn(net, tokens, lengths, n):
+        rewards = net(tokens, lengths)
+        return bradley_terry_loss(rewards[:n], rewards[n:])
+
+    loss_and_grad = nn.value_and_grad(model.net, loss_fn)
+
+    def step(tokens: mx.array, lengths: mx.array, n: int) -> float:
+        loss, grads = loss_and_grad(model.net, tokens, lengths, n)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model.net, grads)
+        mx.eval(model.net.parameters(), optimizer.state, loss)
+        return loss.item()
+
+    return step
+
+
 def train_reward_model(
     cfg: Config,
     pairs_path: str | Path,
@@ -116,21 +137,7 @@ def train_reward_model(
     mx.random.seed(cfg.run.seed)  # the head's initialisation
     model = build_reward_model(cfg.model, cfg.lora)
     ids = [(model.encode(p.prompt, p.chosen), model.encode(p.prompt, p.rejected)) for p in pairs]
-    optimizer = optim.Adam(learning_rate=lr)
-
-    def loss_fn(net, tokens, lengths, n):
-        rewards = net(tokens, lengths)
-        return bradley_terry_loss(rewards[:n], rewards[n:])
-
-    loss_and_grad = nn.value_and_grad(model.net, loss_fn)
-
-    def step(tokens: mx.array, lengths: mx.array, n: int) -> float:
-        loss, grads = loss_and_grad(model.net, tokens, lengths, n)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model.net, grads)
-        mx.eval(model.net.parameters(), optimizer.state, loss)
-        return loss.item()
-
+    step = _optimizer_step(model, lr)
     rng, start, losses = np.random.default_rng(cfg.run.seed), time.perf_counter(), []
     for epoch in range(epochs):
         losses.append(_epoch(model, step, ids, batch, rng))

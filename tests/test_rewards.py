@@ -203,3 +203,39 @@ def test_a_reward_module_is_found_by_its_dotted_path(tmp_path, monkeypatch):
     cfg = load_config(None, ['run.reward="team.rewards.brevity:score"'])
     assert task_problems(cfg) == []
     assert resolve_task(cfg).scorer(["q"], ["one two three"]) == [0.25]
+
+
+def test_actor_scores_its_batch_through_the_configured_reward(plugin, model_cache, tmp_path):
+    """generate_batch with run.prompts and a reward that fails on some answers: exactly those sequences score
+    NaN (the learner drops their groups), the others keep their scores."""
+    from actors.actor import ActorWorker
+    from common.lora import attach_lora
+    from common.models import load_model
+    from common.transport import ActorSockets, Endpoints, zmq_context
+
+    (tmp_path / "p.txt").write_text("say something\nsay more\n")
+    (tmp_path / "flaky_reward.py").write_text(
+        "def score(prompt, completion):\n    if len(completion) % 2:\n        raise ValueError('odd')\n    return 1.0\n"
+    )
+    cfg = load_config(
+        None,
+        [f'run.prompts="{tmp_path / "p.txt"}"', 'run.reward="flaky_reward:score"', 'model.name="tiny"']
+        + [f'model.cache_dir="{model_cache}"', "sampling.batch_size=8", "sampling.max_new_tokens=6"]
+        + ["ppo.group_size=2"],
+    )
+    loaded = load_model(cfg.model)
+    attach_lora(loaded.model, cfg.lora)
+    with zmq_context() as ctx:
+        sockets = ActorSockets(ctx, Endpoints.inproc(), 2)
+        worker = ActorWorker(cfg, 0, 1, sockets, loaded.model, loaded.tokenizer, resolve_task(cfg))
+        batch = worker.generate_batch()
+        sockets.close()
+    offset, expected = 0, []
+    for seq in batch.sequences:
+        response = batch.tokens[offset + seq.prompt_len : offset + seq.prompt_len + seq.response_len]
+        text = loaded.tokenizer.decode([int(t) for t in response if int(t) not in worker.stop_ids])
+        expected.append(math.nan if len(text) % 2 else 1.0)
+        offset += seq.prompt_len + seq.response_len
+        assert worker.prompt_texts[seq.prompt_index] in ("say something", "say more")
+    assert [s.score for s in batch.sequences] == pytest.approx(expected, nan_ok=True)
+    assert 0 < sum(map(math.isnan, expected)) < len(expected)  # both kinds occur (fixed seeds)
