@@ -36,7 +36,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="default | tiny | a local mlx-lm folder | a Hugging Face id (model.name)"
     )
-    parser.add_argument("--task", help="built-in task: arithmetic, length, letters ... (run.task)")
+    parser.add_argument(
+        "--task", help="built-in task: arithmetic, length, format, sentiment, letters (run.task)"
+    )
     parser.add_argument("--prompts", help="prompts: FILE.jsonl, FILE.txt or hf:NAME (run.prompts)")
     parser.add_argument("--reward", help="reward: module:function or rm:PATH (run.reward)")
     parser.add_argument("--max-updates", type=int, help="stop after this many updates (run.max_updates)")
@@ -266,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.hostfile:
         return launch_over_ssh(cfg, args)
     if args.one_process:
-        history = run_one_process(cfg, args.actors)
+        from actors.tasks import TaskSetupError
+
+        try:
+            history = run_one_process(cfg, args.actors)
+        except TaskSetupError as e:
+            logger.error("%s", e)
+            return 2
         return 0 if len(history) == cfg.run.max_updates else 1
     resume = args.resume_dir is not None
     return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve(), resume)

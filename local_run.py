@@ -71,14 +71,13 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path, resu
 
     ``resume``: the learners continue from the newest checkpoint in ``run.run_dir``.
     """
-    from actors.tasks import get_task
+    from actors.rewards import task_problems
     from common.config import config_to_toml
     from common.transport import Endpoints, free_tcp_ports
 
-    try:
-        get_task(cfg.run.task)
-    except ValueError as e:
-        logger.error("%s", e)
+    if problems := task_problems(cfg):  # once here, not in every actor after the model loads
+        for problem in problems:
+            logger.error("%s", problem)
         return 2
     if num_learners > 1 and cfg.run.backend != "ring":
         logger.error(
@@ -208,7 +207,7 @@ def run_one_process(cfg, num_actors: int = 1, timeout_s: float = 600.0) -> list[
     for tests and for debugging with one stack trace.
     """
     from actors.actor import ActorStopped, ActorWorker
-    from actors.tasks import get_task
+    from actors.tasks import resolve_task
     from common.lora import attach_lora
     from common.models import load_model
     from common.transport import ActorSockets, Endpoints, LearnerSockets, zmq_context
@@ -217,6 +216,7 @@ def run_one_process(cfg, num_actors: int = 1, timeout_s: float = 600.0) -> list[
 
     endpoints, history = Endpoints.inproc(), []
     deadline = time.monotonic() + timeout_s
+    task = resolve_task(cfg)  # TaskSetupError: the caller reports it
     learner = build_learner(cfg)
     with zmq_context() as ctx:
         sockets = [LearnerSockets(ctx, endpoints, cfg.transport.experience_hwm)]
@@ -227,11 +227,7 @@ def run_one_process(cfg, num_actors: int = 1, timeout_s: float = 600.0) -> list[
             loaded = load_model(cfg.model)
             attach_lora(loaded.model, cfg.lora)
             sockets.append(ActorSockets(ctx, endpoints, cfg.transport.experience_hwm))
-            workers.append(
-                ActorWorker(
-                    cfg, i, num_actors, sockets[-1], loaded.model, loaded.tokenizer, get_task(cfg.run.task)
-                )
-            )
+            workers.append(ActorWorker(cfg, i, num_actors, sockets[-1], loaded.model, loaded.tokenizer, task))
         try:
             while not all([w.poll_connect(0) for w in workers]):
                 service.poll(10)

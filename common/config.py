@@ -101,6 +101,10 @@ class PPOUpdateConfig:
     """Stop the update's remaining minibatches once approx KL(proximal || new) exceeds this (0 = off)."""
     kl_coef: float = 0.05
     """Initial coefficient of the per-token KL penalty to the reference (base) policy."""
+    kl_loss_coef: float = 0.0
+    """Weight of a k3 KL-to-reference term in the loss, as GRPO does (0: none). With group-normalised
+    advantages a KL penalty in the reward (kl_coef) only counts differences within a group; this one holds
+    every sample back. Use one or the other."""
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward: 'k1' (log-ratio) or 'k3' ((r-1) - log r)."""
     kl_target: float = 0.0

@@ -149,7 +149,7 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
     for name in ("learning_rate", "clip_coef", "value_clip", "is_cap", "kl_horizon"):
         if not getattr(u, name) > 0:
             p.append(f"ppo.{name}={getattr(u, name)} must be > 0")
-    for name in ("vf_coef", "ent_coef", "max_grad_norm", "target_kl", "kl_coef", "kl_target"):
+    for name in ("vf_coef", "ent_coef", "max_grad_norm", "target_kl", "kl_coef", "kl_target", "kl_loss_coef"):
         if getattr(u, name) < 0:
             p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
     if not (0 <= u.gamma <= 1 and 0 <= u.lam <= 1):

@@ -56,6 +56,22 @@ def policy_loss(
     return loss, stats
 
 
+def reference_kl_loss(
+    new_logprobs: mx.array,
+    ref_logprobs: mx.array,
+    mask: mx.array,
+    num_tokens: mx.array | float | None = None,
+) -> mx.array:
+    """KL(pi_new || pi_ref) as a loss term (GRPO, Shao et al. 2024, arXiv:2402.03300, eq. 4); inputs ``[B, T]``.
+
+    Per token the unbiased, non-negative k3 estimator ``exp(ref - new) - (ref - new) - 1`` on tokens sampled
+    from the policy. Unlike a KL penalty folded into the reward, it is not cancelled by group normalisation:
+    every sample of a group that drifts from the reference pays for it.
+    """
+    log_ratio = ref_logprobs - new_logprobs
+    return masked_sum_over(mx.exp(log_ratio) - log_ratio - 1.0, mask, num_tokens)
+
+
 def value_loss(
     values: mx.array,
     old_values: mx.array,

@@ -80,6 +80,7 @@ class PPOLearner:
             cfg.vf_coef,
             cfg.ent_coef,
             cfg.is_cap,
+            cfg.kl_loss_coef,
             self.proximal_in_step,
         )
         self._grad_fn = self._make_grad_fn(compile_step)
@@ -194,6 +195,8 @@ class PPOLearner:
         }
         if values is not None:
             arrays.update(old_values=values, returns=returns)
+        if self.cfg.kl_loss_coef > 0:
+            arrays["ref"] = ref.astype(np.float32)
         seq_kl = float((kl.sum(axis=1)).mean())
         stats = {
             "kl/ref_mean": seq_kl,

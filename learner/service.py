@@ -88,6 +88,7 @@ class LearnerService:
         self.resumed_num_actors = 0
         self.never_started: set[int] = set()  # reported already
         self._next_heartbeat = 0.0
+        self.rejected_in_a_row = 0  # batches of which no group was accepted (stale ones aside)
 
     @property
     def finished(self) -> bool:
@@ -227,9 +228,24 @@ class LearnerService:
         if msg.policy_version > self.learner.policy_version:  # sampled for an earlier run of this learner
             self._reject("future_version", f"v{msg.policy_version} > learner v{self.learner.policy_version}")
         else:
-            self.buffer.add(msg, self.learner.policy_version)
+            accepted = self.buffer.add(msg, self.learner.policy_version)
             self.next_batch[msg.actor_id] = max(self.next_batch.get(msg.actor_id, 0), msg.batch_id + 1)
+            fresh = self.learner.policy_version - msg.policy_version <= self.cfg.ppo.max_policy_lag
+            self._watch_rejections(rejected_whole=accepted == 0 and fresh)
         self.grant_rollouts()  # stale or rejected sequences free their slots at once
+
+    def _watch_rejections(self, rejected_whole: bool) -> None:
+        """A reward that fails on everything (or prompts that all go wrong) stalls a run without an update
+        to report it: say so in the log after 3 fully rejected batches in a row, then every 10th."""
+        self.rejected_in_a_row = self.rejected_in_a_row + 1 if rejected_whole else 0
+        if self.rejected_in_a_row == 3 or (self.rejected_in_a_row and self.rejected_in_a_row % 10 == 0):
+            reasons = {k: v for k, v in self.buffer.counters.items() if k.startswith("reject/")}
+            logger.error(
+                "the last %d batches were rejected whole (nothing to train on; %s): check the reward "
+                "function and the prompts",
+                self.rejected_in_a_row,
+                reasons,
+            )
 
     def poll(self, timeout_ms: int) -> None:
         """Handle what arrives within ``timeout_ms``; experience is read only while the buffer has room."""

@@ -18,7 +18,14 @@ import numpy as np
 from common.logprobs import sampling_logprobs, token_logprobs
 from common.models import lm_head_logits
 from learner.models import PolicyAndValue
-from learner.ppo import entropy, masked_sum_over, policy_loss, token_entropy, value_loss
+from learner.ppo import (
+    entropy,
+    masked_sum_over,
+    policy_loss,
+    reference_kl_loss,
+    token_entropy,
+    value_loss,
+)
 
 
 @dataclass
@@ -99,6 +106,8 @@ class LossWeights:
     vf_coef: float
     ent_coef: float
     is_cap: float
+    kl_loss_coef: float = 0.0
+    """Weight of ``reference_kl_loss`` in the loss (needs ``mb["ref"]``); 0 leaves it out."""
     proximal_in_step: bool = False
     """The update is one gradient step, so the proximal policy (the weights at the start of the update) is the
     policy of this very forward pass: use its log-probs, detached, instead of a separate no-grad pass."""
@@ -134,6 +143,9 @@ def ppo_objective(
     stats["loss/policy"] = loss
     if w.proximal_in_step:  # what the skipped no-grad pass would have reported
         stats.update(proximal_stats(mx.stop_gradient(logits), proximal, mb, w.temperature))
+    if w.kl_loss_coef > 0:
+        stats["loss/ref_kl"] = reference_kl_loss(new_logprobs, mb["ref"], mb["mask"], n)
+        loss = loss + w.kl_loss_coef * stats["loss/ref_kl"]
     if w.ent_coef > 0:
         stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), mb["mask"], n)
         loss = loss - w.ent_coef * stats["loss/entropy"]

@@ -108,3 +108,23 @@ def test_kl_controllers():
     assert adaptive.value == pytest.approx(0.1 * 1.02 * 0.98)
     assert isinstance(make_kl_controller(0.1, None, 1.0), FixedKLController)
     assert isinstance(make_kl_controller(0.1, 6.0, 1.0), AdaptiveKLController)
+
+
+def test_reference_kl_loss_by_hand():
+    from learner.ppo import reference_kl_loss
+
+    rng = np.random.default_rng(3)
+    new, ref = rng.normal(-2, 1, (3, 5)), rng.normal(-2, 1, (3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t]:
+                r = ref[b, t] - new[b, t]
+                total += math.exp(r) - r - 1.0
+                count += 1
+    loss = reference_kl_loss(mx.array(new), mx.array(ref), mx.array(mask))
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert reference_kl_loss(mx.array(new), mx.array(new), mx.array(mask)).item() == pytest.approx(
+        0.0, abs=1e-7
+    )

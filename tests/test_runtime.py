@@ -558,3 +558,23 @@ def test_metrics_also_reach_tensorboard_when_asked(model_cache, tmp_path):
     assert len(run_one_process(cfg)) == 2
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def failing_reward(prompt: str, completion: str) -> float:
+    raise RuntimeError("reward service down")
+
+
+def test_a_reward_that_always_fails_is_reported_though_no_update_comes(harness, caplog):
+    import logging
+
+    from actors.rewards import load_reward
+
+    caplog.set_level(logging.ERROR, logger="learner.service")
+    worker = harness.actor(0)
+    harness.join(worker)
+    worker.scorer = load_reward("tests.test_runtime:failing_reward", worker.task)
+    for _ in range(3):
+        frames = [bytes(f) for f in protocol.encode(worker.generate_batch())]
+        harness.service.handle_experience(frames)
+    assert harness.service.buffer.depth == 0 and harness.service.step_count == 0
+    assert "the last 3 batches were rejected whole" in caplog.text and "reject/bad_score" in caplog.text

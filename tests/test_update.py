@@ -175,3 +175,15 @@ def test_single_step_update_takes_the_proximal_policy_from_its_own_forward(model
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
     with pytest.raises(ValueError, match="one epoch and one minibatch"):
         make_learner(model_cache, value_kind=None, proximal_in_step=True, update_epochs=2, **grpo)
+
+
+def test_the_kl_loss_pulls_the_policy_back_to_the_reference(model_cache):
+    """Equal scores: GRPO advantages are zero, so only the KL term moves the adapters, towards the base."""
+    learner, loaded = make_learner(
+        model_cache, value_kind=None, algorithm="grpo", group_size=4, kl_coef=0.0, kl_loss_coef=1.0,
+        learning_rate=3e-4,
+    )  # fmt: skip
+    exp = sample_experience(learner, loaded.tokenizer)
+    exp.scores[:] = 1.0
+    kls = [learner.update(exp)["loss/ref_kl"] for _ in range(4)]
+    assert kls[0] > 0 and kls[-1] < kls[0] / 2
