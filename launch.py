@@ -135,14 +135,13 @@ def add_tool_parsers(sub) -> None:
     evaluate.add_argument("--adapters", help="adapter folder to evaluate (default RUN_DIR/adapters)")
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate at most this many prompts")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    train_rm = sub.add_parser(
+    sub.add_parser(
         "train-rm", help="train a reward model on preference pairs (python launch.py train-rm --help)"
     )
-    train_rm.add_argument("rm_args", nargs=argparse.REMAINDER)
 
 
 def run_tool(args: argparse.Namespace) -> int:
-    """``monitor``, ``plot``, ``eval`` and ``train-rm``."""
+    """``monitor``, ``plot`` and ``eval``."""
     if args.command == "monitor":
         from learner.monitor import run_monitor
 
@@ -151,10 +150,6 @@ def run_tool(args: argparse.Namespace) -> int:
         from learner.plot import run_plot
 
         return run_plot(Path(args.run_dir), Path(args.out) if args.out else None)
-    if args.command == "train-rm":
-        from learner.reward_model_training import main as train_reward_model
-
-        return train_reward_model(args.rm_args)
     return evaluate_run(args)
 
 
@@ -216,9 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import ConfigError
     from common.logs import setup_logging
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-rm"]:  # its own options (argparse cannot pass '--x' through a subcommand)
+        from learner.reward_model_training import main as train_reward_model
+
+        setup_logging("train-rm")
+        return train_reward_model(argv[1:])
+    args = parse_args(argv)
     command = args.command or "run"
-    if command in ("monitor", "plot", "eval", "train-rm"):
+    if command in ("monitor", "plot", "eval"):
         setup_logging("tools")
         return run_tool(args)
     if command == "keys":

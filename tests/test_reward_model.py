@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -92,7 +94,9 @@ def test_train_rm_command_line(model_cache, tmp_path):
     small.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:8]))
     argv = ["--model", "tiny", "--pairs", str(small), "--out", str(tmp_path / "rm"), "--epochs", "1"]
     argv += ["--batch-size", "4", "--lr", "1e-3", "--set", f'model.cache_dir="{model_cache}"']
-    assert main(argv) == 0
+    launch = [sys.executable, str(Path(__file__).resolve().parent.parent / "launch.py"), "train-rm"]
+    out = subprocess.run([*launch, *argv], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]  # as the README says: python launch.py train-rm ...
     assert (tmp_path / "rm" / RM_CONFIG).is_file() and (
         tmp_path / "rm" / "reward_model.safetensors"
     ).is_file()
