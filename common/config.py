@@ -182,6 +182,9 @@ class RunConfig:
     """Publish new adapters to actors every N updates."""
     checkpoint_every: int = 10
     """Save a checkpoint every N updates (and at the end)."""
+    min_actors: int = 0
+    """Start training once this many actors have joined (or transport.startup_timeout_s has passed), so that
+    early batches are not all from the fastest-starting actor; 0 starts with the first batch."""
     keep_checkpoints: int = 3
     """Keep the newest N checkpoints in ``<run_dir>/checkpoints``."""
     backend: str = "ring"

@@ -53,6 +53,8 @@ def validate(cfg: Config) -> list[str]:
 def validate_run(cfg: Config) -> list[str]:
     """Problems with the ``[run]`` and ``[transport]`` sections."""
     r, t, p = cfg.run, cfg.transport, []
+    if r.min_actors < 0:
+        p.append(f"run.min_actors={r.min_actors} must be >= 0")
     for name in ("max_updates", "sync_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(r, name) < 1:
             p.append(f"run.{name}={getattr(r, name)} must be >= 1")

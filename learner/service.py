@@ -88,6 +88,7 @@ class LearnerService:
         self.resumed_num_actors = 0
         self.never_started: set[int] = set()  # reported already
         self._next_heartbeat = 0.0
+        self._actors_ready = False
         self.rejected_in_a_row = 0  # batches of which no group was accepted (stale ones aside)
 
     @property
@@ -259,8 +260,25 @@ class LearnerService:
 
     # -- updating ------------------------------------------------------------------------------------------
 
+    def waiting_for_actors(self) -> bool:
+        """Whether training waits for ``run.min_actors`` to join (at most ``transport.startup_timeout_s``)."""
+        ranks = 1 if self.learner.group is None else self.learner.group.size()
+        needed = -(-self.cfg.run.min_actors // ranks)  # each rank serves its share of the actors
+        if self._actors_ready or len(self.actors) >= needed:
+            self._actors_ready = True
+        elif time.monotonic() - self.started > self.cfg.transport.startup_timeout_s:
+            logger.warning(
+                "only %d of run.min_actors=%d actors joined: training anyway",
+                len(self.actors),
+                self.cfg.run.min_actors,
+            )
+            self._actors_ready = True
+        return not self._actors_ready
+
     def maybe_update(self) -> dict[str, Any] | None:
         """Run an update when a full batch of fresh experience is buffered; returns its metrics."""
+        if self.waiting_for_actors():
+            return None
         taken = self.buffer.take(self.cfg.ppo.batch_size, self.learner.policy_version)
         if taken is None:
             return None

@@ -138,7 +138,8 @@ def test_launch_with_a_hostfile_starts_the_run_on_its_hosts(model_cache, tmp_pat
             str(fake_ssh),
         ]
         cmd += ["--model", "tiny", "--max-updates", "3", "--run-dir", str(run_dir)]
-        for item in [*SMALL, f'model.cache_dir="{model_cache}"', f'transport.keys_dir="{tmp_path / "keys"}"']:
+        settings = [*SMALL, f'model.cache_dir="{model_cache}"', f'transport.keys_dir="{tmp_path / "keys"}"']
+        for item in [*settings, "run.min_actors=2"]:  # both hosts' actors join before the 3 updates
             cmd += ["--set", item]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_fast_blas())
         assert out.returncode == 0, out.stderr[-3000:]
