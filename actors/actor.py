@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.reference import reference_logprobs
-from actors.rewards import load_reward
+from actors.rewards import encode_prompts, load_reward
 from actors.sampler import SamplingParams, generate_completions
 from actors.tasks import PromptSampler, Task
 from common import protocol
@@ -73,35 +73,6 @@ class ActorStats:
             "batches_sent": float(self.batches_sent),
             "stale_dropped": float(self.stale_dropped),
         }
-
-
-def encode_prompts(tokenizer, texts, max_tokens: int) -> tuple[list[list[int]], list[str]]:
-    """Chat-formatted token ids of each usable prompt and its text; empty prompts and prompts over
-    ``max_tokens`` (``sampling.max_prompt_tokens``) are left out and logged. None usable: ValueError."""
-    ids, kept, empty, too_long = [], [], 0, []
-    for text in texts:
-        if not text.strip():
-            empty += 1
-            continue
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True
-        )
-        if len(encoded) > max_tokens:
-            too_long.append(len(encoded))
-            continue
-        ids.append(encoded)
-        kept.append(text)
-    if empty or too_long:
-        logger.warning(
-            "left out %d empty prompt(s) and %d longer than sampling.max_prompt_tokens=%d (up to %d tokens)",
-            empty,
-            len(too_long),
-            max_tokens,
-            max(too_long, default=0),
-        )
-    if not ids:
-        raise ValueError(f"no usable prompt among {len(texts)}: all empty or over {max_tokens} tokens")
-    return ids, kept
 
 
 def sequence_seed(run_seed: int, actor_id: int, batch_id: int, index: int) -> int:

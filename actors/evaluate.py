@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from actors.actor import encode_prompts, sequence_seed
+from actors.actor import sequence_seed
 from actors.reference import reference_logprobs
+from actors.rewards import encode_prompts
 from actors.sampler import SamplingParams, generate_completions
 from common.config import Config
 

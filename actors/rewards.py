@@ -115,6 +115,35 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
     return [{**row, "prompt": str(row[column])} for row in table]
 
 
+def encode_prompts(tokenizer, texts, max_tokens: int) -> tuple[list[list[int]], list[str]]:
+    """Chat-formatted token ids of each usable prompt and its text; empty prompts and prompts over
+    ``max_tokens`` (``sampling.max_prompt_tokens``) are left out and logged. None usable: ValueError."""
+    ids, kept, empty, too_long = [], [], 0, []
+    for text in texts:
+        if not text.strip():
+            empty += 1
+            continue
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+        if len(encoded) > max_tokens:
+            too_long.append(len(encoded))
+            continue
+        ids.append(encoded)
+        kept.append(text)
+    if empty or too_long:
+        logger.warning(
+            "left out %d empty prompt(s) and %d longer than sampling.max_prompt_tokens=%d (up to %d tokens)",
+            empty,
+            len(too_long),
+            max_tokens,
+            max(too_long, default=0),
+        )
+    if not ids:
+        raise ValueError(f"no usable prompt among {len(texts)}: all empty or over {max_tokens} tokens")
+    return ids, kept
+
+
 def load_reward(
     spec: str, task: Task, timeout_s: float = 0.0, model_cfg: ModelConfig | None = None
 ) -> Scorer:

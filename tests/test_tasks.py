@@ -71,7 +71,7 @@ def test_another_sigalrm_timer_survives_a_reward_time_limit():
 
 
 def test_empty_and_overlong_prompts_are_left_out_and_none_usable_is_an_error(tiny, caplog):
-    from actors.actor import encode_prompts
+    from actors.rewards import encode_prompts
 
     texts = ["", "   ", "what is 2 + 2?", "word " * 400]
     ids, kept = encode_prompts(tiny.tokenizer, texts, max_tokens=64)
