@@ -197,13 +197,17 @@ class LearnerSockets:
         self.weights = _socket(ctx, zmq.PUB, 2)
         self.control = _socket(ctx, zmq.ROUTER, 1000)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer is an error, not a silent drop
-        for sock, address in (
-            (self.experience, endpoints.experience),
-            (self.weights, endpoints.weights),
-            (self.control, endpoints.control),
-        ):
-            _secure(sock, keys, server=True)
-            sock.bind(address)
+        try:
+            for sock, address in (
+                (self.experience, endpoints.experience),
+                (self.weights, endpoints.weights),
+                (self.control, endpoints.control),
+            ):
+                _secure(sock, keys, server=True)
+                sock.bind(address)
+        except zmq.ZMQError:  # e.g. an address still held: leave nothing half-bound behind
+            self.close()
+            raise
         self._poller = zmq.Poller()
         self._poller.register(self.control, zmq.POLLIN)
         self._poller.register(self.experience, zmq.POLLIN)

@@ -468,6 +468,19 @@ def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
     assert not alive, [p.pid for p in alive]
 
 
+def bind_when_free(ctx, endpoints, seconds: float = 30.0) -> LearnerSockets:
+    """Bind a learner's addresses as soon as the closed previous sockets have released them (ZeroMQ closes
+    sockets in its I/O thread, so an immediate rebind can still find the port taken)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return LearnerSockets(ctx, endpoints, 2)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # polling for the port, with a deadline
+
+
 def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tmp_path):
     """The learner process is replaced (same address): its actor is asked to say hello again, is welcomed,
     takes the new learner's snapshot whatever its version, and gets work from it."""
@@ -490,7 +503,7 @@ def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tm
                     break
             assert worker.policy_version == 5
             first.close()  # the learner goes away...
-            second = LearnerSockets(ctx, endpoints, 2)  # ...and a new one (fresh, v0) takes its address
+            second = bind_when_free(ctx, endpoints)  # ...and a new one (fresh, v0) takes its address
             new = LearnerService(cfg, second, build_learner(cfg), tmp_path / "new")
             new.publish_weights()
             deadline = time.monotonic() + 60
