@@ -386,39 +386,46 @@ class ActorWorker:
         self.heartbeat()
 
 
-def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
-    """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
-    from actors.tasks import TaskSetupError, resolve_task
+def prepare_actor(cfg: Config):
+    """The task (prompts, scorer) and the policy model of an actor; a setting it cannot work with raises
+    ``TaskSetupError`` or ``ValueError`` with the reason (checked before the model loads where possible)."""
+    from actors.tasks import resolve_task
     from common.lora import attach_lora
     from common.models import load_model
-    from common.transport import zmq_context
 
-    try:
-        task = resolve_task(cfg)  # before the model: a bad prompt file or reward fails in seconds
-    except TaskSetupError as e:
-        logger.error("%s", e)
-        return EXIT_BAD_SETUP
+    task = resolve_task(cfg)  # before the model: a bad prompt file or reward fails in seconds
     loaded = load_model(cfg.model)
     attach_lora(loaded.model, cfg.lora)
     context = getattr(loaded.model.args, "max_position_embeddings", None) or 0
     needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens
     if context and needed > context:
-        logger.error(
-            "sampling.max_prompt_tokens + max_new_tokens = %d > the model's context of %d tokens",
-            needed,
-            context,
+        raise ValueError(
+            f"sampling.max_prompt_tokens + max_new_tokens = {needed} > the model's context of {context} tokens"
         )
+    return task, loaded
+
+
+def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
+    """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
+    from actors.tasks import TaskSetupError
+    from common.transport import zmq_context
+
+    try:
+        task, loaded = prepare_actor(cfg)
+    except (TaskSetupError, ValueError) as e:
+        logger.error("%s", e)
         return EXIT_BAD_SETUP
     with zmq_context() as ctx:
         sockets = ActorSockets(
             ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "actor")
         )
         try:
-            try:
-                worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
-            except ValueError as e:  # no usable prompt
-                logger.error("%s", e)
-                return EXIT_BAD_SETUP
+            worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
+        except ValueError as e:  # no usable prompt
+            logger.error("%s", e)
+            sockets.close()
+            return EXIT_BAD_SETUP
+        try:
             worker.connect()
             while True:
                 worker.step()
