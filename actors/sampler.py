@@ -87,6 +87,15 @@ def _prefill(model: nn.Module, tokens: mx.array, cache: list, step: int) -> mx.a
     return model(tokens[:, head_start:], cache=cache)[:, -1, :]
 
 
+def _unique_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], mx.array | None]:
+    """Distinct prompts in first-seen order and, per sequence, its prompt's row (None when all differ)."""
+    rows: dict[tuple[int, ...], int] = {}
+    copies = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+    if len(rows) == len(prompts):
+        return list(prompts), None
+    return [list(p) for p in rows], mx.array(copies)
+
+
 def _left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
     longest = max(len(p) for p in prompts)
     padding = [longest - len(p) for p in prompts]
@@ -117,10 +126,13 @@ def generate_completions(
     stop_ids: set[int] | frozenset[int],
     seeds: Sequence[int],
     on_step: Callable[[], None] | None = None,
+    share_prompts: bool = True,
 ) -> list[Completion]:
     """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``.
 
     ``on_step`` is called after every decoding step (the actor heartbeats from it during long generations).
+    ``share_prompts``: a prompt that appears several times (GRPO's group) is prefilled once and its KV cache
+    rows copied, instead of prefilling every copy.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -129,7 +141,8 @@ def generate_completions(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
     n_new = params.max_new_tokens
-    padded, padding = _left_pad(prompts)
+    unique, copies = _unique_prompts(prompts) if share_prompts else (list(prompts), None)
+    padded, padding = _left_pad(unique)
     cache = make_batch_cache(model, padding)
     uniforms = np.stack([sequence_uniforms(s, n_new) for s in seeds])  # [B, n_new]
     rows = list(range(len(prompts)))  # row r of the live batch is sequence rows[r]
@@ -137,9 +150,12 @@ def generate_completions(
     logprobs: list[list[float]] = [[] for _ in prompts]
     finish: list[str] = ["length"] * len(prompts)
 
-    tokens, token_lp = _sample_step(
-        _prefill(model, padded, cache, params.prefill_step_size), uniforms[:, 0], params
-    )
+    first_logits = _prefill(model, padded, cache, params.prefill_step_size)
+    if copies is not None:  # one row per sequence again: copy each prompt's cache rows and logits
+        for c in cache:
+            c.filter(copies)
+        first_logits = first_logits[copies]
+    tokens, token_lp = _sample_step(first_logits, uniforms[:, 0], params)
     mx.async_eval(tokens, token_lp)
     for step in range(n_new):
         if step + 1 < n_new:  # queue the next step before reading this one

@@ -136,3 +136,21 @@ def test_on_step_is_called_once_per_decoding_step(tiny):
         tiny.model, [[1, 40, 41], [1, 42]], params, set(), seeds=[0, 1], on_step=lambda: calls.append(1)
     )
     assert len(calls) == max(len(c.response_ids) for c in completions) == 5
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-sampling", "device-sampling"])
+def test_a_shared_prompt_is_prefilled_once_with_the_same_samples(tiny, host):
+    """GRPO groups: each prompt 3 times, interleaved with a stop token so rows leave the batch at different
+    steps. Prefilling each distinct prompt once gives what prefilling every copy gives."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, host_sampling=host)
+    grouped = [p for p in PROMPTS[:3] for _ in range(3)][::-1] + [PROMPTS[0]]
+    seeds = list(range(100, 100 + len(grouped)))
+    stop = {40}
+    shared = generate_completions(tiny.model, grouped, params, stop, seeds, share_prompts=True)
+    each = generate_completions(tiny.model, grouped, params, stop, seeds, share_prompts=False)
+    for a, b in zip(shared, each, strict=True):
+        assert a.prompt_ids == b.prompt_ids and a.response_ids == b.response_ids
+        assert a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.logprobs, teacher_forced(tiny.model, a, params), atol=1e-4)
+    assert len({tuple(c.response_ids) for c in shared}) > 3  # copies of a prompt still sample apart
