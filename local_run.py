@@ -225,7 +225,8 @@ def run_one_process(cfg, num_actors: int = 1, timeout_s: float = 600.0) -> list[
         workers = []
         for i in range(num_actors):
             loaded = load_model(cfg.model)
-            attach_lora(loaded.model, cfg.lora)
+            if not cfg.ppo.full_finetune:
+                attach_lora(loaded.model, cfg.lora)
             sockets.append(ActorSockets(ctx, endpoints, cfg.transport.experience_hwm))
             workers.append(ActorWorker(cfg, i, num_actors, sockets[-1], loaded.model, loaded.tokenizer, task))
         try:

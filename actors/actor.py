@@ -88,7 +88,7 @@ class ActorWorker:
         self.model, self.tokenizer, self.task = model, tokenizer, task
         # resolve_task's batch scorer; a Task built by hand scores with its per-sample reward.
         self.scorer = task.scorer or load_reward("", task, cfg.run.reward_timeout_s)
-        self.adapters = AdapterSync(model)
+        self.adapters = AdapterSync(model, full_weights=cfg.ppo.full_finetune)
         use_fast_cpu_ops(model)  # a no-op off the CPU; the reference pass (no KV cache) takes the fast path
         self.params = SamplingParams.from_config(cfg.sampling)
         self.stop_ids = set(tokenizer.eos_token_ids)
@@ -395,7 +395,8 @@ def prepare_actor(cfg: Config):
 
     task = resolve_task(cfg)  # before the model: a bad prompt file or reward fails in seconds
     loaded = load_model(cfg.model)
-    attach_lora(loaded.model, cfg.lora)
+    if not cfg.ppo.full_finetune:  # full fine-tuning syncs every weight instead
+        attach_lora(loaded.model, cfg.lora)
     context = getattr(loaded.model.args, "max_position_embeddings", None) or 0
     needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens
     if context and needed > context:

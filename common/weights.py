@@ -28,11 +28,21 @@ def checksum(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], flat: 
     return f"{zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast('B'), crc):08x}"
 
 
-class AdapterSync:
-    """Snapshots of one model's adapters and loading snapshots into it."""
+def parameter_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every parameter of ``model``: dotted name -> (module, leaf), sorted (full fine-tuning syncs them all)."""
+    slots = {}
+    for path, module in model.named_modules():
+        for leaf, value in module.items():
+            if isinstance(value, mx.array):
+                slots[f"{path}.{leaf}" if path else leaf] = (module, leaf)
+    return dict(sorted(slots.items()))
 
-    def __init__(self, model: nn.Module):
-        self.slots = adapter_slots(model)
+
+class AdapterSync:
+    """Snapshots of one model's adapters (or, with ``full_weights``, all its weights) and loading them into it."""
+
+    def __init__(self, model: nn.Module, full_weights: bool = False):
+        self.slots = parameter_slots(model) if full_weights else adapter_slots(model)
         if not self.slots:
             raise ValueError("the model has no LoRA adapters to sync; call attach_lora first")
         self.names = tuple(self.slots)

@@ -27,7 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from common.config import LoraConfig
-from common.lora import save_adapters
+from common.lora import adapter_weights, save_adapters
 from learner.ppo_learner import PPOLearner
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ STATE_FILE = "learner_state.json"
 
 def _write_checkpoint(folder: Path, learner: PPOLearner, lora: LoraConfig, extra: dict[str, Any]) -> None:
     container = learner.container
-    save_adapters(container.policy, folder, lora)
+    if adapter_weights(container.policy):  # full fine-tuning has none: trainable.safetensors holds all
+        save_adapters(container.policy, folder, lora)
     mx.save_safetensors(str(folder / TRAINABLE), dict(tree_flatten(container.trainable_parameters())))
     optimizer_state = dict(tree_flatten(learner.optimizer.state))
     mx.save_safetensors(str(folder / OPTIMIZER), optimizer_state)
@@ -65,7 +66,8 @@ def save_checkpoint(
     _write_checkpoint(tmp, learner, lora, {"step": step, **extra})
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    save_adapters(learner.container.policy, run_dir / "adapters", lora)
+    if adapter_weights(learner.container.policy):
+        save_adapters(learner.container.policy, run_dir / "adapters", lora)
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -67,7 +67,11 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
         try:
             if checkpoint is not None:
                 service.resume(checkpoint)
-            service.publish_weights()
+            try:
+                service.publish_weights()
+            except ValueError as e:
+                logger.error("%s", e)
+                return 2
             logger.info("learner ready at %s (policy v%d)", endpoints.control, learner.policy_version)
             while not service.finished and not stop["requested"]:
                 service.step(timeout_ms=100)

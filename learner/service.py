@@ -77,7 +77,7 @@ class LearnerService:
         if self.is_main:
             self.metrics = MetricsWriter(run_dir, cfg.run.metrics_sinks, config=config_to_dict(cfg))
         self.snapshot: protocol.Weights | None = None
-        self.adapters = AdapterSync(learner.container.policy)
+        self.adapters = AdapterSync(learner.container.policy, full_weights=cfg.ppo.full_finetune)
         self.step_count = 0
         self.resumed_step = 0  # the update a resumed learner started from (its clock starts there)
         self.started = self.last_update_end = time.monotonic()
@@ -100,6 +100,11 @@ class LearnerService:
     def publish_weights(self) -> None:
         start = time.perf_counter()
         self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
+        if self.snapshot.flat.nbytes > self.max_bytes:  # actors would reject it as too large
+            raise ValueError(
+                f"a policy snapshot is {self.snapshot.flat.nbytes / 2**20:.0f} MB > transport.max_message_mb="
+                f"{self.cfg.transport.max_message_mb}: raise it (full fine-tuning sends every weight)"
+            )
         self.sockets.publish(self.snapshot)
         self.sync = {
             "sync/ms": 1000 * (time.perf_counter() - start),

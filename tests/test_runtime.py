@@ -603,3 +603,23 @@ def test_training_waits_for_min_actors(model_cache, tmp_path):
         assert h.service.buffer.depth == 8 and h.service.step() is None  # a full batch, one actor of two
         h.join(h.actor(1))
         assert h.service.step() is not None  # both joined: the buffered batch trains
+
+
+def test_full_fine_tuning_syncs_every_weight_to_the_actors(model_cache, tmp_path):
+    from mlx.utils import tree_flatten
+
+    cfg = small_config(model_cache, tmp_path, "run.max_updates=2", "ppo.full_finetune=true")
+    history = run_one_process(cfg)  # the actor samples with every weight the learner trains
+    assert [m["policy_version"] for m in history] == [1, 2]
+    weights = sum(v.nbytes for _, v in tree_flatten(load_model(cfg.model).model.parameters()))
+    assert history[-1]["sync/bytes"] == weights
+    assert (tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors").is_file()
+    with zmq_context() as ctx:
+        sockets = LearnerSockets(ctx, Endpoints.inproc(), 2)
+        try:
+            service = LearnerService(cfg, sockets, build_learner(cfg), tmp_path / "tight")
+            service.max_bytes = weights - 1  # as if transport.max_message_mb were below the model's size
+            with pytest.raises(ValueError, match="raise it"):
+                service.publish_weights()
+        finally:
+            sockets.close()
