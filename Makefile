@@ -53,6 +53,7 @@ bench: setup
 	$(WITH_BLAS) $(PY) bench/learner.py --repeats 2
 	$(WITH_BLAS) $(PY) bench/runtime.py
 	$(WITH_BLAS) $(PY) bench/distributed.py
+	$(WITH_BLAS) $(PY) bench/full_sync.py
 	$(WITH_BLAS) $(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 	$(PY) bench/report.py
 
