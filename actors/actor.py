@@ -96,6 +96,7 @@ class ActorWorker:
             tokenizer, task.prompts, cfg.sampling.max_prompt_tokens
         )
         self.sampler = PromptSampler(len(self.prompts), actor_id, num_actors, cfg.run.seed)
+        self.prompts_per_batch = cfg.sampling.batch_size // cfg.ppo.group_size  # distinct prompts
         self.policy_version = -1
         self.checksum = ""
         self.batch_id = 0
@@ -159,7 +160,7 @@ class ActorWorker:
         self.run_id = msg.run_id
         if msg.next_batch >= 0:  # resumed from a checkpoint: redo what it had not trained
             self.batch_id, self.epoch = msg.next_batch, self.epoch + 1
-            self.sampler.cursor = msg.next_batch * (self.cfg.sampling.batch_size // self.cfg.ppo.group_size)
+            self.sampler.cursor = msg.next_batch * self.prompts_per_batch
             logger.info(
                 "continuing at batch %d (prompt %d of this shard)", msg.next_batch, self.sampler.cursor
             )
@@ -236,9 +237,7 @@ class ActorWorker:
 
     def generate_batch(self) -> ExperienceBatch:
         group = self.cfg.ppo.group_size
-        indices = [
-            i for i in self.sampler.next_indices(self.cfg.sampling.batch_size // group) for _ in range(group)
-        ]
+        indices = [i for i in self.sampler.next_indices(self.prompts_per_batch) for _ in range(group)]
         prompts = [self.prompts[i] for i in indices]
         seeds = [
             sequence_seed(self.cfg.run.seed, self.actor_id, self.batch_id, k) for k in range(len(prompts))

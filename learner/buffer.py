@@ -91,6 +91,10 @@ class ExperienceBuffer:
         """Sequences held."""
         return len(self.groups) * self.group_size
 
+    def is_stale(self, policy_version: int, current_version: int) -> bool:
+        """Whether experience sampled with ``policy_version`` is older than the lag bound allows."""
+        return current_version - policy_version > self.max_policy_lag
+
     def has_room(self) -> bool:
         return self.depth < self.capacity
 
@@ -99,7 +103,7 @@ class ExperienceBuffer:
         self.counters["batches/received"] += 1
         groups, rejects = split_groups(msg, self.group_size)
         self.counters.update(rejects)
-        if current_version - msg.policy_version > self.max_policy_lag:
+        if self.is_stale(msg.policy_version, current_version):
             self.counters["lag/dropped"] += len(groups) * self.group_size
             logger.info(
                 "dropped %d stale sequences from actor %d (v%d, learner at v%d)",
@@ -115,7 +119,7 @@ class ExperienceBuffer:
         return len(groups) * self.group_size
 
     def _drop_stale(self, current_version: int) -> None:
-        fresh = deque(g for g in self.groups if current_version - g.policy_version <= self.max_policy_lag)
+        fresh = deque(g for g in self.groups if not self.is_stale(g.policy_version, current_version))
         dropped = (len(self.groups) - len(fresh)) * self.group_size
         if dropped:
             self.counters["lag/dropped"] += dropped

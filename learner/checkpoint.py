@@ -27,7 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from common.config import LoraConfig
-from common.lora import adapter_weights, save_adapters
+from common.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, save_adapters
 from learner.ppo_learner import PPOLearner
 
 logger = logging.getLogger(__name__)
@@ -66,11 +66,21 @@ def save_checkpoint(
     _write_checkpoint(tmp, learner, lora, {"step": step, **extra})
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    if adapter_weights(learner.container.policy):
-        save_adapters(learner.container.policy, run_dir / "adapters", lora)
+    _refresh_latest_adapters(final, run_dir / "adapters")
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _refresh_latest_adapters(checkpoint: Path, latest: Path) -> None:
+    """Copy the checkpoint's adapter files to ``latest`` (each replaced atomically); none with full fine-tuning."""
+    if not (checkpoint / ADAPTER_WEIGHTS).is_file():
+        return
+    latest.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        tmp = latest / f".tmp-{os.getpid()}-{name}"
+        shutil.copyfile(checkpoint / name, tmp)
+        os.replace(tmp, latest / name)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -236,8 +236,8 @@ class LearnerService:
         else:
             accepted = self.buffer.add(msg, self.learner.policy_version)
             self.next_batch[msg.actor_id] = max(self.next_batch.get(msg.actor_id, 0), msg.batch_id + 1)
-            fresh = self.learner.policy_version - msg.policy_version <= self.cfg.ppo.max_policy_lag
-            self._watch_rejections(rejected_whole=accepted == 0 and fresh)
+            stale = self.buffer.is_stale(msg.policy_version, self.learner.policy_version)
+            self._watch_rejections(rejected_whole=accepted == 0 and not stale)
         self.grant_rollouts()  # stale or rejected sequences free their slots at once
 
     def _watch_rejections(self, rejected_whole: bool) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import config_to_toml
+from learner.monitor import MetricsTail
 from mlx_ppo.config import PPOConfig
 
 logger = logging.getLogger(__name__)
@@ -169,32 +170,20 @@ class PPOTrainer:
 
 
 class MetricsFollower:
-    """Reads the rows a learner appends to ``metrics.jsonl`` and closes an epoch every ``per_epoch`` updates."""
+    """Follows the rows a learner appends to ``metrics.jsonl`` (``MetricsTail``) and closes an epoch every
+    ``per_epoch`` updates."""
 
     def __init__(self, path: Path, per_epoch: int):
-        self.path, self.per_epoch = path, per_epoch
-        self.rows: list[dict[str, Any]] = []
+        self.tail, self.per_epoch = MetricsTail(path), per_epoch
         self.epochs: list[dict[str, float]] = []
-        self._offset = 0
-
-    def _read_new_rows(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as f:
-            f.seek(self._offset)
-            for line in f:
-                if not line.endswith("\n"):  # being written: read it next time
-                    break
-                self._offset += len(line.encode("utf-8"))
-                self.rows.append(json.loads(line))
 
     def poll(self, callbacks: Sequence[Callback]) -> bool:
         """Call the callbacks for each newly finished epoch; False when one of them asks to stop."""
-        self._read_new_rows()
+        rows = self.tail.read()
         go_on = True
-        while len(self.rows) >= (len(self.epochs) + 1) * self.per_epoch:
+        while len(rows) >= (len(self.epochs) + 1) * self.per_epoch:
             start = len(self.epochs) * self.per_epoch
-            metrics = epoch_metrics(self.rows[start : start + self.per_epoch])
+            metrics = epoch_metrics(rows[start : start + self.per_epoch])
             self.epochs.append(metrics)
             for callback in callbacks:
                 go_on = callback(len(self.epochs), metrics) is not False and go_on
