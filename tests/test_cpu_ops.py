@@ -76,7 +76,16 @@ def _tiny_with_lora(model_cache, fast: bool):
     return loaded.model, switched
 
 
-def test_switched_model_matches_the_stock_model_in_logits_and_adapter_gradients(model_cache):
+@pytest.fixture
+def cpu_device():
+    """The fast ops are switched in on the CPU only; on a GPU host run these tests on its CPU."""
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(before)
+
+
+def test_switched_model_matches_the_stock_model_in_logits_and_adapter_gradients(model_cache, cpu_device):
     stock, _ = _tiny_with_lora(model_cache, fast=False)
     fast, switched = _tiny_with_lora(model_cache, fast=True)
     layers = len(fast.layers)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,9 @@ def test_unreachable_hub_id_is_explained(tmp_path):
         "except ModelLoadError as e:\n    print('ERR', e)\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env |= {
+        k: os.environ[k] for k in ("PYTHONPATH", "MLX_ENABLE_TF32") if k in os.environ
+    }  # as run on a GPU host
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "ERR could not fetch 'nobody-here/no-model'" in out.stdout, out.stderr
     assert "--model default" in out.stdout
