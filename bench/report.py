@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 BLAS = "python -m common.blas -- python"
 NOT_RECORDED = "not recorded"
+OFFLINE = "bash bench/offline_host.sh .whl .devmodel python3 "
+CUDA = "bash bench/cuda_host.sh run .whl .devmodel bash bench/cuda_bench.sh "
 
 logger = logging.getLogger("bench.report")
 
@@ -189,7 +191,24 @@ def render_scaling(rows: list[dict], gpu: bool) -> Lines:
         row += [str(r.get("lag_max", "")), str(r.get("dropped", ""))]
         row += [f"{r['samples_per_s']:.3f}"] if gpu else []
         cells.append(row)
-    return ["End-to-end (`scaling`):", "", *table(header, "lrrrrr" + "r" * gpu, cells)]
+    return [
+        "End-to-end (`scaling`):",
+        "",
+        *table(header, "lrrrrr" + "r" * gpu, cells),
+        "",
+        *scaling_chart(rows),
+    ]
+
+
+def scaling_chart(rows: list[dict], width: int = 40) -> Lines:
+    """The scaling curve as a text bar chart: one bar per row, its length samples/s over the fastest row's."""
+    base, best = rows[0]["samples_per_s"], max(r["samples_per_s"] for r in rows)
+    bars = []
+    for r in rows:
+        label = "sync" if r["mode"] == "sync" else f"{r['actors']} actor{'s' * (r['actors'] > 1)}"
+        bar = "#" * max(1, round(width * r["samples_per_s"] / best))
+        bars.append(f"{label:>9} | {bar:<{width}} {ratio(r['samples_per_s'], base)}")
+    return ["```text", "samples/s, relative to the synchronous loop", *bars, "```"]
 
 
 def render_runtime(result: dict) -> Lines:
@@ -204,6 +223,11 @@ def render_runtime(result: dict) -> Lines:
                 "",
             ]
     return parts[:-1]
+
+
+def render_scaling_run(result: dict) -> Lines:
+    """A result of ``bench/runtime.py scaling`` alone (a run on another machine)."""
+    return render_scaling(result["scaling"], on_gpu(result))
 
 
 def render_distributed(result: dict) -> Lines:
@@ -241,6 +265,14 @@ BENCHMARKS = [
     Benchmark("runtime", "runtime.json", f"{BLAS} bench/runtime.py", render_runtime),
     Benchmark("distributed", "distributed.json", f"{BLAS} bench/distributed.py", render_distributed),
     Benchmark("soak", "soak.json", f"{BLAS} bench/soak.py --minutes 3", render_soak),
+    # Runs on other machines (bench/offline_host.sh, bench/cuda_bench.sh); make bench only re-renders them.
+    Benchmark(
+        "scaling-16core", "scaling-16core.json", OFFLINE + "bench/runtime.py scaling", render_scaling_run
+    ),
+    Benchmark("h100-generation", "h100-generation.json", CUDA + "bench", render_generation),
+    Benchmark("h100-learner-b16", "h100-learner-b16.json", CUDA + "bench", render_learner),
+    Benchmark("h100-learner-b64", "h100-learner-b64.json", CUDA + "bench", render_learner),
+    Benchmark("h100-runtime", "h100-runtime.json", CUDA + "runtime", render_scaling_run),
 ]
 
 

@@ -185,3 +185,16 @@ def test_command_line_is_relative_to_the_repository(monkeypatch: pytest.MonkeyPa
     assert machine.command_line([script, "--minutes", "3"]) == "python bench/soak.py --minutes 3"
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libopenblas.so.0")
     assert machine.command_line([script]).startswith("python -m common.blas -- python bench/soak.py")
+
+
+def test_scaling_chart_bars_are_proportional_to_samples_per_s() -> None:
+    rows = [
+        {"mode": "sync", "actors": 1, "samples_per_s": 0.5},
+        {"mode": "async", "actors": 2, "samples_per_s": 1.0},
+        {"mode": "async", "actors": 4, "samples_per_s": 0.75},
+    ]
+    chart = report.scaling_chart(rows, width=40)
+    bars = {line.split("|")[0].strip(): line.split("|")[1].split() for line in chart if "|" in line}
+    assert bars["sync"] == ["#" * 20, "1.00x"]
+    assert bars["2 actors"] == ["#" * 40, "2.00x"]
+    assert bars["4 actors"] == ["#" * 30, "1.50x"]
