@@ -84,6 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )
         p.add_argument("--ssh-command", default="ssh", help="how to reach a host (default: ssh)")
         p.add_argument(
+            "--port",
+            type=int,
+            default=5555,
+            help="--hostfile: the learner's first port; it uses three (experience, weights, control; default 5555)",
+        )
+        p.add_argument(
             "--remote-dir", default=str(Path(__file__).resolve().parent), help="this checkout's path there"
         )
         p.add_argument("--remote-python", default=sys.executable, help="the Python to run there")
@@ -102,6 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "--endpoints", help="JSON with experience/weights/control addresses (the launcher's)"
         )
         p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+        p.add_argument("--stdin-lifeline", action="store_true", help=argparse.SUPPRESS)
     learner.add_argument("--rank", type=int, default=0, help="learner rank (set by the launcher)")
     learner.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in run.run_dir"
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command in ("learner", "actor"):
         watch_parent(args.parent_pid)
+        if args.stdin_lifeline:
+            watch_stdin()
         try:
             endpoints = endpoints_of(args)
         except ValueError as e:
@@ -300,7 +309,7 @@ def launch_over_ssh(cfg, args: argparse.Namespace) -> int:
     text = config_to_toml(cfg)
     (Path(run_dir) / "config.toml").write_text(text)
     ssh = shlex.split(args.ssh_command)
-    return launch_remote_run(text, run_dir, hosts, ssh, args.remote_dir, args.remote_python)
+    return launch_remote_run(text, run_dir, hosts, ssh, args.remote_dir, args.remote_python, args.port)
 
 
 def endpoints_of(args: argparse.Namespace):
@@ -346,6 +355,27 @@ def watch_parent(parent_pid: int) -> None:
             time.sleep(1.0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def watch_stdin(grace_s: float = 30.0) -> None:
+    """Stop when stdin closes: a process started over SSH by ``--hostfile`` reads the launcher's end of its
+    connection, which closes when the launcher exits or dies (no remote process outlives its run).
+
+    SIGTERM first (a learner checkpoints and stops, an actor stops), then exit after ``grace_s``.
+    """
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.read(0, 4096):  # the raw descriptor: a buffered reader's lock would abort interpreter exit
+            pass
+        logging.getLogger("launch").warning("the launcher's connection closed; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(4)
+
+    threading.Thread(target=watch, name="stdin-lifeline", daemon=True).start()
 
 
 if __name__ == "__main__":

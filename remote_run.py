@@ -9,7 +9,8 @@ The hostfile is a JSON list in ``mlx.launch``'s format, one entry per machine, e
 Like ``mlx.launch``, every machine has this checkout at the same path (``--remote-dir``, default: this one) and
 the same Python (``--remote-python``). The launcher copies the resolved config to each machine (over SSH's
 stdin), starts the learner bound to its first IP (``--bind``) and the actors connected to it (``--connect``),
-and supervises them as a local run: a failed process ends the run, Ctrl-C stops it cleanly. Several learner
+and supervises them as a local run: a failed process ends the run, Ctrl-C stops it cleanly, and a remote process
+whose SSH connection closes stops too (``--stdin-lifeline``), so none outlives a launcher that died. Several learner
 hosts are data-parallel ranks over mlx.distributed's ring (port 5600 between them), actors spread over them. A non-loopback
 learner needs ``transport.keys_dir`` (a folder present on every machine); the learner refuses to start without.
 """
@@ -78,15 +79,28 @@ def _copy(ssh: list[str], host: Host, text: str, path: str) -> None:
     subprocess.run(command, input=text.encode(), check=True, timeout=120)
 
 
+def _start(ssh: list[str], host: Host, command: list[str]) -> subprocess.Popen:
+    """Start ``command`` on ``host``, its stdin a pipe this launcher holds: when the launcher exits or dies the
+    pipe closes, SSH passes the end of input on, and the remote process stops (``--stdin-lifeline``)."""
+    remote = _remote(ssh, host, [*command, "--stdin-lifeline"])
+    return subprocess.Popen(remote, stdin=subprocess.PIPE, start_new_session=True)
+
+
 def launch_remote_run(
-    cfg_toml: str, run_dir: str, hosts: list[Host], ssh: list[str], remote_dir: str, python: str
+    cfg_toml: str,
+    run_dir: str,
+    hosts: list[Host],
+    ssh: list[str],
+    remote_dir: str,
+    python: str,
+    base_port: int = BASE_PORT,
 ) -> int:
     """Copy the config to every host, start the learner rank(s) and the actors, supervise; returns the exit code.
 
     Each learner host is one rank (ring backend between their first IPs); actors go round-robin to the ranks.
     """
     learners = [h for h in hosts if h.role == "learner"]
-    bases = [f"tcp://{h.ip}:{BASE_PORT}" for h in learners]
+    bases = [f"tcp://{h.ip}:{base_port}" for h in learners]
     config, ring = f"{run_dir}/config.toml", f"{run_dir}/ring_hostfile.json"
     ring_text = json.dumps([[f"{h.ip}:{RING_PORT}"] for h in learners])
     for host in {h.ssh: h for h in hosts}.values():
@@ -98,14 +112,14 @@ def launch_remote_run(
     for rank, (host, base) in enumerate(zip(learners, bases, strict=True)):
         ranks = ["env", f"MLX_RANK={rank}", f"MLX_HOSTFILE={ring}"] if len(learners) > 1 else []
         command = [*ranks, *launch, "learner", "--config", config, "--bind", base, "--rank", str(rank)]
-        procs[f"learner-{rank}"] = subprocess.Popen(_remote(ssh, host, command), start_new_session=True)
+        procs[f"learner-{rank}"] = _start(ssh, host, command)
     total = sum(h.actors for h in hosts)
     actor_id = 0
     for host in hosts:
         for _ in range(host.actors):
             command = [*launch, "actor", "--config", config, "--connect", bases[actor_id % len(bases)]]
             command += ["--actor-id", str(actor_id), "--num-actors", str(total)]
-            procs[f"actor-{actor_id}"] = subprocess.Popen(_remote(ssh, host, command), start_new_session=True)
+            procs[f"actor-{actor_id}"] = _start(ssh, host, command)
             actor_id += 1
     where = ", ".join(f"{h.ssh} at {b}" for h, b in zip(learners, bases, strict=True))
     logger.info(

@@ -245,9 +245,15 @@ class LearnerSockets:
         """Connections refused for an unknown CURVE key (0 without keys)."""
         return 0 if self.gate is None else self.gate.denied
 
-    def close(self) -> None:
-        for sock in (self.experience, self.weights, self.control):
-            sock.close(linger=0)
+    def close(self, flush_ms: int = 0) -> None:
+        """Close the sockets; ``flush_ms`` > 0 gives messages still queued (the shutdown) that long to leave.
+
+        With linger 0 a shutdown sent just before closing can be discarded before it reaches a remote actor
+        (CURVE over a real link), leaving the actor waiting for a learner that is gone.
+        """
+        self.experience.close(linger=0)
+        for sock in (self.weights, self.control):
+            sock.close(linger=flush_ms)
         if self.gate is not None:
             self.gate.stop()
 

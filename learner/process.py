@@ -10,6 +10,7 @@ from common.config import Config
 from common.transport import Endpoints, LearnerSockets, curve_keys, zmq_context
 
 logger = logging.getLogger(__name__)
+SHUTDOWN_FLUSH_MS = 2000  # how long the final shutdown may take to reach actors once the sockets close
 
 
 def build_learner(cfg: Config, group=None):
@@ -64,6 +65,7 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
             ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "learner")
         )
         service = LearnerService(cfg, sockets, learner, run_dir)
+        shutdown_sent = False
         try:
             if checkpoint is not None:
                 service.resume(checkpoint)
@@ -78,7 +80,8 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
             if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
                 service.save_checkpoint()
             service.shutdown("run finished" if service.finished else "learner stopped")
+            shutdown_sent = True
         finally:
-            sockets.close()
+            sockets.close(flush_ms=SHUTDOWN_FLUSH_MS if shutdown_sent else 0)
     logger.info("learner done after %d updates", service.step_count)
     return 0

@@ -1,0 +1,87 @@
+"""``launch.py --hostfile`` on this machine through a stand-in for ``ssh``: what must hold on real remote hosts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.test_runtime import SMALL, metric_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def three_free_ports() -> int:
+    """A base port with the two after it also free on 127.0.0.1 (the learner binds base, base+1, base+2)."""
+    for base in range(20000 + (time.monotonic_ns() // 1000) % 20000, 60000, 3):
+        held = []
+        try:
+            for port in range(base, base + 3):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no three consecutive free ports")
+
+
+def run_processes(run_dir: Path) -> list[psutil.Process]:
+    """The learner and actor processes of the run in ``run_dir`` (started over the stand-in ssh)."""
+    config = str(run_dir / "config.toml")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if config in cmdline and any(role in cmdline for role in ("learner", "actor")):
+            found.append(proc)
+    return found
+
+
+def test_processes_started_over_ssh_stop_when_their_launcher_dies(model_cache, tmp_path):
+    fake_ssh = tmp_path / "ssh"
+    fake_ssh.write_text('#!/bin/sh\nshift\nexec sh -c "$*"\n')  # "ssh HOST CMD": run CMD here
+    fake_ssh.chmod(0o755)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "here", "ips": ["127.0.0.1"], "role": "learner", "actors": 2}]))
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--hostfile",
+        str(hostfile),
+        "--ssh-command",
+        str(fake_ssh),
+    ]
+    cmd += ["--port", str(three_free_ports()), "--model", "tiny", "--max-updates", "100000"]
+    cmd += ["--run-dir", str(run_dir)]
+    for item in [*SMALL, f'model.cache_dir="{model_cache}"', "run.checkpoint_every=100000"]:
+        cmd += ["--set", item]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(cmd, stderr=out, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not metric_rows(run_dir):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)  # polling the metrics file the learner writes
+        remote = run_processes(run_dir)
+        assert len(remote) == 3, [p.info["cmdline"] for p in remote]  # the learner and 2 actors
+        launcher.kill()  # no chance to stop anything: only its end of the connections closes
+        launcher.wait()
+        gone, alive = psutil.wait_procs(remote, timeout=60)
+        assert not alive, [p.pid for p in alive]
+        text = log.read_text()
+        assert text.count("the launcher's connection closed; stopping") == 3, text[-3000:]
+        checkpoints = list((run_dir / "checkpoints").glob("step-*"))
+        assert checkpoints, "the learner stops as on SIGTERM: with a final checkpoint"
+    finally:
+        for proc in run_processes(run_dir):
+            proc.kill()
