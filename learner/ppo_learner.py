@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -67,6 +68,9 @@ class PPOLearner:
         self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        # Called after every micro-batch: an update can outlast the actors' patience (minutes on a CPU), and
+        # the service heartbeats from here so that they do not take a busy learner for a gone one.
+        self.on_progress: Callable[[], None] = lambda: None
         # One gradient step per update and no critic (whose old values GAE needs first): the step's own forward
         # is the proximal policy, and the no-grad pass over the policy is skipped (as verl does on-policy).
         single_step = cfg.update_epochs == 1 and cfg.num_minibatches == 1 and cfg.is_critic_free
@@ -130,6 +134,7 @@ class PPOLearner:
             if values is not None:
                 step["values"] = values
             mx.eval(step)
+            self.on_progress()
             for key, value in step.items():
                 parts[key].append(value)
         return {k: np.concatenate([np.array(x) for x in v]) for k, v in parts.items() if v}
@@ -144,6 +149,7 @@ class PPOLearner:
             )
             parts.append(self._reference_logprobs(tokens, positions, response))
             mx.eval(parts[-1])
+            self.on_progress()
         return {"ref": np.concatenate([np.array(p) for p in parts])}
 
     def _reference_logprobs(self, tokens: mx.array, positions: mx.array, response: mx.array) -> mx.array:
@@ -229,6 +235,7 @@ class PPOLearner:
                 )
             # Evaluate per micro-batch: otherwise every micro-batch's activations stay alive until the step.
             mx.eval(grads, stats)
+            self.on_progress()
         stats["grad/norm"] = self._apply_fn(grads)
         with collective(
             "the gradient all-reduce"

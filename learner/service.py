@@ -63,6 +63,7 @@ class ActorInfo:
 class LearnerService:
     def __init__(self, cfg: Config, sockets: LearnerSockets, learner: PPOLearner, run_dir: Path):
         self.cfg, self.sockets, self.learner, self.run_dir = cfg, sockets, learner, run_dir
+        learner.on_progress = self.heartbeat  # heartbeats go on during a long update
         self.buffer = ExperienceBuffer(
             cfg.transport.buffer_batches * cfg.ppo.batch_size, cfg.ppo.group_size, cfg.ppo.max_policy_lag
         )

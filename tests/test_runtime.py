@@ -391,6 +391,43 @@ def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers
         assert not worker.learner_silent and "the learner answers again" in caplog.text
 
 
+def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
+    """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on between micro-batches."""
+    import numpy as np
+
+    from learner.update import Experience
+
+    with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=1") as h:
+        worker = h.actor(0)
+        h.join(worker)
+        learner = h.service.learner
+        grad_fn = learner._grad_fn
+
+        def slow_grad_fn(mb):  # stands in for a micro-batch of a large model: 0.1 s of compute
+            time.sleep(0.1)
+            return grad_fn(mb)
+
+        learner._grad_fn = slow_grad_fn
+        while worker.sockets.receive_control(0) is not None:  # what the join left queued
+            pass
+        rng = np.random.default_rng(0)
+        exp = Experience(
+            [rng.integers(3, 250, 6).tolist() for _ in range(8)],
+            [rng.integers(3, 250, 5).tolist() for _ in range(8)],
+            [np.full(5, -5.0, np.float32) for _ in range(8)],
+            rng.normal(size=8).astype(np.float32),
+            np.zeros(8),
+        )
+        learner.update(exp)  # 8 micro-batches of 0.1 s; the service's own loop does not run meanwhile
+        beats = []
+        while (frames := worker.sockets.receive_control(0)) is not None:
+            msg = protocol.decode(frames)
+            if isinstance(msg, protocol.Heartbeat):
+                beats.append(msg)
+        assert len(beats) >= 5, len(beats)
+        assert all(b.policy_version == 0 for b in beats)  # sent while the update was still running
+
+
 def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
     worker = harness.actor(0)
     harness.join(worker)
