@@ -31,10 +31,11 @@ from common.protocol import (
     RolloutRequest,
     Shutdown,
     Weights,
+    WeightsChunk,
     Welcome,
 )
 from common.transport import ActorSockets, curve_keys
-from common.weights import AdapterSync
+from common.weights import AdapterSync, SnapshotAssembly
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class ActorWorker:
         # resolve_task's batch scorer; a Task built by hand scores with its per-sample reward.
         self.scorer = task.scorer or load_reward("", task, cfg.run.reward_timeout_s)
         self.adapters = AdapterSync(model, full_weights=cfg.ppo.full_finetune)
+        self.fetch: SnapshotAssembly | None = None  # an announced snapshot arriving in chunks
         use_fast_cpu_ops(model)  # a no-op off the CPU; the reference pass (no KV cache) takes the fast path
         self.params = SamplingParams.from_config(cfg.sampling)
         self.stop_ids = set(tokenizer.eos_token_ids)
@@ -136,9 +138,9 @@ class ActorWorker:
         if isinstance(msg, Weights) and msg.run_id and msg.run_id != self.run_id:  # untagged: older learner
             logger.debug("ignored a snapshot of learner run %r (welcomed by %r)", msg.run_id, self.run_id)
         elif isinstance(msg, Weights) and msg.policy_version > self.policy_version:
-            self.adapters.apply(msg)
-            self.policy_version, self.checksum = msg.policy_version, msg.checksum
-            logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
+            self._take_snapshot(msg)
+        elif isinstance(msg, WeightsChunk) and self.fetch is not None:
+            self._take_chunk(msg)
         elif isinstance(msg, RolloutGrant):
             self.granted += 1
             self.grant_version = max(self.grant_version, msg.policy_version)
@@ -146,6 +148,33 @@ class ActorWorker:
             self._next_request = 0.0  # answered: the next request goes out as soon as this grant is used
         elif isinstance(msg, Welcome):
             self._welcomed(msg)
+
+    def _take_snapshot(self, msg: Weights) -> None:
+        if msg.chunk_size:  # announced: fetch it in chunks (unless already fetching this one or a newer one)
+            if self.fetch is None or self.fetch.announce.policy_version < msg.policy_version:
+                self.fetch = SnapshotAssembly(msg)
+                self._ask_for_chunks()
+            return
+        self.adapters.apply(msg)
+        self.policy_version, self.checksum = msg.policy_version, msg.checksum
+        logger.info("running policy v%d (checksum %s)", msg.policy_version, msg.checksum)
+
+    def _take_chunk(self, chunk: WeightsChunk) -> None:
+        try:
+            complete = self.fetch.add(chunk)
+        except ValueError as e:
+            logger.warning("dropped snapshot v%d: %s", chunk.policy_version, e)
+            self.fetch = None  # asked for again when the grant needs it
+            return
+        if not complete:
+            return self._ask_for_chunks()
+        snapshot, self.fetch = self.fetch.snapshot(), None
+        if snapshot.policy_version > self.policy_version:
+            self._take_snapshot(snapshot)
+
+    def _ask_for_chunks(self, again: bool = False) -> None:
+        for request in self.fetch.requests(self.actor_id, again):
+            self.sockets.request(request)
 
     def _welcomed(self, msg: Welcome) -> None:
         logger.info("welcomed by learner (run %s, policy v%d)", msg.run_id, msg.policy_version)
@@ -156,7 +185,7 @@ class ActorWorker:
             )
         if self.run_id and msg.run_id != self.run_id:  # a new learner: its snapshot replaces ours
             logger.info("the learner restarted (run %s -> %s): taking its snapshot", self.run_id, msg.run_id)
-            self.policy_version, self.epoch = -1, self.epoch + 1
+            self.policy_version, self.epoch, self.fetch = -1, self.epoch + 1, None
         self.run_id = msg.run_id
         if msg.next_batch >= 0:  # resumed from a checkpoint: redo what it had not trained
             self.batch_id, self.epoch = msg.next_batch, self.epoch + 1
@@ -349,10 +378,14 @@ class ActorWorker:
         the learner's bound allows); waits up to ``timeout_ms`` for the snapshot, asking for it if it is late."""
         if self.policy_version >= self.grant_version:
             return True
-        if self.sockets.weights.poll(timeout_ms):
+        arriving = self.sockets.weights if self.fetch is None else self.sockets.control  # chunks: control
+        if arriving.poll(timeout_ms):
             self.apply_newer_weights()
         if self.policy_version < self.grant_version and time.monotonic() >= self._next_snapshot_request:
-            self.sockets.request(protocol.WeightsRequest(self.actor_id, self.policy_version))
+            if self.fetch is not None:
+                self._ask_for_chunks(again=True)
+            else:
+                self.sockets.request(protocol.WeightsRequest(self.actor_id, self.policy_version))
             self._next_snapshot_request = time.monotonic() + self.cfg.transport.heartbeat_s
         return self.policy_version >= self.grant_version
 

@@ -233,14 +233,19 @@ def render_scaling_run(result: dict) -> Lines:
 def render_distributed(result: dict) -> Lines:
     gpu, rows = on_gpu(result), result["rows"]
     batch = result.get("batch")
-    header = ["ranks", "sequences per rank", "update speed vs 1 rank"] + (["update s"] if gpu else [])
+    measured = "mfu" in rows[0]  # older files have the speed ratio alone
+    header = ["ranks", "sequences per rank", "update speed vs 1 rank"]
+    header += ["MFU", "peak memory GB, all ranks"] if measured else []
+    header += ["update s"] if gpu else []
     cells = []
     for r in rows:
         per_rank = str(batch // r["ranks"]) if batch else NOT_RECORDED
         row = [str(r["ranks"]), per_rank, ratio(rows[0]["update_s"], r["update_s"])]
+        row += [f"{r['mfu']:.1%}", f"{r['peak_gb']:.2f}"] if measured else []
         cells.append(row + ([f"{r['update_s']:.2f}"] if gpu else []))
     diff = f"Largest difference between the weights trained by 1 and by 2 ranks: {result['max_weight_diff']:.1e}."
-    return [*table(header, "rrr" + "r" * gpu, cells), "", diff]
+    micro = f" Micro-batches of {result['micro']} sequences on each rank." if "micro" in result else ""
+    return [*table(header, "rrr" + "rr" * measured + "r" * gpu, cells), "", diff + micro]
 
 
 def render_soak(result: dict) -> Lines:

@@ -155,6 +155,9 @@ class TransportConfig:
     backoff (1, 2, 4 ... 30 s) until a learner answers; it keeps at most one batch meanwhile."""
     max_message_mb: int = 256
     """Messages larger than this are rejected unread."""
+    chunk_mb: float = 64.0
+    """A policy snapshot larger than this (full fine-tuning) is announced, and each actor fetches it in chunks
+    of this size, a few at a time (at most ``max_message_mb`` each); 0 sends every snapshot whole."""
     keys_dir: str = ""
     """Folder with the run's ZeroMQ CURVE keys (``python launch.py keys DIR`` makes them); every socket is then
     encrypted and the learner admits only actors holding a key from it. Required when ``host`` is not loopback."""

@@ -77,6 +77,8 @@ def validate_run(cfg: Config) -> list[str]:
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
         if getattr(t, name) < 1:
             p.append(f"transport.{name}={getattr(t, name)} must be >= 1")
+    if not 0 <= t.chunk_mb < t.max_message_mb:
+        p.append(f"transport.chunk_mb={t.chunk_mb} must be >= 0 and below max_message_mb={t.max_message_mb}")
     for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s", "learner_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")

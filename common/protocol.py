@@ -50,6 +50,8 @@ class MsgType(IntEnum):
     SHUTDOWN = 8
     ROLLOUT_REQUEST = 9
     ROLLOUT_GRANT = 10
+    WEIGHTS_CHUNK_REQUEST = 11
+    WEIGHTS_CHUNK = 12
 
 
 class ProtocolError(ValueError):
@@ -143,9 +145,15 @@ class Weights:
     """1-D, every tensor's elements back to back."""
     run_id: str = ""
     """The publishing learner run's id (actors take snapshots of the run that welcomed them only)."""
+    chunk_size: int = 0
+    """0: ``flat`` holds the snapshot. Else this is an announcement with an empty ``flat``: the snapshot is
+    fetched as ``WeightsChunk``s of ``chunk_size`` elements (the last one shorter), a few at a time."""
 
     def sizes(self) -> list[int]:
         return [math.prod(shape) for shape in self.shapes]
+
+    def num_chunks(self) -> int:
+        return -(-sum(self.sizes()) // self.chunk_size) if self.chunk_size else 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,26 @@ class WeightsRequest:
 
     actor_id: int
     have_version: int = -1
+
+
+@dataclass(frozen=True)
+class WeightsChunkRequest:
+    """Actor -> learner: chunk ``index`` of the announced snapshot ``policy_version``."""
+
+    actor_id: int
+    policy_version: int
+    index: int
+
+
+@dataclass(frozen=True)
+class WeightsChunk:
+    """Learner -> actor: elements ``[index * chunk_size, (index + 1) * chunk_size)`` of snapshot ``policy_version``
+    (the flat buffer, in its wire dtype)."""
+
+    policy_version: int
+    index: int
+    dtype: str
+    data: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -204,6 +232,8 @@ Message = (
     | Shutdown
     | RolloutRequest
     | RolloutGrant
+    | WeightsChunkRequest
+    | WeightsChunk
 )
 _TYPES: dict[type, MsgType] = {
     Hello: MsgType.HELLO,
@@ -216,6 +246,8 @@ _TYPES: dict[type, MsgType] = {
     Shutdown: MsgType.SHUTDOWN,
     RolloutRequest: MsgType.ROLLOUT_REQUEST,
     RolloutGrant: MsgType.ROLLOUT_GRANT,
+    WeightsChunkRequest: MsgType.WEIGHTS_CHUNK_REQUEST,
+    WeightsChunk: MsgType.WEIGHTS_CHUNK,
 }
 
 
@@ -262,8 +294,11 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
             "names": list(msg.names),
             "shapes": [list(shape) for shape in msg.shapes],
             "run_id": msg.run_id,
+            "chunk_size": msg.chunk_size,
         }
         return body, [("flat", msg.flat, msg.dtype)]
+    if isinstance(msg, WeightsChunk):
+        return {"policy_version": msg.policy_version, "index": msg.index}, [("data", msg.data, msg.dtype)]
     return dict(msg.__dict__), []
 
 
@@ -433,10 +468,26 @@ def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
         _wire_dtype(flat),
         flat.reshape(-1),
         _field(body, "run_id", str, ""),
+        _field(body, "chunk_size", int, 0),
     )
     total = sum(msg.sizes())
-    _check(total == flat.size, "bad_shape", f"shapes hold {total} elements, the buffer {flat.size}")
+    _check(msg.chunk_size >= 0, "bad_fields", f"chunk_size {msg.chunk_size}")
+    announced = msg.chunk_size > 0 and flat.size == 0  # the elements come as chunks
+    _check(
+        total == flat.size or announced, "bad_shape", f"shapes hold {total} elements, the buffer {flat.size}"
+    )
     return msg
+
+
+def _build_chunk(body: dict, arrays: dict[str, np.ndarray]) -> WeightsChunk:
+    _check(
+        set(arrays) == {"data"}, "bad_arrays", f"a chunk carries arrays {sorted(arrays)}, expected ['data']"
+    )
+    data = arrays["data"]
+    _check(data.ndim == 1, "bad_shape", f"chunk data of shape {data.shape}")
+    index = _field(body, "index", int)
+    _check(index >= 0, "bad_fields", f"chunk index {index}")
+    return WeightsChunk(_field(body, "policy_version", int), index, _wire_dtype(data), data)
 
 
 def _wire_dtype(array: np.ndarray) -> str:
@@ -475,4 +526,8 @@ _BUILDERS = {
         _field(b, "actor_id", int), _field(b, "sequences", int), _field(b, "returned", int, 0)
     ),
     MsgType.ROLLOUT_GRANT: lambda b, _: RolloutGrant(_field(b, "policy_version", int)),
+    MsgType.WEIGHTS_CHUNK_REQUEST: lambda b, _: WeightsChunkRequest(
+        _field(b, "actor_id", int), _field(b, "policy_version", int), _field(b, "index", int)
+    ),
+    MsgType.WEIGHTS_CHUNK: _build_chunk,
 }

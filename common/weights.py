@@ -7,6 +7,7 @@ are on the critical path of weight sync (BENCHMARKS.md, issue 4): the adapter la
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from itertools import accumulate
 
@@ -15,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from common.lora import adapter_slots
-from common.protocol import Weights
+from common.protocol import DTYPES, Weights, WeightsChunk, WeightsChunkRequest
 
 
 def checksum(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], flat: np.ndarray) -> str:
@@ -94,3 +95,71 @@ class AdapterSync:
         ]
         errors += [] if errors else ["adapters arrive in a different order"]
         raise ValueError("snapshot does not fit the model:\n  " + "\n  ".join(errors))
+
+
+def announcement(snapshot: Weights, chunk_bytes: int) -> Weights:
+    """``snapshot`` itself, or, when it is over ``chunk_bytes`` (0: never), its announcement: names, shapes and
+    checksum with an empty buffer, the elements to be fetched in chunks of ``chunk_bytes``."""
+    if not chunk_bytes or snapshot.flat.nbytes <= chunk_bytes:
+        return snapshot
+    return dataclasses.replace(
+        snapshot, flat=snapshot.flat[:0], chunk_size=chunk_bytes // snapshot.flat.itemsize
+    )
+
+
+def snapshot_chunk(
+    snapshot: Weights, announce: Weights, request: WeightsChunkRequest
+) -> Weights | WeightsChunk:
+    """The chunk asked for; the current announcement instead when the request is for an older snapshot (the
+    actor starts over with the newest) or for no chunk of this one."""
+    if request.policy_version != snapshot.policy_version or not 0 <= request.index < announce.num_chunks():
+        return announce
+    size = announce.chunk_size
+    data = snapshot.flat[request.index * size : (request.index + 1) * size]
+    return WeightsChunk(snapshot.policy_version, request.index, snapshot.dtype, data)
+
+
+class SnapshotAssembly:
+    """An announced snapshot fetched chunk by chunk, at most ``window`` chunks requested and not yet received
+    (credit-based flow control, as in the ZeroMQ guide's file transfer): neither side queues the whole model,
+    and no message is larger than a chunk."""
+
+    def __init__(self, announce: Weights, window: int = 4):
+        self.announce = announce
+        self.flat = np.empty(sum(announce.sizes()), DTYPES[announce.dtype])
+        self.count = announce.num_chunks()
+        self.window = window
+        self.received: set[int] = set()
+        self.asked: set[int] = set()  # requested, not received yet
+        self._next = 0
+
+    def requests(self, actor_id: int, again: bool = False) -> list[WeightsChunkRequest]:
+        """What to ask for now: new chunks while the window allows; with ``again`` also those asked for and
+        not received (a reply lost to a reconnect, say)."""
+        indices = sorted(self.asked) if again else []
+        while len(self.asked) < self.window and self._next < self.count:
+            self.asked.add(self._next)
+            indices.append(self._next)
+            self._next += 1
+        return [WeightsChunkRequest(actor_id, self.announce.policy_version, i) for i in indices]
+
+    def add(self, chunk: WeightsChunk) -> bool:
+        """Store ``chunk``; True once every chunk is in. Chunks of another snapshot and repeats are ignored; a
+        chunk of the wrong dtype or size raises ValueError."""
+        if chunk.policy_version != self.announce.policy_version or chunk.index in self.received:
+            return len(self.received) == self.count
+        start = chunk.index * self.announce.chunk_size
+        expected = min(self.announce.chunk_size, self.flat.size - start)
+        if chunk.dtype != self.announce.dtype or chunk.data.size != expected or expected <= 0:
+            raise ValueError(
+                f"chunk {chunk.index} of snapshot v{chunk.policy_version}: {chunk.data.size} {chunk.dtype} "
+                f"elements, expected {max(expected, 0)} {self.announce.dtype}"
+            )
+        self.flat[start : start + expected] = chunk.data
+        self.received.add(chunk.index)
+        self.asked.discard(chunk.index)
+        return len(self.received) == self.count
+
+    def snapshot(self) -> Weights:
+        """The whole snapshot (its checksum is verified when it is applied)."""
+        return dataclasses.replace(self.announce, flat=self.flat, chunk_size=0)

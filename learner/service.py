@@ -28,11 +28,12 @@ from common.protocol import (
     RolloutGrant,
     RolloutRequest,
     Shutdown,
+    WeightsChunkRequest,
     WeightsRequest,
     Welcome,
 )
 from common.transport import LearnerSockets
-from common.weights import AdapterSync
+from common.weights import AdapterSync, announcement, snapshot_chunk
 from learner.admission import RolloutAdmission
 from learner.buffer import ExperienceBuffer
 from learner.checkpoint import load_checkpoint, save_checkpoint
@@ -78,6 +79,9 @@ class LearnerService:
         if self.is_main:
             self.metrics = MetricsWriter(run_dir, cfg.run.metrics_sinks, config=config_to_dict(cfg))
         self.snapshot: protocol.Weights | None = None
+        self.announce: protocol.Weights | None = (
+            None  # what actors are sent: the snapshot, or its announcement
+        )
         self.adapters = AdapterSync(learner.container.policy, full_weights=cfg.ppo.full_finetune)
         self.step_count = 0
         self.resumed_step = 0  # the update a resumed learner started from (its clock starts there)
@@ -101,12 +105,13 @@ class LearnerService:
     def publish_weights(self) -> None:
         start = time.perf_counter()
         self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
-        if self.snapshot.flat.nbytes > self.max_bytes:  # actors would reject it as too large
+        self.announce = announcement(self.snapshot, int(self.cfg.transport.chunk_mb * 2**20))
+        if self.announce.flat.nbytes > self.max_bytes:  # actors would reject it as too large
             raise ValueError(
                 f"a policy snapshot is {self.snapshot.flat.nbytes / 2**20:.0f} MB > transport.max_message_mb="
-                f"{self.cfg.transport.max_message_mb}: raise it (full fine-tuning sends every weight)"
+                f"{self.cfg.transport.max_message_mb}: raise it, or set transport.chunk_mb to send it in chunks"
             )
-        self.sockets.publish(self.snapshot)
+        self.sockets.publish(self.announce)
         self.sync = {
             "sync/ms": 1000 * (time.perf_counter() - start),
             "sync/bytes": int(self.snapshot.flat.nbytes),
@@ -131,7 +136,9 @@ class LearnerService:
             # An actor of an earlier incarnation of this learner (restarted): ask it to say hello again.
             self.sockets.reply(identity, Refuse("unknown actor: say hello again", rejoin=True))
         elif isinstance(msg, WeightsRequest) and self.snapshot is not None:
-            self.sockets.reply(identity, self.snapshot)
+            self.sockets.reply(identity, self.announce)
+        elif isinstance(msg, WeightsChunkRequest) and self.snapshot is not None:
+            self.sockets.reply(identity, snapshot_chunk(self.snapshot, self.announce, msg))
         elif isinstance(msg, Heartbeat):
             info.policy_version, info.checksum, info.stats = msg.policy_version, msg.checksum, msg.stats
             info.gen_tokens_per_s = msg.stats.get("gen_tokens_per_s", info.gen_tokens_per_s)

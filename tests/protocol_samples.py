@@ -43,6 +43,20 @@ def samples() -> dict[str, p.Message]:
             flat=np.array([16256, 16384, 16448, 16512, 16544, 16576, 16592, 16608], np.uint16),
             run_id="run-abc",
         ),
+        "weights_announce": p.Weights(
+            policy_version=6,
+            checksum="c0ffee",
+            names=("layers.0.q.weight",),
+            shapes=((3, 4),),
+            dtype="float32",
+            flat=np.zeros(0, np.float32),
+            run_id="run-abc",
+            chunk_size=5,
+        ),
+        "weights_chunk_request": p.WeightsChunkRequest(actor_id=2, policy_version=6, index=1),
+        "weights_chunk": p.WeightsChunk(
+            policy_version=6, index=1, dtype="float32", data=np.array([5.0, 6.0, 7.5, -8.0, 9.0], np.float32)
+        ),
         "weights_request": p.WeightsRequest(actor_id=2, have_version=3),
         "heartbeat": p.Heartbeat(
             sender="actor-1", policy_version=4, checksum="c0ffee", stats={"gen_tokens_per_s": 10.5}

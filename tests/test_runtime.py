@@ -98,7 +98,8 @@ class Harness:
     def actor(self, actor_id, cfg=None):
         cfg = cfg or self.cfg
         loaded = load_model(cfg.model)
-        attach_lora(loaded.model, cfg.lora)
+        if not cfg.ppo.full_finetune:
+            attach_lora(loaded.model, cfg.lora)
         sockets = ActorSockets(self.ctx, self.endpoints, cfg.transport.experience_hwm)
         self.sockets.append(sockets)
         return ActorWorker(cfg, actor_id, 2, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
@@ -660,3 +661,52 @@ def test_full_fine_tuning_syncs_every_weight_to_the_actors(model_cache, tmp_path
                 service.publish_weights()
         finally:
             sockets.close()
+
+
+def test_full_weights_travel_in_chunks_and_arrive_whole(model_cache, tmp_path):
+    """Over ``transport.chunk_mb`` a snapshot is announced and each actor fetches it a few chunks at a time."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from learner.update import Experience
+
+    with harness_with(model_cache, tmp_path, "ppo.full_finetune=true", "transport.chunk_mb=0.02") as h:
+        announce = h.service.announce
+        assert announce.flat.size == 0 and announce.num_chunks() >= 8
+        worker = h.actor(0)
+        h.join(worker)
+        most_asked = 0
+
+        def fetch(version: int) -> None:
+            nonlocal most_asked
+            for _ in range(2000):
+                h.service.poll(1)
+                worker.poll_grant(0)  # asks for the snapshot it lacks, takes chunks, asks for more
+                most_asked = max(most_asked, len(worker.fetch.asked) if worker.fetch else 0)
+                if worker.policy_version == version:
+                    return
+            raise AssertionError(f"snapshot v{version} did not arrive")
+
+        def same_weights() -> bool:
+            ours = dict(tree_flatten(worker.model.parameters()))
+            theirs = dict(tree_flatten(h.service.learner.container.policy.parameters()))
+            return ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+        worker.grant_version = 0  # as a grant of v0 would: the actor must hold v0 before it generates
+        fetch(0)
+        assert same_weights() and worker.checksum == h.service.snapshot.checksum
+        rng = np.random.default_rng(0)
+        h.service.learner.update(
+            Experience(
+                [rng.integers(3, 250, 6).tolist() for _ in range(8)],
+                [rng.integers(3, 250, 5).tolist() for _ in range(8)],
+                [np.full(5, -5.0, np.float32) for _ in range(8)],
+                rng.normal(size=8).astype(np.float32),
+                np.zeros(8),
+            )
+        )
+        h.service.publish_weights()  # the announcement goes out over PUB; the chunks over control
+        worker.grant_version = 1
+        fetch(1)
+        assert same_weights() and worker.checksum == h.service.snapshot.checksum
+        assert 1 <= most_asked <= 4  # never more than the window in flight

@@ -10,7 +10,7 @@ from common import protocol
 from common.config import LoraConfig, ModelConfig
 from common.lora import adapter_weights, attach_lora
 from common.models import load_model
-from common.weights import AdapterSync
+from common.weights import AdapterSync, SnapshotAssembly, announcement, snapshot_chunk
 
 TOKENS = mx.array([[1, 40, 41, 42, 43, 2]])
 
@@ -79,3 +79,39 @@ def test_a_model_without_adapters_cannot_sync(model_cache):
     plain = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache))).model
     with pytest.raises(ValueError, match="no LoRA adapters"):
         AdapterSync(plain)
+
+
+def _snapshot(n: int = 10) -> protocol.Weights:
+    flat = np.arange(n, dtype=np.float32)
+    return protocol.Weights(3, "c0ffee", ("w",), ((n,),), "float32", flat, "run")
+
+
+def test_a_snapshot_over_the_chunk_size_is_announced_and_served_in_chunks():
+    snap = _snapshot(10)
+    assert announcement(snap, 0) is snap and announcement(snap, 40) is snap  # 40 bytes fit whole
+    announce = announcement(snap, 16)  # 4 float32 per chunk: 3 chunks, the last one of 2
+    assert announce.flat.size == 0 and announce.chunk_size == 4 and announce.num_chunks() == 3
+    assembly = SnapshotAssembly(announce, window=2)
+    asked = [r.index for r in assembly.requests(actor_id=1)]
+    assert asked == [0, 1]  # the window
+    done = [
+        assembly.add(snapshot_chunk(snap, announce, protocol.WeightsChunkRequest(1, 3, i))) for i in asked
+    ]
+    assert done == [False, False] and [r.index for r in assembly.requests(1)] == [2]
+    last = snapshot_chunk(snap, announce, protocol.WeightsChunkRequest(1, 3, 2))
+    assert last.data.size == 2 and assembly.add(last)
+    whole = assembly.snapshot()
+    assert whole.chunk_size == 0 and np.array_equal(whole.flat, snap.flat) and whole.checksum == snap.checksum
+
+
+def test_chunks_of_another_snapshot_or_size_are_not_taken():
+    snap = _snapshot(10)
+    announce = announcement(snap, 16)
+    assembly = SnapshotAssembly(announce)
+    # A request for a snapshot the learner no longer has is answered with the current announcement.
+    assert snapshot_chunk(snap, announce, protocol.WeightsChunkRequest(1, 2, 0)) is announce
+    assert snapshot_chunk(snap, announce, protocol.WeightsChunkRequest(1, 3, 3)) is announce
+    older = protocol.WeightsChunk(2, 0, "float32", np.zeros(4, np.float32))
+    assert not assembly.add(older) and not assembly.received
+    with pytest.raises(ValueError, match="expected 4 float32"):
+        assembly.add(protocol.WeightsChunk(3, 0, "float32", np.zeros(3, np.float32)))
