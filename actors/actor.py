@@ -35,7 +35,7 @@ from common.protocol import (
     Welcome,
 )
 from common.transport import ActorSockets, curve_keys
-from common.weights import AdapterSync, SnapshotAssembly
+from common.weights import AdapterSync, SnapshotAssembly, read_shared
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,11 @@ class ActorWorker:
             self._welcomed(msg)
 
     def _take_snapshot(self, msg: Weights) -> None:
+        if msg.shared and (local := read_shared(msg)) is not None:  # on the learner's machine: read its file
+            try:
+                return self._take_snapshot(local)
+            except ValueError as e:  # replaced or damaged meanwhile: fetch the chunks instead
+                logger.warning("shared snapshot v%d unusable (%s); fetching it", msg.policy_version, e)
         if msg.chunk_size:  # announced: fetch it in chunks (unless already fetching this one or a newer one)
             if self.fetch is None or self.fetch.announce.policy_version < msg.policy_version:
                 self.fetch = SnapshotAssembly(msg)

@@ -1,4 +1,5 @@
-"""A full-weights snapshot over TCP: sent whole vs fetched in chunks (``transport.chunk_mb``), end to end.
+"""A full-weights snapshot to an actor: sent whole over TCP, fetched in chunks (``transport.chunk_mb``), or read
+from a shared-memory file (an actor on the learner's machine, ``transport.share_snapshots``), end to end.
 
     python -m common.blas -- python bench/snapshot_transfer.py [--model default] [--chunk-mb 16,64] [--repeats 3]
 
@@ -6,12 +7,14 @@ A server thread plays the learner (a ROUTER on TCP loopback answering with ``pro
 whole snapshot, or ``snapshot_chunk``s), the main thread the actor (a DEALER: asks, decodes, assembles with at
 most 4 chunks in flight, applies to its model and checks the checksum). Times from the request until the model
 holds the weights, best of ``--repeats``; the largest message either side holds is the snapshot or one chunk.
+The shared row includes the learner writing the file (once per snapshot, whatever the number of local actors).
 Writes ``bench/results/snapshot_transfer.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -26,22 +29,37 @@ from bench.machine import describe_machine, run_record  # noqa: E402
 from common import protocol  # noqa: E402
 from common.config import ModelConfig  # noqa: E402
 from common.models import load_model  # noqa: E402
-from common.weights import AdapterSync, SnapshotAssembly, announcement, snapshot_chunk  # noqa: E402
+from common.weights import (  # noqa: E402
+    AdapterSync,
+    SharedSnapshots,
+    SnapshotAssembly,
+    announcement,
+    read_shared,
+    shared_announcement,
+    snapshot_chunk,
+)
 
 LIMIT = 2**31  # decode limit: the whole-message case must fit
 
 
 def serve(router: zmq.Socket, snapshot: protocol.Weights, announce: protocol.Weights, stop: threading.Event):
-    """Answer requests until ``stop``: a WeightsRequest with ``announce``, a chunk request with the chunk."""
+    """Answer requests until ``stop``: a WeightsRequest with ``announce`` (written to its shared file first if it
+    has one), a chunk request with the chunk."""
+    shared = SharedSnapshots("bench") if announce.shared else None
     while not stop.is_set():
         if not router.poll(50):
             continue
         identity, *frames = router.recv_multipart()
         msg = protocol.decode(frames, LIMIT)
-        reply = (
-            announce if isinstance(msg, protocol.WeightsRequest) else snapshot_chunk(snapshot, announce, msg)
-        )
+        if isinstance(msg, protocol.WeightsRequest):
+            reply = announce
+            if shared is not None:
+                reply = dataclasses.replace(announce, shared=shared.share(snapshot))
+        else:
+            reply = snapshot_chunk(snapshot, announce, msg)
         router.send_multipart([identity, *protocol.encode(reply)], copy=False)
+    if shared is not None:
+        shared.close()
 
 
 def fetch(dealer: zmq.Socket, target: AdapterSync) -> float:
@@ -49,7 +67,9 @@ def fetch(dealer: zmq.Socket, target: AdapterSync) -> float:
     start = time.perf_counter()
     dealer.send_multipart(protocol.encode(protocol.WeightsRequest(0, -1)))
     msg = protocol.decode(dealer.recv_multipart(copy=False), LIMIT)
-    if msg.chunk_size:
+    if msg.shared:
+        msg = read_shared(msg)
+    elif msg.chunk_size:
         assembly, complete = SnapshotAssembly(msg), False
         for request in assembly.requests(0):
             dealer.send_multipart(protocol.encode(request))
@@ -62,9 +82,13 @@ def fetch(dealer: zmq.Socket, target: AdapterSync) -> float:
     return time.perf_counter() - start
 
 
-def measure(source: AdapterSync, target: AdapterSync, chunk_mb: float, repeats: int) -> dict:
+def measure(
+    source: AdapterSync, target: AdapterSync, chunk_mb: float, repeats: int, shared: bool = False
+) -> dict:
     snapshot = source.snapshot(1)
     announce = announcement(snapshot, int(chunk_mb * 2**20))
+    if shared:
+        announce = shared_announcement(snapshot, int(chunk_mb * 2**20), "(written on request)")
     ctx, stop = zmq.Context(), threading.Event()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
@@ -80,7 +104,9 @@ def measure(source: AdapterSync, target: AdapterSync, chunk_mb: float, repeats: 
         dealer.close(linger=0)
         ctx.term()
     largest = announce.chunk_size * snapshot.flat.itemsize if announce.chunk_size else snapshot.flat.nbytes
+    largest = 0 if shared else largest
     return {
+        "shared": shared,
         "chunk_mb": chunk_mb,
         "chunks": announce.num_chunks(),
         "seconds": seconds,
@@ -105,11 +131,13 @@ def main() -> None:
     target = AdapterSync(load_model(config).model, full_weights=True)
     rows = [measure(source, target, 0.0, opts.repeats)]
     rows += [measure(source, target, float(mb), opts.repeats) for mb in opts.chunk_mb.split(",")]
+    rows.append(measure(source, target, 0.0, opts.repeats, shared=True))
     header = f"{describe_machine()}; model {opts.model}, every weight; best of {opts.repeats}"
     print(header)
     print("| transfer | chunks | largest message MB | time vs whole |\n|---|---:|---:|---:|")
     for r in rows:
         name = "whole" if not r["chunks"] else f"chunks of {r['chunk_mb']:g} MB"
+        name = "shared-memory file" if r["shared"] else name
         print(
             f"| {name} | {r['chunks']} | {r['largest_message_mb']:.0f} | {r['seconds'] / rows[0]['seconds']:.2f}x |"
         )

@@ -158,6 +158,9 @@ class TransportConfig:
     chunk_mb: float = 64.0
     """A policy snapshot larger than this (full fine-tuning) is announced, and each actor fetches it in chunks
     of this size, a few at a time (at most ``max_message_mb`` each); 0 sends every snapshot whole."""
+    share_snapshots: bool = True
+    """Actors on the learner's machine read each snapshot from a shared-memory file instead of receiving its
+    bytes over a socket; actors elsewhere fetch it in chunks."""
     keys_dir: str = ""
     """Folder with the run's ZeroMQ CURVE keys (``python launch.py keys DIR`` makes them); every socket is then
     encrypted and the learner admits only actors holding a key from it. Required when ``host`` is not loopback."""

@@ -149,6 +149,10 @@ class Weights:
     """0: ``flat`` holds the snapshot. Else this is an announcement with an empty ``flat``: the snapshot is
     fetched as ``WeightsChunk``s of ``chunk_size`` elements (the last one shorter), a few at a time."""
 
+    shared: str = ""
+    """With an announcement: a file on the learner's machine holding the elements; actors there read it (one
+    copy, no socket) and others fetch the chunks."""
+
     def sizes(self) -> list[int]:
         return [math.prod(shape) for shape in self.shapes]
 
@@ -295,6 +299,7 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
             "shapes": [list(shape) for shape in msg.shapes],
             "run_id": msg.run_id,
             "chunk_size": msg.chunk_size,
+            "shared": msg.shared,
         }
         return body, [("flat", msg.flat, msg.dtype)]
     if isinstance(msg, WeightsChunk):
@@ -469,6 +474,7 @@ def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
         flat.reshape(-1),
         _field(body, "run_id", str, ""),
         _field(body, "chunk_size", int, 0),
+        _field(body, "shared", str, ""),
     )
     total = sum(msg.sizes())
     _check(msg.chunk_size >= 0, "bad_fields", f"chunk_size {msg.chunk_size}")

@@ -8,12 +8,18 @@ are on the critical path of weight sync (BENCHMARKS.md, issue 4): the adapter la
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import tempfile
 import zlib
+from collections import deque
 from itertools import accumulate
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import psutil
 
 from common.lora import adapter_slots
 from common.protocol import DTYPES, Weights, WeightsChunk, WeightsChunkRequest
@@ -107,6 +113,14 @@ def announcement(snapshot: Weights, chunk_bytes: int) -> Weights:
     )
 
 
+def shared_announcement(snapshot: Weights, chunk_bytes: int, path: str) -> Weights:
+    """The announcement of ``snapshot`` shared as the file ``path``: actors on other machines fetch its chunks
+    (one chunk if it is small)."""
+    announce = announcement(snapshot, chunk_bytes)
+    chunk_size = announce.chunk_size or snapshot.flat.size
+    return dataclasses.replace(snapshot, flat=snapshot.flat[:0], chunk_size=chunk_size, shared=path)
+
+
 def snapshot_chunk(
     snapshot: Weights, announce: Weights, request: WeightsChunkRequest
 ) -> Weights | WeightsChunk:
@@ -163,3 +177,50 @@ class SnapshotAssembly:
     def snapshot(self) -> Weights:
         """The whole snapshot (its checksum is verified when it is applied)."""
         return dataclasses.replace(self.announce, flat=self.flat, chunk_size=0)
+
+
+# RAM-backed where the OS has it (Linux); elsewhere the temporary folder, which the page cache keeps in memory.
+SHARED_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+_SHARED_NAME = re.compile(r"mlx-ppo-snapshot-(\d+)-")
+
+
+class SharedSnapshots:
+    """The learner's newest snapshots as files that actors on its machine read instead of receiving the bytes
+    over a socket (``Weights.shared``). The last ``keep`` stay (an actor may still be reading the one before);
+    files of learners that died are removed at start, and this learner's at ``close``."""
+
+    def __init__(self, run_id: str, keep: int = 2, folder: Path = SHARED_DIR):
+        self.folder, self.keep = folder, keep
+        self.prefix = f"mlx-ppo-snapshot-{os.getpid()}-{run_id}"
+        self.paths: deque[Path] = deque()
+        for path in folder.glob("mlx-ppo-snapshot-*"):
+            owner = _SHARED_NAME.match(path.name)
+            if owner and not psutil.pid_exists(int(owner.group(1))):
+                path.unlink(missing_ok=True)
+
+    def share(self, snapshot: Weights) -> str:
+        """Write ``snapshot``'s buffer to a file of its own (atomically); its path."""
+        path = self.folder / f"{self.prefix}-v{snapshot.policy_version}.bin"
+        partial = path.with_suffix(".partial")
+        snapshot.flat.tofile(partial)
+        os.replace(partial, path)
+        self.paths.append(path)
+        while len(self.paths) > self.keep:
+            self.paths.popleft().unlink(missing_ok=True)
+        return str(path)
+
+    def close(self) -> None:
+        while self.paths:
+            self.paths.popleft().unlink(missing_ok=True)
+
+
+def read_shared(announce: Weights) -> Weights | None:
+    """The announced snapshot from its shared file (memory-mapped: one copy into the model), or None when the
+    file is not on this machine or does not hold it; the checksum is verified when it is applied."""
+    try:
+        flat = np.memmap(announce.shared, dtype=DTYPES[announce.dtype], mode="r")
+    except (OSError, ValueError):
+        return None
+    if flat.size != sum(announce.sizes()):
+        return None
+    return dataclasses.replace(announce, flat=flat, chunk_size=0, shared="")

@@ -8,6 +8,7 @@ decoded and validated, and a bad one is counted under ``reject/<reason>``, logge
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from collections import Counter
@@ -33,7 +34,13 @@ from common.protocol import (
     Welcome,
 )
 from common.transport import LearnerSockets
-from common.weights import AdapterSync, announcement, snapshot_chunk
+from common.weights import (
+    AdapterSync,
+    SharedSnapshots,
+    announcement,
+    shared_announcement,
+    snapshot_chunk,
+)
 from learner.admission import RolloutAdmission
 from learner.buffer import ExperienceBuffer
 from learner.checkpoint import load_checkpoint, save_checkpoint
@@ -79,9 +86,9 @@ class LearnerService:
         if self.is_main:
             self.metrics = MetricsWriter(run_dir, cfg.run.metrics_sinks, config=config_to_dict(cfg))
         self.snapshot: protocol.Weights | None = None
-        self.announce: protocol.Weights | None = (
-            None  # what actors are sent: the snapshot, or its announcement
-        )
+        self.announce: protocol.Weights | None = None  # what actors get: the snapshot or its announcement
+        self.shared = SharedSnapshots(self.run_id) if cfg.transport.share_snapshots and self.is_main else None
+        self.hostname = socket.gethostname()
         self.adapters = AdapterSync(learner.container.policy, full_weights=cfg.ppo.full_finetune)
         self.step_count = 0
         self.resumed_step = 0  # the update a resumed learner started from (its clock starts there)
@@ -105,7 +112,13 @@ class LearnerService:
     def publish_weights(self) -> None:
         start = time.perf_counter()
         self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
-        self.announce = announcement(self.snapshot, int(self.cfg.transport.chunk_mb * 2**20))
+        chunk_bytes = int(self.cfg.transport.chunk_mb * 2**20)
+        self.announce = announcement(self.snapshot, chunk_bytes)
+        if self.shared is not None and any(
+            a.host == self.hostname and not a.gone for a in self.actors.values()
+        ):
+            path = self.shared.share(self.snapshot)
+            self.announce = shared_announcement(self.snapshot, chunk_bytes, path)
         if self.announce.flat.nbytes > self.max_bytes:  # actors would reject it as too large
             raise ValueError(
                 f"a policy snapshot is {self.snapshot.flat.nbytes / 2**20:.0f} MB > transport.max_message_mb="
@@ -381,8 +394,14 @@ class LearnerService:
 
     def shutdown(self, reason: str) -> None:
         """Tell every actor to stop (broadcast, and directly to each known one)."""
+        if (
+            self.announce is not None and self.announce.shared
+        ):  # its file goes now: the last one travels inline
+            self.sockets.publish(announcement(self.snapshot, int(self.cfg.transport.chunk_mb * 2**20)))
         self.sockets.publish(Shutdown(reason))
         for identity in list(self.actors):
             self.sockets.reply(identity, Shutdown(reason))
+        if self.shared is not None:
+            self.shared.close()
         if self.metrics is not None:
             self.metrics.close()

@@ -663,50 +663,77 @@ def test_full_fine_tuning_syncs_every_weight_to_the_actors(model_cache, tmp_path
             sockets.close()
 
 
-def test_full_weights_travel_in_chunks_and_arrive_whole(model_cache, tmp_path):
-    """Over ``transport.chunk_mb`` a snapshot is announced and each actor fetches it a few chunks at a time."""
+def until_version(h: Harness, worker, version: int, on_round=lambda: None) -> None:
+    """Step learner and actor until the actor runs snapshot ``version`` (as a grant of it would make it)."""
+    worker.grant_version = version
+    for _ in range(2000):
+        h.service.poll(1)
+        worker.poll_grant(0)  # asks for the snapshot it lacks, takes chunks, asks for more
+        on_round()
+        if worker.policy_version == version:
+            return
+    raise AssertionError(f"snapshot v{version} did not arrive")
+
+
+def same_weights(worker, h: Harness) -> bool:
     import numpy as np
     from mlx.utils import tree_flatten
 
+    ours = dict(tree_flatten(worker.model.parameters()))
+    theirs = dict(tree_flatten(h.service.learner.container.policy.parameters()))
+    return ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def one_update(h: Harness) -> None:
+    import numpy as np
+
     from learner.update import Experience
 
-    with harness_with(model_cache, tmp_path, "ppo.full_finetune=true", "transport.chunk_mb=0.02") as h:
+    rng = np.random.default_rng(0)
+    h.service.learner.update(
+        Experience(
+            [rng.integers(3, 250, 6).tolist() for _ in range(8)],
+            [rng.integers(3, 250, 5).tolist() for _ in range(8)],
+            [np.full(5, -5.0, np.float32) for _ in range(8)],
+            rng.normal(size=8).astype(np.float32),
+            np.zeros(8),
+        )
+    )
+    h.service.publish_weights()  # the announcement goes out over PUB
+
+
+def test_full_weights_travel_in_chunks_and_arrive_whole(model_cache, tmp_path):
+    """Over ``transport.chunk_mb`` a snapshot is announced and each actor fetches it a few chunks at a time."""
+    settings = ("ppo.full_finetune=true", "transport.chunk_mb=0.02", "transport.share_snapshots=false")
+    with harness_with(model_cache, tmp_path, *settings) as h:
         announce = h.service.announce
         assert announce.flat.size == 0 and announce.num_chunks() >= 8
         worker = h.actor(0)
         h.join(worker)
-        most_asked = 0
+        in_flight = []
 
-        def fetch(version: int) -> None:
-            nonlocal most_asked
-            for _ in range(2000):
-                h.service.poll(1)
-                worker.poll_grant(0)  # asks for the snapshot it lacks, takes chunks, asks for more
-                most_asked = max(most_asked, len(worker.fetch.asked) if worker.fetch else 0)
-                if worker.policy_version == version:
-                    return
-            raise AssertionError(f"snapshot v{version} did not arrive")
+        def record() -> None:
+            in_flight.append(len(worker.fetch.asked) if worker.fetch else 0)
 
-        def same_weights() -> bool:
-            ours = dict(tree_flatten(worker.model.parameters()))
-            theirs = dict(tree_flatten(h.service.learner.container.policy.parameters()))
-            return ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+        until_version(h, worker, 0, record)
+        assert same_weights(worker, h) and worker.checksum == h.service.snapshot.checksum
+        one_update(h)
+        until_version(h, worker, 1, record)
+        assert same_weights(worker, h) and worker.checksum == h.service.snapshot.checksum
+        assert 1 <= max(in_flight) <= 4  # never more than the window
 
-        worker.grant_version = 0  # as a grant of v0 would: the actor must hold v0 before it generates
-        fetch(0)
-        assert same_weights() and worker.checksum == h.service.snapshot.checksum
-        rng = np.random.default_rng(0)
-        h.service.learner.update(
-            Experience(
-                [rng.integers(3, 250, 6).tolist() for _ in range(8)],
-                [rng.integers(3, 250, 5).tolist() for _ in range(8)],
-                [np.full(5, -5.0, np.float32) for _ in range(8)],
-                rng.normal(size=8).astype(np.float32),
-                np.zeros(8),
-            )
-        )
-        h.service.publish_weights()  # the announcement goes out over PUB; the chunks over control
-        worker.grant_version = 1
-        fetch(1)
-        assert same_weights() and worker.checksum == h.service.snapshot.checksum
-        assert 1 <= most_asked <= 4  # never more than the window in flight
+
+def test_an_actor_on_the_learners_machine_reads_snapshots_from_shared_memory(model_cache, tmp_path):
+    with harness_with(model_cache, tmp_path, "ppo.full_finetune=true", "transport.chunk_mb=0.02") as h:
+        worker = h.actor(0)
+        h.join(worker)
+        until_version(h, worker, 0)  # published before any actor was known: fetched in chunks
+        one_update(h)
+        announce = h.service.announce
+        assert announce.shared and Path(announce.shared).is_file()
+        asked = []
+        until_version(h, worker, 1, lambda: asked.append(worker.fetch is not None))
+        assert not any(asked)  # no chunk was fetched: the file was read
+        assert same_weights(worker, h) and worker.checksum == h.service.snapshot.checksum
+        h.service.shutdown("done")
+        assert not Path(announce.shared).exists()

@@ -1,6 +1,7 @@
 """Policy snapshots: what the learner publishes is exactly what an actor ends up running, or a clear error."""
 
 import dataclasses
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,7 +11,15 @@ from common import protocol
 from common.config import LoraConfig, ModelConfig
 from common.lora import adapter_weights, attach_lora
 from common.models import load_model
-from common.weights import AdapterSync, SnapshotAssembly, announcement, snapshot_chunk
+from common.weights import (
+    AdapterSync,
+    SharedSnapshots,
+    SnapshotAssembly,
+    announcement,
+    read_shared,
+    shared_announcement,
+    snapshot_chunk,
+)
 
 TOKENS = mx.array([[1, 40, 41, 42, 43, 2]])
 
@@ -115,3 +124,19 @@ def test_chunks_of_another_snapshot_or_size_are_not_taken():
     assert not assembly.add(older) and not assembly.received
     with pytest.raises(ValueError, match="expected 4 float32"):
         assembly.add(protocol.WeightsChunk(3, 0, "float32", np.zeros(3, np.float32)))
+
+
+def test_shared_snapshots_are_files_the_newest_two_kept_and_removed_at_close(tmp_path):
+    dead = tmp_path / "mlx-ppo-snapshot-999999999-oldrun-v3.bin"  # of a learner that died: no such pid
+    dead.write_bytes(b"x")
+    shared = SharedSnapshots("run", keep=2, folder=tmp_path)
+    assert not dead.exists()
+    paths = [shared.share(dataclasses.replace(_snapshot(), policy_version=v)) for v in (1, 2, 3)]
+    assert [Path(p).exists() for p in paths] == [False, True, True]
+    announce = shared_announcement(_snapshot(), 0, paths[-1])
+    assert announce.flat.size == 0 and announce.num_chunks() == 1  # elsewhere: one chunk to fetch
+    local = read_shared(announce)
+    assert local is not None and local.chunk_size == 0 and np.array_equal(local.flat, _snapshot().flat)
+    shared.close()
+    assert not any(tmp_path.iterdir())
+    assert read_shared(announce) is None  # gone (or on another machine): the actor fetches the chunks
