@@ -54,6 +54,7 @@ bench: setup
 	$(WITH_BLAS) $(PY) bench/runtime.py
 	$(WITH_BLAS) $(PY) bench/distributed.py
 	$(WITH_BLAS) $(PY) bench/full_sync.py
+	$(WITH_BLAS) $(PY) bench/snapshot_transfer.py
 	$(WITH_BLAS) $(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 	$(PY) bench/report.py
 

@@ -1,6 +1,6 @@
 """One learner rank against two (mlx.distributed ring on loopback) on the same total data: update time and result.
 
-    python bench/distributed.py [--model default] [--batch 16] [--micro 4] [--repeats 2] [--output ...]
+    python bench/distributed.py [--model default] [--batch 16] [--micro 2] [--repeats 2] [--output ...]
 
 Each configuration runs in fresh processes with the cores split evenly (2 ranks: half the BLAS threads each):
 the same seeded LoRA policy + separate critic, the same synthetic batch of ``--batch`` sequences (64 prompt + 64
@@ -111,7 +111,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="default")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--micro", type=int, default=4, help="sequences per micro-batch on each rank")
+    parser.add_argument("--micro", type=int, default=2, help="sequences per micro-batch on each rank")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "distributed.json"))
     opts = parser.parse_args()

@@ -264,12 +264,37 @@ def render_soak(result: dict) -> Lines:
     return [*table(header, "lrrr", cells), "", summary]
 
 
+def render_snapshot_transfer(result: dict) -> Lines:
+    rows = result["rows"]
+    whole = next(r["seconds"] for r in rows if not r["chunks"] and not r.get("shared"))
+    header = ["transfer", "chunks", "largest message MB", "time vs whole"]
+    cells = []
+    for r in rows:
+        name = (
+            "shared-memory file"
+            if r.get("shared")
+            else "whole"
+            if not r["chunks"]
+            else f"chunks of {r['chunk_mb']:g} MB"
+        )
+        chunks = "" if r.get("shared") or not r["chunks"] else str(r["chunks"])
+        cells.append([name, chunks, f"{r['largest_message_mb']:.0f}", ratio(r["seconds"], whole)])
+    size = f"Snapshot {rows[0]['snapshot_mb']:.0f} MB, request to applied in the actor's model, best of the repeats."
+    return [size, "", *table(header, "lrrr", cells)]
+
+
 BENCHMARKS = [
     Benchmark("generation", "generation.json", f"{BLAS} bench/generation.py", render_generation),
     Benchmark("learner", "learner.json", f"{BLAS} bench/learner.py --repeats 2", render_learner),
     Benchmark("runtime", "runtime.json", f"{BLAS} bench/runtime.py", render_runtime),
     Benchmark("distributed", "distributed.json", f"{BLAS} bench/distributed.py", render_distributed),
     Benchmark("soak", "soak.json", f"{BLAS} bench/soak.py --minutes 3", render_soak),
+    Benchmark(
+        "snapshot-transfer",
+        "snapshot_transfer.json",
+        f"{BLAS} bench/snapshot_transfer.py",
+        render_snapshot_transfer,
+    ),
     # Runs on other machines (bench/offline_host.sh, bench/cuda_bench.sh); make bench only re-renders them.
     Benchmark(
         "scaling-16core", "scaling-16core.json", OFFLINE + "bench/runtime.py scaling", render_scaling_run

@@ -155,7 +155,7 @@ class TransportConfig:
     backoff (1, 2, 4 ... 30 s) until a learner answers; it keeps at most one batch meanwhile."""
     max_message_mb: int = 256
     """Messages larger than this are rejected unread."""
-    chunk_mb: float = 64.0
+    chunk_mb: float = 16.0
     """A policy snapshot larger than this (full fine-tuning) is announced, and each actor fetches it in chunks
     of this size, a few at a time (at most ``max_message_mb`` each); 0 sends every snapshot whole."""
     share_snapshots: bool = True

@@ -204,7 +204,8 @@ class SharedSnapshots:
         partial = path.with_suffix(".partial")
         snapshot.flat.tofile(partial)
         os.replace(partial, path)
-        self.paths.append(path)
+        if path not in self.paths:  # the same version shared again (republished) is the same file
+            self.paths.append(path)
         while len(self.paths) > self.keep:
             self.paths.popleft().unlink(missing_ok=True)
         return str(path)
