@@ -241,8 +241,8 @@ class ActorWorker:
         if self.policy_version >= 0:
             return True
         if time.monotonic() >= self._next_hello:  # the learner may not be up yet: ask again now and then
-            self.sockets.request(self._hello())
-            self.sockets.request(protocol.WeightsRequest(self.actor_id))
+            if self.sockets.request(self._hello()):  # not before the hello: the learner would not know us
+                self.sockets.request(protocol.WeightsRequest(self.actor_id))
             self._next_hello = time.monotonic() + 2.0
         frames = self.sockets.receive_control(timeout_ms)
         if frames is not None:
