@@ -215,9 +215,13 @@ class SharedSnapshots:
             self.paths.popleft().unlink(missing_ok=True)
 
 
-def read_shared(announce: Weights) -> Weights | None:
+def read_shared(announce: Weights, folder: Path = SHARED_DIR) -> Weights | None:
     """The announced snapshot from its shared file (memory-mapped: one copy into the model), or None when the
-    file is not on this machine or does not hold it; the checksum is verified when it is applied."""
+    file is not on this machine or does not hold it; the checksum is verified when it is applied. Only a
+    snapshot file in ``folder`` is read, whatever path the message names."""
+    path = Path(announce.shared)
+    if path.parent != folder or not path.name.startswith("mlx-ppo-snapshot-"):
+        return None
     try:
         flat = np.memmap(announce.shared, dtype=DTYPES[announce.dtype], mode="r")
     except (OSError, ValueError):

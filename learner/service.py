@@ -89,6 +89,7 @@ class LearnerService:
         self.announce: protocol.Weights | None = None  # what actors get: the snapshot or its announcement
         self.shared = SharedSnapshots(self.run_id) if cfg.transport.share_snapshots and self.is_main else None
         self.hostname = socket.gethostname()
+        self.chunk_bytes = int(cfg.transport.chunk_mb * 2**20)
         self.adapters = AdapterSync(learner.container.policy, full_weights=cfg.ppo.full_finetune)
         self.step_count = 0
         self.resumed_step = 0  # the update a resumed learner started from (its clock starts there)
@@ -112,13 +113,11 @@ class LearnerService:
     def publish_weights(self) -> None:
         start = time.perf_counter()
         self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
-        chunk_bytes = int(self.cfg.transport.chunk_mb * 2**20)
-        self.announce = announcement(self.snapshot, chunk_bytes)
-        if self.shared is not None and any(
-            a.host == self.hostname and not a.gone for a in self.actors.values()
-        ):
+        self.announce = announcement(self.snapshot, self.chunk_bytes)
+        local_actors = any(a.host == self.hostname and not a.gone for a in self.actors.values())
+        if self.shared is not None and local_actors:
             path = self.shared.share(self.snapshot)
-            self.announce = shared_announcement(self.snapshot, chunk_bytes, path)
+            self.announce = shared_announcement(self.snapshot, self.chunk_bytes, path)
         if self.announce.flat.nbytes > self.max_bytes:  # actors would reject it as too large
             raise ValueError(
                 f"a policy snapshot is {self.snapshot.flat.nbytes / 2**20:.0f} MB > transport.max_message_mb="
@@ -394,10 +393,9 @@ class LearnerService:
 
     def shutdown(self, reason: str) -> None:
         """Tell every actor to stop (broadcast, and directly to each known one)."""
-        if (
-            self.announce is not None and self.announce.shared
-        ):  # its file goes now: the last one travels inline
-            self.sockets.publish(announcement(self.snapshot, int(self.cfg.transport.chunk_mb * 2**20)))
+        if self.announce is not None and self.announce.shared:
+            # Its file goes below, maybe before an actor read it: the last snapshot also travels inline.
+            self.sockets.publish(announcement(self.snapshot, self.chunk_bytes))
         self.sockets.publish(Shutdown(reason))
         for identity in list(self.actors):
             self.sockets.reply(identity, Shutdown(reason))

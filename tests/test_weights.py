@@ -135,8 +135,10 @@ def test_shared_snapshots_are_files_the_newest_two_kept_and_removed_at_close(tmp
     assert [Path(p).exists() for p in paths] == [False, True, True]
     announce = shared_announcement(_snapshot(), 0, paths[-1])
     assert announce.flat.size == 0 and announce.num_chunks() == 1  # elsewhere: one chunk to fetch
-    local = read_shared(announce)
+    assert read_shared(announce) is None  # a path outside the shared-memory folder is not read
+    assert read_shared(dataclasses.replace(announce, shared="/etc/passwd"), folder=Path("/etc")) is None
+    local = read_shared(announce, folder=tmp_path)
     assert local is not None and local.chunk_size == 0 and np.array_equal(local.flat, _snapshot().flat)
     shared.close()
     assert not any(tmp_path.iterdir())
-    assert read_shared(announce) is None  # gone (or on another machine): the actor fetches the chunks
+    assert read_shared(announce, folder=tmp_path) is None  # gone (or elsewhere): the actor fetches the chunks
