@@ -1,9 +1,11 @@
 """One learner rank against two (mlx.distributed ring on loopback) on the same total data: update time and result.
 
-    python bench/distributed.py [--model default] [--batch 16] [--micro 2] [--repeats 2] [--output ...]
+    python bench/distributed.py [--model default] [--batch 16] [--micro 2] [--value-model separate|shared]
+                                [--repeats 2] [--output ...]
 
 Each configuration runs in fresh processes with the cores split evenly (2 ranks: half the BLAS threads each):
-the same seeded LoRA policy + separate critic, the same synthetic batch of ``--batch`` sequences (64 prompt + 64
+the same seeded LoRA policy + separate critic (or, ``--value-model shared``, a value head on the policy trunk),
+the same synthetic batch of ``--batch`` sequences (64 prompt + 64
 response tokens), one PPO update (1 epoch, 1 minibatch) after a warm-up update. Two ranks take half the batch
 each. Prints the median update time of each, its MFU (the update's matmul FLOPs, counted as ``bench/learner.py``
 counts them, over the float32 GEMM peak this process measures with every core before and after), the learners'
@@ -31,7 +33,9 @@ import numpy as np  # noqa: E402
 from bench.machine import describe_machine, run_record  # noqa: E402
 
 
-def rank_main(out_dir: str, model: str, batch: int, repeats: int, micro: int = 4) -> None:
+def rank_main(
+    out_dir: str, model: str, batch: int, repeats: int, micro: int = 2, value: str = "separate"
+) -> None:
     """One rank (or the single learner): time ``repeats`` updates on its share, save the trained weights."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -48,7 +52,7 @@ def rank_main(out_dir: str, model: str, batch: int, repeats: int, micro: int = 4
     rank, size = (group.rank(), group.size()) if group else (0, 1)
     loaded = load_model(ModelConfig(name=model))
     mx.random.seed(0)
-    container = build_policy_and_value(loaded.model, LoraConfig(), "separate")
+    container = build_policy_and_value(loaded.model, LoraConfig(), value)
     share = batch // size
     cfg = PPOUpdateConfig(
         batch_size=share, num_minibatches=1, micro_batch_size=micro, update_epochs=1, group_size=1
@@ -68,7 +72,9 @@ def rank_main(out_dir: str, model: str, batch: int, repeats: int, micro: int = 4
         learner.update(exp)
         times.append(time.perf_counter() - start)
     weights = {k: np.array(v) for k, v in tree_flatten(container.trainable_parameters())}
-    flops = update_flops(loaded.model.args, batch, 128, 64, separate_value=True, epochs=1)  # the whole batch
+    flops = update_flops(
+        loaded.model.args, batch, 128, 64, separate_value=value == "separate", epochs=1
+    )  # the whole batch
     np.savez(
         Path(out_dir) / f"rank{rank}.npz",
         times=np.array(times),
@@ -81,7 +87,9 @@ def rank_main(out_dir: str, model: str, batch: int, repeats: int, micro: int = 4
 def run(ranks: int, out_dir: Path, opts) -> dict:
     from local_run import child_env, learner_rank_env
 
-    args = f"{str(out_dir)!r}, {opts.model!r}, {opts.batch}, {opts.repeats}, {opts.micro}"
+    args = (
+        f"{str(out_dir)!r}, {opts.model!r}, {opts.batch}, {opts.repeats}, {opts.micro}, {opts.value_model!r}"
+    )
     code = f"from bench.distributed import rank_main; rank_main({args})"
     threads = max(1, (os.cpu_count() or 1) // ranks)
     procs = []
@@ -113,6 +121,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--micro", type=int, default=2, help="sequences per micro-batch on each rank")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--value-model", default="separate", choices=["separate", "shared"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "distributed.json"))
     opts = parser.parse_args()
     from bench.learner import matmul_peak_gflops
@@ -128,7 +137,7 @@ def main() -> None:
     diff = max(float(np.abs(rows[0]["weights"][k] - rows[1]["weights"][k]).max()) for k in rows[0]["weights"])
     header = (
         f"{describe_machine()}; model {opts.model}; {opts.batch} sequences x (64 + 64) tokens in total; "
-        f"micro-batches of {opts.micro}; float32 GEMM peak {peak:.0f} GFLOP/s"
+        f"micro-batches of {opts.micro}; {opts.value_model} value model; float32 GEMM peak {peak:.0f} GFLOP/s"
     )
     print(header)
     print("| ranks | sequences per rank | update s | vs 1 rank | MFU | peak memory GB, all ranks |")
@@ -146,6 +155,7 @@ def main() -> None:
         "machine": header,
         "batch": opts.batch,
         "micro": opts.micro,
+        "value_model": opts.value_model,
         "peak_gflops": peak,
         "rows": [{k: v for k, v in r.items() if k != "weights"} for r in rows],
     }
