@@ -61,7 +61,7 @@ def run_receiver(endpoints_json: str, actor_id: int, model_name: str) -> None:
     """An actor stand-in: apply every snapshot it gets and acknowledge its version over control."""
     from common import protocol
     from common.transport import ActorSockets, Endpoints, zmq_context
-    from common.weights import AdapterSync
+    from common.weights import AdapterSync, read_shared
 
     model = _policy_model(model_name)
     adapters = AdapterSync(model)
@@ -75,7 +75,7 @@ def run_receiver(endpoints_json: str, actor_id: int, model_name: str) -> None:
                     sockets.close()
                     return
                 if msg.policy_version > 0:
-                    adapters.apply(msg)
+                    adapters.apply(read_shared(msg) if msg.shared else msg)
                 sockets.request(protocol.Heartbeat(f"actor-{actor_id}", msg.policy_version))
             if not sockets.weights.poll(1000):
                 sockets.request(protocol.Hello(actor_id, "bench"))  # keep saying hello until probes arrive
@@ -94,15 +94,19 @@ def _await_acks(sockets, version: int, n: int, deadline_s: float = 120.0) -> Non
                 acked.add(identity)
 
 
-def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default", hosts=None) -> dict:
-    """Sync latency to ``num_actors`` receivers: local processes, or one per namespace of ``hosts`` (over the bridge)."""
+def bench_sync(
+    num_actors: int, repeats: int = 10, model_name: str = "default", hosts=None, shared: bool = False
+) -> dict:
+    """Sync latency to ``num_actors`` receivers: local processes, or one per namespace of ``hosts`` (over the bridge).
+    ``shared``: snapshots go as shared-memory files (``transport.share_snapshots``), announced over the socket."""
     from bench.netns import BRIDGE_ADDRESS
     from common import protocol
     from common.transport import Endpoints, LearnerSockets, free_tcp_ports, zmq_context
-    from common.weights import AdapterSync
+    from common.weights import AdapterSync, SharedSnapshots, shared_announcement
 
     model = _policy_model(model_name)
     adapters = AdapterSync(model)
+    files = SharedSnapshots("bench-sync") if shared else None
     address = "127.0.0.1" if hosts is None else BRIDGE_ADDRESS
     endpoints = Endpoints.tcp(address, free_tcp_ports(address))
     cmd = [sys.executable, __file__, "--receiver", "--model", model_name, json.dumps(endpoints.as_dict())]
@@ -124,12 +128,14 @@ def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default", 
             for version in range(1, repeats + 1):
                 start = time.perf_counter()
                 msg = adapters.snapshot(version)
-                sockets.publish(msg)
+                sockets.publish(msg if files is None else shared_announcement(msg, 0, files.share(msg)))
                 _await_acks(sockets, version, num_actors)
                 latencies.append(1000 * (time.perf_counter() - start))
             sockets.publish(protocol.Shutdown("bench done"))
         finally:
             sockets.close()
+            if files is not None:
+                files.close()
     for p in procs:
         p.wait(timeout=60)
     full_bytes = sum(v.nbytes for k, v in _flat(model).items())
@@ -143,8 +149,10 @@ def bench_sync(num_actors: int, repeats: int = 10, model_name: str = "default", 
 
 
 def run_sync(actor_counts: list[int], model: str, netns: bool) -> list[dict]:
-    """Sync rows on loopback, then (``netns``) with every actor in a namespace of its own behind a veth pair."""
+    """Sync rows on loopback (the snapshot in the message, then as a shared-memory file as actors on the learner's
+    machine get it), then (``netns``) with every actor in a namespace of its own behind a veth pair."""
     rows = [{"where": "loopback", **bench_sync(n, model_name=model)} for n in actor_counts]
+    rows += [{"where": "shared file", **bench_sync(n, model_name=model, shared=True)} for n in actor_counts]
     if netns:
         from bench.netns import Hosts
 
