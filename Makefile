@@ -50,6 +50,7 @@ SOAK_MINUTES ?= 3
 bench: setup
 	$(WITH_BLAS) $(PY) bench/generation.py
 	$(WITH_BLAS) $(PY) bench/grouped_prompts.py
+	$(WITH_BLAS) $(PY) bench/refill.py
 	$(WITH_BLAS) $(PY) bench/learner.py --repeats 2
 	$(WITH_BLAS) $(PY) bench/runtime.py
 	$(WITH_BLAS) $(PY) bench/distributed.py

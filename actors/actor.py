@@ -278,8 +278,14 @@ class ActorWorker:
         ]
         start = time.perf_counter()
         completions = generate_completions(
-            self.model, prompts, self.params, self.stop_ids, seeds, on_step=self.heartbeat
-        )  # heartbeats keep flowing during a long generation (the learner's actor_timeout_s)
+            self.model,
+            prompts,
+            self.params,
+            self.stop_ids,
+            seeds,
+            on_step=self.heartbeat,  # heartbeats keep flowing during a long generation (actor_timeout_s)
+            max_rows=self.cfg.sampling.max_rows,
+        )
         self.stats.generate_s += time.perf_counter() - start
         n_generated = sum(len(c.response_ids) for c in completions)
         self.stats.generated_tokens += n_generated

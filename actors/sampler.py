@@ -119,6 +119,29 @@ def _sample_step(logits: mx.array, uniforms: np.ndarray, params: SamplingParams)
     return tokens, gather_token_logprobs(logprobs, tokens)
 
 
+def _start_rows(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    uniforms: np.ndarray,
+    params: SamplingParams,
+    share: bool,
+) -> tuple[list, mx.array, mx.array]:
+    """Prefill ``prompts`` into a new batch cache and draw each row's first token: (cache, tokens, log-probs).
+
+    ``share``: a prompt that appears several times (GRPO's group) is prefilled once and its cache rows copied.
+    """
+    unique, copies = _unique_prompts(prompts) if share else (list(prompts), None)
+    padded, padding = _left_pad(unique)
+    cache = make_batch_cache(model, padding)
+    first_logits = _prefill(model, padded, cache, params.prefill_step_size)
+    if copies is not None:  # one row per sequence again: copy each prompt's cache rows and logits
+        for c in cache:
+            c.filter(copies)
+        first_logits = first_logits[copies]
+    tokens, token_lp = _sample_step(first_logits, uniforms, params)
+    return cache, tokens, token_lp
+
+
 def generate_completions(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -127,12 +150,16 @@ def generate_completions(
     seeds: Sequence[int],
     on_step: Callable[[], None] | None = None,
     share_prompts: bool = True,
+    max_rows: int = 0,
 ) -> list[Completion]:
     """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``.
 
     ``on_step`` is called after every decoding step (the actor heartbeats from it during long generations).
     ``share_prompts``: a prompt that appears several times (GRPO's group) is prefilled once and its KV cache
     rows copied, instead of prefilling every copy.
+    ``max_rows`` > 0 keeps at most that many sequences in the batch and, once half of them finished, refills the
+    free rows with the next waiting prompts (continuous batching: no waiting for the longest sequence of a chunk).
+    The samples are the same either way.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -141,26 +168,24 @@ def generate_completions(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
     n_new = params.max_new_tokens
-    unique, copies = _unique_prompts(prompts) if share_prompts else (list(prompts), None)
-    padded, padding = _left_pad(unique)
-    cache = make_batch_cache(model, padding)
-    uniforms = np.stack([sequence_uniforms(s, n_new) for s in seeds])  # [B, n_new]
-    rows = list(range(len(prompts)))  # row r of the live batch is sequence rows[r]
+    width = max_rows if 0 < max_rows < len(prompts) else len(prompts)
+    # One extra uniform per sequence: a step queued ahead may draw once past a row's max_new_tokens (discarded).
+    uniforms = np.stack([sequence_uniforms(s, n_new + 1) for s in seeds])  # [B, n_new + 1]
     responses: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
     finish: list[str] = ["length"] * len(prompts)
 
-    first_logits = _prefill(model, padded, cache, params.prefill_step_size)
-    if copies is not None:  # one row per sequence again: copy each prompt's cache rows and logits
-        for c in cache:
-            c.filter(copies)
-        first_logits = first_logits[copies]
-    tokens, token_lp = _sample_step(first_logits, uniforms[:, 0], params)
+    rows = list(range(width))  # row r of the live batch is sequence rows[r]
+    waiting = list(range(width, len(prompts)))[::-1]  # popped from the end: next sequence last
+    cache, tokens, token_lp = _start_rows(model, prompts[:width], uniforms[:width, 0], params, share_prompts)
     mx.async_eval(tokens, token_lp)
-    for step in range(n_new):
-        if step + 1 < n_new:  # queue the next step before reading this one
+    while rows:
+        # Queue the next step before reading this one (its draw is the n-th of each row's own stream).
+        drawn = np.array([len(responses[seq]) + 1 for seq in rows])
+        next_tokens = next_lp = None
+        if (drawn < n_new).any():  # else every live row ends with this step's token
             logits = model(tokens[:, None], cache=cache)[:, -1, :]
-            next_tokens, next_lp = _sample_step(logits, uniforms[:, step + 1], params)
+            next_tokens, next_lp = _sample_step(logits, uniforms[rows, drawn], params)
             mx.async_eval(next_tokens, next_lp)
         keep = []
         for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
@@ -169,18 +194,33 @@ def generate_completions(
             logprobs[seq].append(lp)
             if tok in stop_ids:
                 finish[seq] = "stop"
-            else:
+            elif len(responses[seq]) < n_new:
                 keep.append(r)
         if on_step is not None:
             on_step()
-        if step + 1 == n_new or not keep:
-            break
-        if len(keep) < len(rows):
-            keep_idx = mx.array(keep)
+        if not keep:  # every live row finished: the cache goes with them
+            rows = []
+        elif len(keep) < len(rows):
+            keep_idx = mx.array(keep, dtype=mx.int32)
             for c in cache:
                 c.filter(keep_idx)
-            next_tokens, next_lp, uniforms = next_tokens[keep_idx], next_lp[keep_idx], uniforms[keep]
+            next_tokens, next_lp = next_tokens[keep_idx], next_lp[keep_idx]
             rows = [rows[r] for r in keep]
+        # Refill once half the rows are free: each refill prefills its prompts together and copies the cache
+        # once (``extend``), so refilling row by row would cost more than the idle rows.
+        if waiting and len(rows) <= width // 2:
+            new = [waiting.pop() for _ in range(min(width - len(rows), len(waiting)))]
+            new_cache, new_tokens, new_lp = _start_rows(
+                model, [prompts[i] for i in new], uniforms[new, 0], params, share_prompts
+            )
+            if rows:
+                for c, extra in zip(cache, new_cache, strict=True):
+                    c.extend(extra)
+                next_tokens = mx.concatenate([next_tokens, new_tokens])
+                next_lp = mx.concatenate([next_lp, new_lp])
+            else:
+                cache, next_tokens, next_lp = new_cache, new_tokens, new_lp
+            rows += new
         tokens, token_lp = next_tokens, next_lp
     return [
         Completion(list(p), responses[i], np.asarray(logprobs[i], dtype=np.float32), finish[i])

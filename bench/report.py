@@ -283,12 +283,24 @@ def render_snapshot_transfer(result: dict) -> Lines:
     return [size, "", *table(header, "lrrr", cells)]
 
 
+def render_refill(result: dict) -> Lines:
+    rows = {r["variant"]: r["seconds"] for r in result["rows"]}
+    names = {
+        "chunks": f"chunks of {result['max_rows']}, each until its longest sequence ends",
+        "refill": f"at most {result['max_rows']} live, finished rows refilled (`sampling.max_rows`)",
+        "all": "every sequence in one batch",
+    }
+    cells = [[names[v], ratio(rows["chunks"], seconds)] for v, seconds in rows.items()]
+    return table(["variant", "tokens/s vs chunks"], "lr", cells)
+
+
 BENCHMARKS = [
     Benchmark("generation", "generation.json", f"{BLAS} bench/generation.py", render_generation),
     Benchmark("learner", "learner.json", f"{BLAS} bench/learner.py --repeats 2", render_learner),
     Benchmark("runtime", "runtime.json", f"{BLAS} bench/runtime.py", render_runtime),
     Benchmark("distributed", "distributed.json", f"{BLAS} bench/distributed.py", render_distributed),
     Benchmark("soak", "soak.json", f"{BLAS} bench/soak.py --minutes 3", render_soak),
+    Benchmark("refill", "refill.json", f"{BLAS} bench/refill.py", render_refill),
     Benchmark(
         "snapshot-transfer",
         "snapshot_transfer.json",

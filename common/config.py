@@ -67,6 +67,9 @@ class SamplingConfig:
     """Prompts longer than this are rejected (counted), never silently cut."""
     batch_size: int = 16
     """Sequences an actor generates together."""
+    max_rows: int = 0
+    """At most this many of them decode at once (bounds the KV cache); finished rows are refilled with the
+    batch's waiting prompts once half are free. 0: the whole batch at once."""
     seed: int = 0
     """Base seed; each sequence's randomness is derived from it and the sequence's own id."""
 

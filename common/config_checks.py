@@ -74,6 +74,8 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(
             f"sampling.batch_size={cfg.sampling.batch_size} must be a multiple of ppo.group_size={cfg.ppo.group_size}"
         )
+    if cfg.sampling.max_rows < 0:
+        p.append(f"sampling.max_rows={cfg.sampling.max_rows} must be >= 0 (0: the whole batch at once)")
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
         if getattr(t, name) < 1:
             p.append(f"transport.{name}={getattr(t, name)} must be >= 1")

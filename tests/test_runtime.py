@@ -85,6 +85,13 @@ def test_one_process_end_to_end(model_cache, tmp_path):
     assert (tmp_path / "adapters" / "adapters.safetensors").exists()  # final checkpoint refreshed adapters/
 
 
+def test_actors_can_decode_a_few_rows_at_a_time(model_cache, tmp_path):
+    cfg = small_config(model_cache, tmp_path, "run.max_updates=2", "sampling.max_rows=3")
+    history = run_one_process(cfg, num_actors=1, timeout_s=300)
+    assert [m["policy_version"] for m in history] == [1, 2]
+    assert history[-1]["rollout/response_len_mean"] > 0
+
+
 class Harness:
     """A learner service and actor workers in this process over inproc sockets, stepped by the test."""
 

@@ -154,3 +154,26 @@ def test_a_shared_prompt_is_prefilled_once_with_the_same_samples(tiny, host):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
         np.testing.assert_allclose(a.logprobs, teacher_forced(tiny.model, a, params), atol=1e-4)
     assert len({tuple(c.response_ids) for c in shared}) > 3  # copies of a prompt still sample apart
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-sampling", "device-sampling"])
+@pytest.mark.parametrize("max_rows", [1, 3, 5])
+def test_refilling_finished_rows_gives_the_same_samples(tiny, host, max_rows):
+    """With at most ``max_rows`` live, each finished row is refilled with the next prompt (continuous batching);
+    every sequence samples what it samples in one batch, stop tokens and max_new_tokens included."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=9, host_sampling=host)
+    prompts = [p for p in PROMPTS[:3] for _ in range(2)] + PROMPTS[:2]  # groups of 2, then two more
+    seeds = list(range(200, 200 + len(prompts)))
+    stop = {40, 41}  # rows stop at different steps and their slots are refilled
+    steps = []
+    refilled = generate_completions(
+        tiny.model, prompts, params, stop, seeds, on_step=lambda: steps.append(1), max_rows=max_rows
+    )
+    batch = generate_completions(tiny.model, prompts, params, stop, seeds)
+    for a, b in zip(refilled, batch, strict=True):
+        assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.logprobs, teacher_forced(tiny.model, a, params), atol=1e-4)
+    assert {c.finish_reason for c in batch} == {"stop", "length"}
+    tokens = sum(len(c.response_ids) for c in batch)
+    assert len(steps) >= -(-tokens // max_rows)  # never more than max_rows sequences a step
