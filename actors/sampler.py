@@ -142,6 +142,30 @@ def _start_rows(
     return cache, tokens, token_lp
 
 
+def _join_rows(live: tuple | None, started: tuple) -> tuple[list, mx.array, mx.array]:
+    """(cache, next tokens, their log-probs) of the live rows followed by the rows just started."""
+    if live is None:
+        return started
+    (cache, tokens, token_lp), (new_cache, new_tokens, new_lp) = live, started
+    for c, extra in zip(cache, new_cache, strict=True):
+        c.extend(extra)
+    return cache, mx.concatenate([tokens, new_tokens]), mx.concatenate([token_lp, new_lp])
+
+
+def _record_step(tokens, token_lp, rows, responses, logprobs, finish, stop_ids, n_new: int) -> list[int]:
+    """Append each live row's token and log-prob to its sequence; the rows that go on (no stop, room left)."""
+    keep = []
+    for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
+        seq = rows[r]
+        responses[seq].append(tok)
+        logprobs[seq].append(lp)
+        if tok in stop_ids:
+            finish[seq] = "stop"
+        elif len(responses[seq]) < n_new:
+            keep.append(r)
+    return keep
+
+
 def generate_completions(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -187,15 +211,7 @@ def generate_completions(
             logits = model(tokens[:, None], cache=cache)[:, -1, :]
             next_tokens, next_lp = _sample_step(logits, uniforms[rows, drawn], params)
             mx.async_eval(next_tokens, next_lp)
-        keep = []
-        for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
-            seq = rows[r]
-            responses[seq].append(tok)
-            logprobs[seq].append(lp)
-            if tok in stop_ids:
-                finish[seq] = "stop"
-            elif len(responses[seq]) < n_new:
-                keep.append(r)
+        keep = _record_step(tokens, token_lp, rows, responses, logprobs, finish, stop_ids, n_new)
         if on_step is not None:
             on_step()
         if not keep:  # every live row finished: the cache goes with them
@@ -210,16 +226,8 @@ def generate_completions(
         # once (``extend``), so refilling row by row would cost more than the idle rows.
         if waiting and len(rows) <= width // 2:
             new = [waiting.pop() for _ in range(min(width - len(rows), len(waiting)))]
-            new_cache, new_tokens, new_lp = _start_rows(
-                model, [prompts[i] for i in new], uniforms[new, 0], params, share_prompts
-            )
-            if rows:
-                for c, extra in zip(cache, new_cache, strict=True):
-                    c.extend(extra)
-                next_tokens = mx.concatenate([next_tokens, new_tokens])
-                next_lp = mx.concatenate([next_lp, new_lp])
-            else:
-                cache, next_tokens, next_lp = new_cache, new_tokens, new_lp
+            started = _start_rows(model, [prompts[i] for i in new], uniforms[new, 0], params, share_prompts)
+            cache, next_tokens, next_lp = _join_rows((cache, next_tokens, next_lp) if rows else None, started)
             rows += new
         tokens, token_lp = next_tokens, next_lp
     return [
