@@ -8,6 +8,7 @@ are on the critical path of weight sync (BENCHMARKS.md, issue 4): the adapter la
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -179,6 +180,7 @@ class SnapshotAssembly:
         return dataclasses.replace(self.announce, flat=self.flat, chunk_size=0)
 
 
+logger = logging.getLogger(__name__)
 # RAM-backed where the OS has it (Linux); elsewhere the temporary folder, which the page cache keeps in memory.
 SHARED_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 _SHARED_NAME = re.compile(r"mlx-ppo-snapshot-(\d+)-")
@@ -193,17 +195,29 @@ class SharedSnapshots:
         self.folder, self.keep = folder, keep
         self.prefix = f"mlx-ppo-snapshot-{os.getpid()}-{run_id}"
         self.paths: deque[Path] = deque()
+        self.failed = False
         for path in folder.glob("mlx-ppo-snapshot-*"):
             owner = _SHARED_NAME.match(path.name)
             if owner and not psutil.pid_exists(int(owner.group(1))):
                 path.unlink(missing_ok=True)
 
-    def share(self, snapshot: Weights) -> str:
-        """Write ``snapshot``'s buffer to a file of its own (atomically); its path."""
+    def share(self, snapshot: Weights) -> str | None:
+        """Write ``snapshot``'s buffer to a file of its own (atomically); its path, or None when it cannot be
+        written (a container's 64 MB ``/dev/shm``, say): the snapshot then travels over the sockets."""
+        if self.failed:  # once is enough: a full folder stays full
+            return None
         path = self.folder / f"{self.prefix}-v{snapshot.policy_version}.bin"
         partial = path.with_suffix(".partial")
-        snapshot.flat.tofile(partial)
-        os.replace(partial, path)
+        try:
+            snapshot.flat.tofile(partial)
+            os.replace(partial, path)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            self.failed = True
+            logger.warning(
+                "cannot share snapshot v%d in %s (%s): sending it", snapshot.policy_version, self.folder, e
+            )
+            return None
         if path not in self.paths:  # the same version shared again (republished) is the same file
             self.paths.append(path)
         while len(self.paths) > self.keep:

@@ -115,8 +115,7 @@ class LearnerService:
         self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
         self.announce = announcement(self.snapshot, self.chunk_bytes)
         local_actors = any(a.host == self.hostname and not a.gone for a in self.actors.values())
-        if self.shared is not None and local_actors:
-            path = self.shared.share(self.snapshot)
+        if self.shared is not None and local_actors and (path := self.shared.share(self.snapshot)):
             self.announce = shared_announcement(self.snapshot, self.chunk_bytes, path)
         if self.announce.flat.nbytes > self.max_bytes:  # actors would reject it as too large
             raise ValueError(

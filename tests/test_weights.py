@@ -142,3 +142,10 @@ def test_shared_snapshots_are_files_the_newest_two_kept_and_removed_at_close(tmp
     shared.close()
     assert not any(tmp_path.iterdir())
     assert read_shared(announce, folder=tmp_path) is None  # gone (or elsewhere): the actor fetches the chunks
+
+
+def test_a_snapshot_that_cannot_be_written_is_not_shared(tmp_path):
+    shared = SharedSnapshots("run", folder=tmp_path / "missing")  # no such folder: as a full /dev/shm fails
+    assert shared.share(_snapshot()) is None and not shared.paths
+    (tmp_path / "missing").mkdir()
+    assert shared.share(_snapshot()) is None  # not tried again: the snapshots go over the sockets
