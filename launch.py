@@ -82,7 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(
             "--hostfile", help="JSON hosts (mlx.launch format + role/actors): start the run over SSH"
         )
-        p.add_argument("--ssh-command", default="ssh", help="how to reach a host (default: ssh)")
+        p.add_argument(
+            "--ssh-command",
+            default="ssh",
+            help="how to reach a host (default: ssh); it must pass stdin on (no -n): processes stop when it closes",
+        )
         p.add_argument(
             "--port",
             type=int,
