@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-from tests.test_runtime import SMALL, metric_rows
+from tests.test_runtime import metric_rows, start_tiny_launcher, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,33 +50,18 @@ def test_processes_started_over_ssh_stop_when_their_launcher_dies(model_cache, t
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "here", "ips": ["127.0.0.1"], "role": "learner", "actors": 2}]))
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "--hostfile",
-        str(hostfile),
-        "--ssh-command",
-        str(fake_ssh),
-    ]
-    cmd += ["--port", str(three_free_ports()), "--model", "tiny", "--max-updates", "100000"]
-    cmd += ["--run-dir", str(run_dir)]
-    for item in [*SMALL, f'model.cache_dir="{model_cache}"', "run.checkpoint_every=100000"]:
-        cmd += ["--set", item]
-    log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        launcher = subprocess.Popen(cmd, stderr=out, start_new_session=True)
+    args = ("--hostfile", str(hostfile), "--ssh-command", str(fake_ssh), "--port", str(three_free_ports()))
+    args += ("--max-updates", "100000", "--run-dir", str(run_dir))
+    launcher = start_tiny_launcher(model_cache, run_dir, "run.checkpoint_every=100000", args=args)
     try:
-        deadline = time.monotonic() + 300
-        while not metric_rows(run_dir):
-            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)  # polling the metrics file the learner writes
+        wait_until(launcher, lambda: metric_rows(run_dir), "the run did not get going")
         remote = run_processes(run_dir)
         assert len(remote) == 3, [p.info["cmdline"] for p in remote]  # the learner and 2 actors
         launcher.kill()  # no chance to stop anything: only its end of the connections closes
         launcher.wait()
         gone, alive = psutil.wait_procs(remote, timeout=60)
         assert not alive, [p.pid for p in alive]
-        text = log.read_text()
+        text = Path(f"{run_dir}.log").read_text()
         assert text.count("the launcher's connection closed; stopping") == 3, text[-3000:]
         checkpoints = list((run_dir / "checkpoints").glob("step-*"))
         assert checkpoints, "the learner stops as on SIGTERM: with a final checkpoint"
