@@ -399,12 +399,24 @@ def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers
         assert not worker.learner_silent and "the learner answers again" in caplog.text
 
 
-def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
-    """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on between micro-batches."""
+def tiny_experience():
+    """8 random sequences of 6 prompt + 5 response tokens of the tiny model's vocabulary, seeded."""
     import numpy as np
 
     from learner.update import Experience
 
+    rng = np.random.default_rng(0)
+    return Experience(
+        [rng.integers(3, 250, 6).tolist() for _ in range(8)],
+        [rng.integers(3, 250, 5).tolist() for _ in range(8)],
+        [np.full(5, -5.0, np.float32) for _ in range(8)],
+        rng.normal(size=8).astype(np.float32),
+        np.zeros(8),
+    )
+
+
+def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
+    """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on between micro-batches."""
     with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=1") as h:
         worker = h.actor(0)
         h.join(worker)
@@ -418,15 +430,9 @@ def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp
         learner._grad_fn = slow_grad_fn
         while worker.sockets.receive_control(0) is not None:  # what the join left queued
             pass
-        rng = np.random.default_rng(0)
-        exp = Experience(
-            [rng.integers(3, 250, 6).tolist() for _ in range(8)],
-            [rng.integers(3, 250, 5).tolist() for _ in range(8)],
-            [np.full(5, -5.0, np.float32) for _ in range(8)],
-            rng.normal(size=8).astype(np.float32),
-            np.zeros(8),
-        )
-        learner.update(exp)  # 8 micro-batches of 0.1 s; the service's own loop does not run meanwhile
+        learner.update(
+            tiny_experience()
+        )  # 8 micro-batches of 0.1 s; the service's own loop does not run meanwhile
         beats = []
         while (frames := worker.sockets.receive_control(0)) is not None:
             msg = protocol.decode(frames)
@@ -692,20 +698,7 @@ def same_weights(worker, h: Harness) -> bool:
 
 
 def one_update(h: Harness) -> None:
-    import numpy as np
-
-    from learner.update import Experience
-
-    rng = np.random.default_rng(0)
-    h.service.learner.update(
-        Experience(
-            [rng.integers(3, 250, 6).tolist() for _ in range(8)],
-            [rng.integers(3, 250, 5).tolist() for _ in range(8)],
-            [np.full(5, -5.0, np.float32) for _ in range(8)],
-            rng.normal(size=8).astype(np.float32),
-            np.zeros(8),
-        )
-    )
+    h.service.learner.update(tiny_experience())
     h.service.publish_weights()  # the announcement goes out over PUB
 
 
