@@ -142,10 +142,8 @@ def _start_rows(
     return cache, tokens, token_lp
 
 
-def _join_rows(live: tuple | None, started: tuple) -> tuple[list, mx.array, mx.array]:
+def _join_rows(live: tuple, started: tuple) -> tuple[list, mx.array, mx.array]:
     """(cache, next tokens, their log-probs) of the live rows followed by the rows just started."""
-    if live is None:
-        return started
     (cache, tokens, token_lp), (new_cache, new_tokens, new_lp) = live, started
     for c, extra in zip(cache, new_cache, strict=True):
         c.extend(extra)
@@ -227,7 +225,9 @@ def generate_completions(
         if waiting and len(rows) <= width // 2:
             new = [waiting.pop() for _ in range(min(width - len(rows), len(waiting)))]
             started = _start_rows(model, [prompts[i] for i in new], uniforms[new, 0], params, share_prompts)
-            cache, next_tokens, next_lp = _join_rows((cache, next_tokens, next_lp) if rows else None, started)
+            cache, next_tokens, next_lp = (
+                _join_rows((cache, next_tokens, next_lp), started) if rows else started
+            )
             rows += new
         tokens, token_lp = next_tokens, next_lp
     return [

@@ -49,11 +49,17 @@ def policy_loss(
     loss = masked_sum_over(weight * mx.maximum(unclipped, clipped), mask, num_tokens)
     stats = {
         "policy/clipfrac": masked_sum_over((clipped > unclipped).astype(mx.float32), mask, num_tokens),
-        "policy/approx_kl": masked_sum_over(mx.stop_gradient((ratio - 1.0) - log_ratio), mask, num_tokens),
+        "policy/approx_kl": masked_sum_over(mx.stop_gradient(k3(log_ratio)), mask, num_tokens),
         "is/weight_mean": masked_sum_over(weight, mask, num_tokens),
         "is/weight_max": mx.max(mx.where(mask > 0, weight, 0.0)),
     }
     return loss, stats
+
+
+def k3(log_ratio: mx.array) -> mx.array:
+    """Schulman's k3 term ``exp(r) - r - 1`` of a log-ratio ``r = log q/p`` on samples of p (any shape):
+    unbiased for KL(p || q), never negative."""
+    return mx.exp(log_ratio) - log_ratio - 1.0
 
 
 def reference_kl_loss(
@@ -68,8 +74,7 @@ def reference_kl_loss(
     from the policy. Unlike a KL penalty folded into the reward, it is not cancelled by group normalisation:
     every sample of a group that drifts from the reference pays for it.
     """
-    log_ratio = ref_logprobs - new_logprobs
-    return masked_sum_over(mx.exp(log_ratio) - log_ratio - 1.0, mask, num_tokens)
+    return masked_sum_over(k3(ref_logprobs - new_logprobs), mask, num_tokens)
 
 
 def value_loss(

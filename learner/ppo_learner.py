@@ -67,7 +67,7 @@ class PPOLearner:
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng()  # reseeded from (seed, policy version) at every update
         # Called after every micro-batch: an update can outlast the actors' patience (minutes on a CPU), and
         # the service heartbeats from here so that they do not take a busy learner for a gone one.
         self.on_progress: Callable[[], None] = lambda: None
@@ -270,8 +270,9 @@ class PPOLearner:
     def _reseed(self) -> None:
         """Minibatch order and any dropout depend on (seed, policy version) alone: a run resumed from a
         checkpoint draws what the uninterrupted run drew, with no RNG state to save."""
-        self.rng = np.random.default_rng([self.seed, self.policy_version])
-        mx.random.seed(int(np.random.SeedSequence([self.seed, self.policy_version]).generate_state(1)[0]))
+        seeds = np.random.SeedSequence([self.seed, self.policy_version])
+        self.rng = np.random.default_rng(seeds)
+        mx.random.seed(int(seeds.generate_state(1)[0]))
 
     def update(self, exp: Experience) -> dict[str, Any]:
         """One full PPO update on ``exp``; bumps ``policy_version`` and returns the metrics."""
