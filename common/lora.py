@@ -90,7 +90,7 @@ def adapter_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return dict(sorted(slots.items()))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp_path)`` then rename over ``path``; the temporary name keeps the suffix safetensors wants."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(tmp)
@@ -105,8 +105,8 @@ def save_adapters(model: nn.Module, folder: str | Path, cfg: LoraConfig) -> Path
     if not weights:
         raise ValueError("the model has no LoRA adapters to save; call attach_lora first")
     config = json.dumps(adapter_config(cfg, len(model.layers)), indent=2)
-    _atomic_write(folder / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
-    _atomic_write(folder / ADAPTER_CONFIG, lambda p: p.write_text(config))
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
+    atomic_write(folder / ADAPTER_CONFIG, lambda p: p.write_text(config))
     return folder
 
 

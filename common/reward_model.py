@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from mlx.utils import tree_flatten
 
 from common.config import LoraConfig, ModelConfig
 from common.cpu_ops import use_fast_cpu_ops
-from common.lora import attach_lora
+from common.lora import atomic_write, attach_lora
 from common.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -119,12 +118,6 @@ def trainable_weights(model: RewardModel) -> dict[str, mx.array]:
     return dict(tree_flatten(model.net.trainable_parameters()))
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix safetensors wants
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_reward_model(model: RewardModel, path: str | Path) -> Path:
     """Write ``reward_model.json`` + ``reward_model.safetensors`` into folder ``path`` (each replaced atomically)."""
     folder = Path(path)
@@ -132,8 +125,8 @@ def save_reward_model(model: RewardModel, path: str | Path) -> Path:
     spec = dataclasses.asdict(model.spec)
     config = json.dumps({"format": RM_FORMAT, "version": RM_VERSION, **spec}, indent=2)
     weights = trainable_weights(model)
-    _replace_atomically(folder / RM_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
-    _replace_atomically(folder / RM_CONFIG, lambda p: p.write_text(config))
+    atomic_write(folder / RM_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
+    atomic_write(folder / RM_CONFIG, lambda p: p.write_text(config))
     return folder
 
 

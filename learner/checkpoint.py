@@ -27,7 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from common.config import LoraConfig
-from common.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, save_adapters
+from common.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, atomic_write, save_adapters
 from learner.ppo_learner import PPOLearner
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ def _refresh_latest_adapters(checkpoint: Path, latest: Path) -> None:
         return
     latest.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        tmp = latest / f".tmp-{os.getpid()}-{name}"
-        shutil.copyfile(checkpoint / name, tmp)
-        os.replace(tmp, latest / name)
+        atomic_write(latest / name, lambda tmp, name=name: shutil.copyfile(checkpoint / name, tmp))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
