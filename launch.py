@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from common.blas import reexec_with_fast_blas
+from remote_run import BASE_PORT as REMOTE_BASE_PORT
 
 logger = logging.getLogger("launch")
 
@@ -90,7 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(
             "--port",
             type=int,
-            default=5555,
+            default=REMOTE_BASE_PORT,
             help="--hostfile: the learner's first port; it uses three (experience, weights, control; default 5555)",
         )
         p.add_argument(

@@ -23,6 +23,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from common.config import EXIT_BAD_SETUP
+
 logger = logging.getLogger("launch")
 
 _DISTRIBUTED_ENV_PREFIXES = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_RING", "MLX_JACCL", "NCCL_")
@@ -159,7 +161,7 @@ def supervise(
         for name, proc in procs.items():
             if proc.poll() in (None, 0) or state["stopping"] or name in due:
                 continue
-            if name in restarters and restarts[name] < max_restarts and proc.returncode != 2:
+            if name in restarters and restarts[name] < max_restarts and proc.returncode != EXIT_BAD_SETUP:
                 restarts[name] += 1
                 delay = min(2.0 ** (restarts[name] - 1), 30.0)
                 logger.warning(

@@ -19,7 +19,7 @@ from actors.rewards import encode_prompts, load_reward
 from actors.sampler import SamplingParams, generate_completions
 from actors.tasks import PromptSampler, Task
 from common import protocol
-from common.config import Config, config_hash
+from common.config import EXIT_BAD_SETUP, Config, config_hash
 from common.cpu_ops import use_fast_cpu_ops
 from common.protocol import (
     ExperienceBatch,
@@ -38,10 +38,6 @@ from common.transport import ActorSockets, curve_keys
 from common.weights import AdapterSync, SnapshotAssembly, read_shared
 
 logger = logging.getLogger(__name__)
-
-
-EXIT_BAD_SETUP = 2
-"""Exit code of an actor that cannot work with its settings or prompts: restarting it would not help."""
 
 
 class ActorStopped(Exception):
@@ -337,8 +333,8 @@ class ActorWorker:
         epoch = self.epoch
         while not self.sockets.send_experience(batch, timeout_ms=200):
             self.apply_newer_weights()  # raises ActorStopped on shutdown
-            if not self.watch_learner():
-                self.heartbeat()
+            self.watch_learner()
+            self.heartbeat()  # not while the learner is silent: hellos go out instead
             if self.epoch != epoch:  # the learner restarted or rewound this actor meanwhile
                 logger.info(
                     "dropped batch %d: it was generated for the learner's earlier run", batch.batch_id

@@ -128,7 +128,7 @@ def bench_sync(
             for version in range(1, repeats + 1):
                 start = time.perf_counter()
                 msg = adapters.snapshot(version)
-                sockets.publish(msg if files is None else shared_announcement(msg, 0, files.share(msg)))
+                sockets.publish(msg if files is None else shared_announcement(msg, msg, files.share(msg)))
                 _await_acks(sockets, version, num_actors)
                 latencies.append(1000 * (time.perf_counter() - start))
             sockets.publish(protocol.Shutdown("bench done"))

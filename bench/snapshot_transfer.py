@@ -88,7 +88,7 @@ def measure(
     snapshot = source.snapshot(1)
     announce = announcement(snapshot, int(chunk_mb * 2**20))
     if shared:
-        announce = shared_announcement(snapshot, int(chunk_mb * 2**20), "(written on request)")
+        announce = shared_announcement(snapshot, announce, "(written on request)")
     ctx, stop = zmq.Context(), threading.Event()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     port = router.bind_to_random_port("tcp://127.0.0.1")

@@ -114,12 +114,11 @@ def announcement(snapshot: Weights, chunk_bytes: int) -> Weights:
     )
 
 
-def shared_announcement(snapshot: Weights, chunk_bytes: int, path: str) -> Weights:
-    """The announcement of ``snapshot`` shared as the file ``path``: actors on other machines fetch its chunks
-    (one chunk if it is small)."""
-    announce = announcement(snapshot, chunk_bytes)
+def shared_announcement(snapshot: Weights, announce: Weights, path: str) -> Weights:
+    """``announce`` (``snapshot`` or its announcement) as the announcement of the file ``path`` holding
+    ``snapshot``: actors on other machines fetch its chunks (one chunk if it is small)."""
     chunk_size = announce.chunk_size or snapshot.flat.size
-    return dataclasses.replace(snapshot, flat=snapshot.flat[:0], chunk_size=chunk_size, shared=path)
+    return dataclasses.replace(announce, flat=snapshot.flat[:0], chunk_size=chunk_size, shared=path)
 
 
 def snapshot_chunk(

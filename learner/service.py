@@ -110,18 +110,23 @@ class LearnerService:
 
     # -- talking to actors ---------------------------------------------------------------------------------
 
+    @property
+    def expected_actors(self) -> int:
+        """How many actors the run has, as their hellos say (0 before any)."""
+        return max((a.num_actors for a in self.actors.values()), default=0)
+
     def publish_weights(self) -> None:
         start = time.perf_counter()
         self.snapshot = self.adapters.snapshot(self.learner.policy_version, self.run_id)
         self.announce = announcement(self.snapshot, self.chunk_bytes)
-        local_actors = any(a.host == self.hostname and not a.gone for a in self.actors.values())
-        if self.shared is not None and local_actors and (path := self.shared.share(self.snapshot)):
-            self.announce = shared_announcement(self.snapshot, self.chunk_bytes, path)
         if self.announce.flat.nbytes > self.max_bytes:  # actors would reject it as too large
             raise ValueError(
                 f"a policy snapshot is {self.snapshot.flat.nbytes / 2**20:.0f} MB > transport.max_message_mb="
                 f"{self.cfg.transport.max_message_mb}: raise it, or set transport.chunk_mb to send it in chunks"
             )
+        local_actors = any(a.host == self.hostname and not a.gone for a in self.actors.values())
+        if self.shared is not None and local_actors and (path := self.shared.share(self.snapshot)):
+            self.announce = shared_announcement(self.snapshot, self.announce, path)
         self.sockets.publish(self.announce)
         self.sync = {
             "sync/ms": 1000 * (time.perf_counter() - start),
@@ -179,7 +184,7 @@ class LearnerService:
                     now - info.last_seen,
                 )
         if now - self.started > self.cfg.transport.startup_timeout_s:
-            expected = max((a.num_actors for a in self.actors.values()), default=0)
+            expected = self.expected_actors
             joined = {a.actor_id for a in self.actors.values()}
             if not self.actors and -1 not in self.never_started:
                 self.never_started.add(-1)
@@ -343,7 +348,7 @@ class LearnerService:
             self.step_count,
             keep=self.cfg.run.keep_checkpoints,
             actor_next_batch={str(k): v for k, v in sorted(next_batch.items())},
-            num_actors=max((a.num_actors for a in self.actors.values()), default=0),
+            num_actors=self.expected_actors,
             config=config_to_dict(self.cfg),
         )
 

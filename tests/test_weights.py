@@ -133,7 +133,7 @@ def test_shared_snapshots_are_files_the_newest_two_kept_and_removed_at_close(tmp
     assert not dead.exists()
     paths = [shared.share(dataclasses.replace(_snapshot(), policy_version=v)) for v in (1, 2, 3, 3, 3)][:3]
     assert [Path(p).exists() for p in paths] == [False, True, True]
-    announce = shared_announcement(_snapshot(), 0, paths[-1])
+    announce = shared_announcement(_snapshot(), _snapshot(), paths[-1])
     assert announce.flat.size == 0 and announce.num_chunks() == 1  # elsewhere: one chunk to fetch
     assert read_shared(announce) is None  # a path outside the shared-memory folder is not read
     assert read_shared(dataclasses.replace(announce, shared="/etc/passwd"), folder=Path("/etc")) is None
