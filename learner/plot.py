@@ -63,9 +63,8 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return [s for s, _ in points], [v for _, v in points]
 
 
-def _draw_panel(ax: Any, panel: Panel, rows: list[dict[str, Any]]) -> bool:
-    """Draw one panel's lines on ``ax``; False when none of its keys has data."""
-    drawn = False
+def _draw_panel(ax: Any, panel: Panel, rows: list[dict[str, Any]]) -> None:
+    """Draw one panel's lines on ``ax`` (the caller passes only panels with data)."""
     for key in _expand(panel.keys, rows):
         steps, values = series(rows, key)
         if not steps:
@@ -78,12 +77,9 @@ def _draw_panel(ax: Any, panel: Panel, rows: list[dict[str, Any]]) -> bool:
                 lo = [v - s for v, s in zip(values, spread, strict=True)]
                 hi = [v + s for v, s in zip(values, spread, strict=True)]
                 ax.fill_between(steps, lo, hi, alpha=0.2, label=f"± {band}")
-        drawn = True
-    if drawn:
-        ax.set_ylabel(panel.ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    return drawn
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
 
 
 def _write_chart(

@@ -66,6 +66,12 @@ def epoch_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
+    """``prompts`` as the JSONL file ``run.prompts`` reads (one ``{"prompt": ...}`` a line); ``path``."""
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
 class PPOTrainer:
     """Fine-tune ``config.model_name`` with PPO/GRPO/RLOO on prompts, in local actor and learner processes."""
 
@@ -100,8 +106,7 @@ class PPOTrainer:
         run_dir = self.run_dir / f"train-{self._rounds}"
         self._rounds += 1
         run_dir.mkdir(parents=True, exist_ok=True)
-        prompts_file = run_dir / "prompts.jsonl"
-        prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        prompts_file = write_prompts(run_dir / "prompts.jsonl", prompts)
         per_epoch = max(1, math.ceil(len(prompts) * self.config.group_size / self.config.batch_size))
         cfg = self._round_config(prompts_file, per_epoch * num_epochs, run_dir)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
@@ -144,8 +149,7 @@ class PPOTrainer:
 
         out_dir = self.run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        prompts_file = out_dir / "prompts.jsonl"
-        prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        prompts_file = write_prompts(out_dir / "prompts.jsonl", prompts)
         more = [f"run.prompts={json.dumps(str(prompts_file))}", f"run.reward={json.dumps(self.reward)}"]
         cfg = self.config.to_config(*more)
         if self._reward_path and self._reward_path not in sys.path:
