@@ -118,14 +118,14 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
 def encode_prompts(tokenizer, texts, max_tokens: int) -> tuple[list[list[int]], list[str]]:
     """Chat-formatted token ids of each usable prompt and its text; empty prompts and prompts over
     ``max_tokens`` (``sampling.max_prompt_tokens``) are left out and logged. None usable: ValueError."""
+    from common.models import chat_prompt_ids  # MLX: only where prompts are encoded
+
     ids, kept, empty, too_long = [], [], 0, []
     for text in texts:
         if not text.strip():
             empty += 1
             continue
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True
-        )
+        encoded = chat_prompt_ids(tokenizer, text)
         if len(encoded) > max_tokens:
             too_long.append(len(encoded))
             continue

@@ -119,6 +119,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, target if isinstance(target, Path) else None, dtype)
 
 
+def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as one user turn in the model's chat template, ready for the answer: the ids actors sample from."""
+    return list(
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    )
+
+
 def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
     """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``."""
     if "lm_head" in model:

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from common.config import LoraConfig, ModelConfig
 from common.cpu_ops import use_fast_cpu_ops
 from common.lora import atomic_write, attach_lora
-from common.models import load_model
+from common.models import chat_prompt_ids, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +74,7 @@ class RewardModel:
 
     def encode(self, prompt: str, completion: str) -> list[int]:
         """The pair's token ids as the policy saw them, cut to the last ``spec.max_tokens``."""
-        ids = list(
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True
-            )
-        )
+        ids = chat_prompt_ids(self.tokenizer, prompt)
         ids += self.tokenizer.encode(completion, add_special_tokens=False)
         return ids[-self.spec.max_tokens :]
 

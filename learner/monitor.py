@@ -185,14 +185,15 @@ def _status(
     return f"SILENT: no update for {format_duration(age_s)}{every}; stopped or stuck?"
 
 
+def actor_token_keys(keys: Any) -> list[str]:
+    """The ``actor/<id>/gen_tokens_per_s`` keys among ``keys``, in numeric id order ("2" before "10")."""
+    found = {k for k in keys if k.startswith("actor/") and k.endswith("/gen_tokens_per_s")}
+    return sorted(found, key=lambda k: (len(k), k))
+
+
 def _actor_rates(last: dict[str, Any]) -> dict[str, float]:
     """``actor/<id>/gen_tokens_per_s`` by actor id, in numeric id order."""
-    rates = {
-        key.split("/")[1]: value
-        for key, value in last.items()
-        if key.startswith("actor/") and key.endswith("/gen_tokens_per_s") and value is not None
-    }
-    return dict(sorted(rates.items(), key=lambda kv: (len(kv[0]), kv[0])))  # "2" before "10"
+    return {k.split("/")[1]: last[k] for k in actor_token_keys(last) if last[k] is not None}
 
 
 def _throughput_lines(last: dict[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from learner.monitor import read_rows
+from learner.monitor import actor_token_keys, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,7 @@ def _by_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _expand(keys: tuple[str, ...], rows: list[dict[str, Any]]) -> list[str]:
     """The panel's keys with ACTOR_TOKENS replaced by each actor's key, in actor id order."""
-    actors = sorted(
-        {k for row in rows for k in row if k.startswith("actor/") and k.endswith("/gen_tokens_per_s")},
-        key=lambda k: (len(k), k),
-    )
+    actors = actor_token_keys({k for row in rows for k in row})
     return [name for key in keys for name in (actors if key == ACTOR_TOKENS else [key])]
 
 
