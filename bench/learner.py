@@ -5,9 +5,11 @@
 One process measures, side by side: the matmul peak of this machine in the model's compute dtype (best of a few
 GEMMs: float32 2048^3 on the CPU backend; bfloat16 8192^3, ten per timing, on a GPU; see ``--peak-dtype``), then
 one PPO update (1 epoch, 1 minibatch, micro-batches of --micro) for each value option (a separate value network, or
-a value head on the policy trunk), after a warm-up update that also compiles the step. MFU counts the matmul
-FLOPs the update really performs (see ``update_flops``) over the measured time and peak. Prints a markdown
-table and writes ``bench/results/learner.json``.
+a value head on the policy trunk) and each --threads setting (``ppo.compute_threads``: 1 runs the update on the
+caller's thread with all BLAS threads, 0 splits each micro-batch over one worker thread per core, learner/shards.py),
+after a warm-up update that also compiles the step. MFU counts the matmul FLOPs the update really performs (see
+``update_flops``) over the measured time and peak. Prints a markdown table and writes
+``bench/results/learner.json``.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def synthetic_experience(tokenizer, batch: int, prompt_len: int, response_len: i
     )
 
 
-def measure(value_kind: str, opts) -> dict:
+def measure(value_kind: str, threads: int, opts) -> dict:
+    from common.blas import set_blas_threads
     from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
     from common.models import load_model
     from learner.models import build_policy_and_value
@@ -103,8 +106,16 @@ def measure(value_kind: str, opts) -> dict:
     loaded = load_model(ModelConfig(name=opts.model))
     container = build_policy_and_value(loaded.model, LoraConfig(), value_kind=value_kind)
     cfg = PPOUpdateConfig(
-        batch_size=opts.batch, num_minibatches=1, micro_batch_size=opts.micro, update_epochs=1, group_size=1
+        batch_size=opts.batch,
+        num_minibatches=1,
+        micro_batch_size=opts.micro,
+        update_epochs=1,
+        group_size=1,
+        compute_threads=threads,
     )
+    set_blas_threads(
+        opts.blas_threads
+    )  # a pool made for an earlier row set one BLAS thread; this one sets its own
     learner = PPOLearner(container, cfg, temperature=1.0)
     exp = synthetic_experience(loaded.tokenizer, opts.batch, opts.prompt_len, opts.response_len)
     learner.update(exp)  # warm-up and compile
@@ -127,6 +138,7 @@ def measure(value_kind: str, opts) -> dict:
     )
     return {
         "value_model": value_kind,
+        "threads": learner.pool.size,
         "update_s": seconds,
         "tokens_per_s": tokens / seconds,
         "gflops": flops / seconds / 1e9,
@@ -142,7 +154,13 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
-        "--micro", type=int, default=4, help="micro-batch size (sequences per forward/backward)"
+        "--micro",
+        type=int,
+        default=8,
+        help="micro-batch size (sequences per forward/backward; the default's)",
+    )
+    parser.add_argument(
+        "--threads", default="1,0", help="comma-separated ppo.compute_threads settings (0: one per core)"
     )
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--response-len", type=int, default=64)
@@ -153,11 +171,20 @@ def main() -> None:
     )
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "learner.json"))
     opts = parser.parse_args()
+    from common.blas import set_blas_threads
     from common.config import LoraConfig
+    from learner.shards import auto_threads
+
+    opts.blas_threads = auto_threads(0) if mx.default_device() == mx.cpu else 1
 
     # Other tenants of a shared VM can depress one peak measurement: take the best of one before and one after.
     peak_before = matmul_peak_gflops(dtype=opts.peak_dtype)
-    rows = [measure(kind, opts) for kind in opts.value_models.split(",")]
+    rows = [
+        measure(kind, int(threads), opts)
+        for kind in opts.value_models.split(",")
+        for threads in opts.threads.split(",")
+    ]
+    set_blas_threads(opts.blas_threads)  # the last pool left one BLAS thread
     peak_after = matmul_peak_gflops(dtype=opts.peak_dtype)
     peak = max(peak_before, peak_after)
     lora = LoraConfig()
@@ -168,11 +195,12 @@ def main() -> None:
         f"{peak_dtype_name(opts.peak_dtype)} matmul peak {peak:.0f} GFLOP/s."
     )
     print(header)
-    print("| value model | update s | train tokens/s | achieved GFLOP/s | MFU | peak memory GB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| value model | threads | update s | train tokens/s | achieved GFLOP/s | MFU | peak memory GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['value_model']} | {r['update_s']:.2f} | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | "
+            f"| {r['value_model']} | {r['threads']} | {r['update_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['gflops']:.1f} | "
             f"{r['gflops'] / peak:.1%} | {r['peak_gb']:.2f} |"
         )
     output = Path(opts.output)

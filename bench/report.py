@@ -115,8 +115,8 @@ def render_generation(result: dict) -> Lines:
 
 
 def learner_row(r: dict, first: dict, peak: float, gpu: bool) -> list[str]:
-    row = [r["value_model"], ratio(first["update_s"], r["update_s"]), f"{r['gflops'] / peak:.1%}"]
-    row += [f"{r['peak_gb']:.2f}"]
+    row = [r["value_model"]] + ([str(r["threads"])] if "threads" in first else [])
+    row += [ratio(first["update_s"], r["update_s"]), f"{r['gflops'] / peak:.1%}", f"{r['peak_gb']:.2f}"]
     return row + ([f"{r['update_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['gflops']:.1f}"] if gpu else [])
 
 
@@ -131,10 +131,14 @@ def mfu_note(result: dict, gpu: bool) -> str:
 
 def render_learner(result: dict) -> Lines:
     gpu, rows = on_gpu(result), result["rows"]
-    header = ["value model", f"update speed vs {rows[0]['value_model']}", "MFU", "peak memory GB"]
+    first = rows[0]
+    threads = "threads" in first  # learner threads (ppo.compute_threads), recorded since session 5
+    baseline = first["value_model"] + (f", {first['threads']} thread" if threads else "")
+    header = ["value model"] + (["threads"] if threads else [])
+    header += [f"update speed vs {baseline}", "MFU", "peak memory GB"]
     header += ["update s", "train tokens/s", "achieved GFLOP/s"] if gpu else []
-    cells = [learner_row(r, rows[0], result["peak_gflops"], gpu) for r in rows]
-    return [mfu_note(result, gpu), "", *table(header, "lrrr" + "rrr" * gpu, cells)]
+    cells = [learner_row(r, first, result["peak_gflops"], gpu) for r in rows]
+    return [mfu_note(result, gpu), "", *table(header, "l" + "r" * threads + "rrr" + "rrr" * gpu, cells)]
 
 
 def render_sync(rows: list[dict], gpu: bool) -> Lines:
@@ -310,6 +314,18 @@ BENCHMARKS = [
     # Runs on other machines (bench/offline_host.sh, bench/cuda_bench.sh); make bench only re-renders them.
     Benchmark(
         "scaling-16core", "scaling-16core.json", OFFLINE + "bench/runtime.py scaling", render_scaling_run
+    ),
+    Benchmark(
+        "learner-16core-m16",
+        "learner-16core-m16.json",
+        OFFLINE + "bench/learner.py --model /tmp/smollm-random --repeats 2 --threads 1,0 --micro 16",
+        render_learner,
+    ),
+    Benchmark(
+        "learner-16core-m8",
+        "learner-16core-m8.json",
+        OFFLINE + "bench/learner.py --model /tmp/smollm-random --repeats 2 --threads 0 --micro 8",
+        render_learner,
     ),
     Benchmark("h100-generation", "h100-generation.json", CUDA + "bench", render_generation),
     Benchmark("h100-learner-b16", "h100-learner-b16.json", CUDA + "bench", render_learner),

@@ -11,6 +11,7 @@ Run ``python -m common.blas -- CMD ...`` to run any command with the preload (th
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -128,6 +129,24 @@ def reexec_with_fast_blas(argv: Sequence[str] | None = None) -> None:
     env[_REEXEC_MARK] = "1"
     args = [sys.executable, *(sys.argv if argv is None else argv)]
     os.execve(sys.executable, args, env)
+
+
+def set_blas_threads(threads: int) -> bool:
+    """Set the preloaded OpenBLAS's thread count in this running process; False where there is none to set.
+
+    For a process that runs several GEMMs at once from its own threads (``learner/shards.py``): OpenBLAS's
+    worker threads spin between calls and then take cores from the other callers. Accelerate (macOS) and BLIS
+    have no such call; nothing is done there.
+    """
+    if not is_linux():
+        return False
+    try:
+        setter = ctypes.CDLL(None).openblas_set_num_threads  # global symbols include the preloaded library's
+    except (OSError, AttributeError):
+        return False
+    setter.argtypes = [ctypes.c_int]
+    setter(max(1, threads))
+    return True
 
 
 def main(argv: Sequence[str]) -> int:

@@ -89,6 +89,10 @@ class PPOUpdateConfig:
     """Minibatches per epoch; each is one optimizer step."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; gradients of a minibatch's micro-batches are accumulated."""
+    compute_threads: int = 0
+    """Threads the learner splits each micro-batch over on the CPU backend (each shard on its own MLX stream;
+    peak memory stays one micro-batch's). 0: one per core the learner may use (its share of BLAS threads
+    when launched; 1 on a GPU). 1: no worker threads."""
     update_epochs: int = 2
     """Passes over the batch per update."""
     learning_rate: float = 5e-5

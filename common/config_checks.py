@@ -141,6 +141,8 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
         p.append(f"ppo.group_size={u.group_size} must be >= 1")
     elif u.batch_size % u.group_size:
         p.append(f"ppo.batch_size={u.batch_size} must be a multiple of ppo.group_size={u.group_size}")
+    if u.compute_threads < 0:
+        p.append(f"ppo.compute_threads={u.compute_threads} must be >= 0 (0: one per core)")
     if u.num_minibatches < 1 or u.batch_size % u.num_minibatches:
         p.append(f"ppo.num_minibatches={u.num_minibatches} must divide ppo.batch_size={u.batch_size}")
     elif u.micro_batch_size < 1 or (u.batch_size // u.num_minibatches) % u.micro_batch_size:

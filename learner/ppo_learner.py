@@ -26,6 +26,7 @@ from learner.distributed import average_gradients, collective, mean_over_ranks, 
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.ppo import explained_variance, token_entropy
+from learner.shards import ShardPool, Worker, auto_threads, split_rows
 from learner.update import (
     Experience,
     LossWeights,
@@ -77,6 +78,10 @@ class PPOLearner:
         if proximal_in_step and not single_step:
             raise ValueError("proximal_in_step needs a critic-free update of one epoch and one minibatch")
         self.proximal_in_step = single_step if proximal_in_step is None else proximal_in_step
+        # The shards of each micro-batch run on this many threads at once (CPU: MLX's elementwise ops are
+        # single-threaded per stream, learner/shards.py); one thread runs everything in the caller.
+        self.pool = ShardPool(container, auto_threads(cfg.compute_threads))
+        self.compile_step = compile_step
         self.weights = LossWeights(
             temperature,
             cfg.clip_coef,
@@ -87,19 +92,24 @@ class PPOLearner:
             cfg.kl_loss_coef,
             self.proximal_in_step,
         )
-        self._grad_fn = self._make_grad_fn(compile_step)
         self._apply_fn = self._make_apply_fn(compile_step)
 
-    def _make_grad_fn(self, compile_step: bool):
-        loss_and_grad = nn.value_and_grad(self.container, partial(ppo_objective, w=self.weights))
+    def _make_grad_fn(self, module: nn.Module):
+        loss_and_grad = nn.value_and_grad(module, partial(ppo_objective, w=self.weights))
 
         def grad_step(mb: dict[str, mx.array]):
-            (_, stats), grads = loss_and_grad(self.container, mb)
+            (_, stats), grads = loss_and_grad(module, mb)
             return stats, grads
 
         # value_and_grad writes the parameters back into the module, so they are outputs too (as in mlx-lm).
-        state = [self.container.state, mx.random.state]
-        return mx.compile(grad_step, inputs=state, outputs=state) if compile_step else grad_step
+        state = [module.state, mx.random.state]
+        return mx.compile(grad_step, inputs=state, outputs=state) if self.compile_step else grad_step
+
+    def _grad_step(self, worker: Worker, mb: dict[str, mx.array]):
+        """``(stats, grads)`` of one shard on ``worker``'s view of the model (its own compiled step)."""
+        if "grad" not in worker.cache:
+            worker.cache["grad"] = self._make_grad_fn(worker.module)
+        return worker.cache["grad"](mb)
 
     def _make_apply_fn(self, compile_step: bool):
         def apply(grads):
@@ -117,46 +127,57 @@ class PPOLearner:
 
     def _forward_no_grad(self, batch: TrainBatch, micro: int, need_ref: bool) -> dict[str, np.ndarray]:
         """Proximal log-probs, entropy, old values and (``need_ref``) reference log-probs, each ``[B, T]``."""
-        parts: dict[str, list[mx.array]] = {"proximal": [], "entropy": [], "values": [], "ref": []}
-        for start in range(0, batch.size, micro):
-            sl = slice(start, start + micro)
-            tokens, positions, response = (
-                mx.array(a[sl]) for a in (batch.tokens, batch.positions, batch.response)
-            )
-            logits, values = self.container.response_outputs(tokens, positions)
-            logprobs = sampling_logprobs(logits, self.temperature)
-            step = {
-                "proximal": gather_token_logprobs(logprobs, response),
-                "entropy": token_entropy(logprobs),
-            }
-            if need_ref:  # a whole extra trunk pass: skipped when the actors sent reference log-probs
-                step["ref"] = self._reference_logprobs(tokens, positions, response)
-            if values is not None:
-                step["values"] = values
-            mx.eval(step)
-            self.on_progress()
-            for key, value in step.items():
-                parts[key].append(value)
-        return {k: np.concatenate([np.array(x) for x in v]) for k, v in parts.items() if v}
+        step = partial(self._no_grad_shard, batch=batch, parts=("policy", "ref") if need_ref else ("policy",))
+        return self._map_micro_batches(step, batch.size, micro)
 
     def _reference_pass(self, batch: TrainBatch, micro: int) -> dict[str, np.ndarray]:
         """Reference log-probs alone, ``[B, T]`` (when the step itself provides the proximal ones)."""
-        parts = []
-        for start in range(0, batch.size, micro):
-            sl = slice(start, start + micro)
-            tokens, positions, response = (
-                mx.array(a[sl]) for a in (batch.tokens, batch.positions, batch.response)
-            )
-            parts.append(self._reference_logprobs(tokens, positions, response))
-            mx.eval(parts[-1])
-            self.on_progress()
-        return {"ref": np.concatenate([np.array(p) for p in parts])}
+        step = partial(self._no_grad_shard, batch=batch, parts=("ref",))
+        return self._map_micro_batches(step, batch.size, micro)
 
-    def _reference_logprobs(self, tokens: mx.array, positions: mx.array, response: mx.array) -> mx.array:
-        if self.reference is not None:
+    def _map_micro_batches(self, step, size: int, micro: int) -> dict[str, np.ndarray]:
+        """Run ``step(worker, rows)`` over the batch, micro-batch by micro-batch, each split over the workers."""
+        parts: dict[str, list[mx.array]] = {}
+        for out in self.pool.map(step, self._shards(np.arange(size), micro), self.on_progress):
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value)
+        return {k: np.concatenate([np.array(x) for x in v]) for k, v in parts.items()}
+
+    def _shards(self, rows: np.ndarray, micro: int) -> list[np.ndarray]:
+        """Micro-batches of ``rows``, each split over the pool's workers, in order."""
+        return [
+            piece
+            for start in range(0, len(rows), micro)
+            for piece in split_rows(rows[start : start + micro], self.pool.size)
+        ]
+
+    def _no_grad_shard(
+        self, worker: Worker, rows: np.ndarray, batch: TrainBatch, parts: tuple[str, ...]
+    ) -> dict[str, mx.array]:
+        """For ``rows`` of the batch: proximal log-probs, entropy and values ('policy'), reference log-probs
+        ('ref': a whole extra trunk pass, skipped when the actors sent them), each ``[rows, T]``."""
+        tokens, positions, response = (
+            mx.array(a[rows]) for a in (batch.tokens, batch.positions, batch.response)
+        )
+        out = {}
+        if "policy" in parts:
+            logits, values = worker.module.response_outputs(tokens, positions)
+            logprobs = sampling_logprobs(logits, self.temperature)
+            out["proximal"] = gather_token_logprobs(logprobs, response)
+            out["entropy"] = token_entropy(logprobs)
+            if values is not None:
+                out["values"] = values
+        if "ref" in parts:
+            out["ref"] = self._reference_logprobs(worker.module, tokens, positions, response)
+        return out
+
+    def _reference_logprobs(
+        self, module: PolicyAndValue, tokens: mx.array, positions: mx.array, response: mx.array
+    ) -> mx.array:
+        if self.reference is not None:  # full fine-tuning: forward only, safe to share between threads
             return policy_logprobs(self.reference, tokens, positions, response, self.temperature)
-        with adapters_disabled(self.container.policy):
-            return policy_logprobs(self.container.policy, tokens, positions, response, self.temperature)
+        with adapters_disabled(module.policy):
+            return policy_logprobs(module.policy, tokens, positions, response, self.temperature)
 
     # -- step 2: rewards and advantages ---------------------------------------------------------------------
 
@@ -223,19 +244,18 @@ class PPOLearner:
     def _minibatch_step(self, arrays: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, mx.array]:
         num_tokens = mx.array(arrays["mask"][indices].sum(), dtype=mx.float32)
         grads, stats = None, {}
-        micro = self.cfg.micro_batch_size
-        for start in range(0, len(indices), micro):
-            mb = {k: mx.array(v[indices[start : start + micro]]) for k, v in arrays.items()}
-            mb["num_tokens"] = num_tokens
-            mb_stats, mb_grads = self._grad_fn(mb)
+        shards = [
+            {k: mx.array(v[rows]) for k, v in arrays.items()} | {"num_tokens": num_tokens}
+            for rows in self._shards(indices, self.cfg.micro_batch_size)
+        ]
+        # Each shard is evaluated as it finishes (its activations freed); its stats are token sums over the
+        # minibatch's num_tokens, so shards add up as whole micro-batches would.
+        for mb_stats, mb_grads in self.pool.map(self._grad_step, shards, self.on_progress):
             grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
             for k, v in mb_stats.items():
                 stats[k] = (
                     v if k not in stats else (mx.maximum(stats[k], v) if k in _MAX_STATS else stats[k] + v)
                 )
-            # Evaluate per micro-batch: otherwise every micro-batch's activations stay alive until the step.
-            mx.eval(grads, stats)
-            self.on_progress()
         stats["grad/norm"] = self._apply_fn(grads)
         with collective(
             "the gradient all-reduce"

@@ -74,7 +74,12 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
             except ValueError as e:
                 logger.error("%s", e)
                 return 2
-            logger.info("learner ready at %s (policy v%d)", endpoints.control, learner.policy_version)
+            logger.info(
+                "learner ready at %s (policy v%d, %d compute thread(s))",
+                endpoints.control,
+                learner.policy_version,
+                learner.pool.size,
+            )
             while not service.finished and not stop["requested"]:
                 service.step(timeout_ms=100)
             if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:

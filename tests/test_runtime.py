@@ -302,7 +302,9 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
     train = collate(Experience(prompts, responses, lp, np.zeros(len(prompts)), np.zeros(len(prompts))))
     learner = h.service.learner
     expected = np.array(
-        learner._reference_logprobs(*(mx.array(a) for a in (train.tokens, train.positions, train.response)))
+        learner._reference_logprobs(
+            learner.container, *(mx.array(a) for a in (train.tokens, train.positions, train.response))
+        )
     )
     np.testing.assert_allclose(batch.ref_logprobs, expected[train.mask > 0], atol=1e-4)
     assert np.abs(batch.ref_logprobs - batch.behaviour_logprobs).max() > 1e-2
@@ -421,13 +423,13 @@ def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp
         worker = h.actor(0)
         h.join(worker)
         learner = h.service.learner
-        grad_fn = learner._grad_fn
+        grad_step = learner._grad_step
 
-        def slow_grad_fn(mb):  # stands in for a micro-batch of a large model: 0.1 s of compute
+        def slow_grad_step(worker, mb):  # stands in for a micro-batch of a large model: 0.1 s of compute
             time.sleep(0.1)
-            return grad_fn(mb)
+            return grad_step(worker, mb)
 
-        learner._grad_fn = slow_grad_fn
+        learner._grad_step = slow_grad_step
         while worker.sockets.receive_control(0) is not None:  # what the join left queued
             pass
         learner.update(

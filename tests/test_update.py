@@ -139,9 +139,7 @@ def test_value_trunk_shares_the_base_but_not_the_adapters(model_cache):
 
 def test_compiled_step_matches_eager(model_cache):
     eager, loaded = make_learner(model_cache)
-    compiled, _ = make_learner(model_cache)
-    compiled._grad_fn = compiled._make_grad_fn(True)
-    compiled._apply_fn = compiled._make_apply_fn(True)
+    compiled, _ = make_learner(model_cache, compile_step=True)
     exp = sample_experience(eager, loaded.tokenizer)
     s1, s2 = eager.update(exp), compiled.update(exp)
     assert s1["loss/total"] == pytest.approx(s2["loss/total"], rel=1e-4)
