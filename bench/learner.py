@@ -15,6 +15,7 @@ after a warm-up update that also compiles the step. MFU counts the matmul FLOPs 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -103,6 +104,8 @@ def measure(value_kind: str, threads: int, opts) -> dict:
     from learner.models import build_policy_and_value
     from learner.ppo_learner import PPOLearner
 
+    gc.collect()  # earlier rows' models (held in reference cycles by compiled steps) must not count in this peak
+    mx.clear_cache()
     loaded = load_model(ModelConfig(name=opts.model))
     container = build_policy_and_value(loaded.model, LoraConfig(), value_kind=value_kind)
     cfg = PPOUpdateConfig(
@@ -113,9 +116,8 @@ def measure(value_kind: str, threads: int, opts) -> dict:
         group_size=1,
         compute_threads=threads,
     )
-    set_blas_threads(
-        opts.blas_threads
-    )  # a pool made for an earlier row set one BLAS thread; this one sets its own
+    # A pool made for an earlier row set one BLAS thread; this row sets its own.
+    set_blas_threads(opts.blas_threads)
     learner = PPOLearner(container, cfg, temperature=1.0)
     exp = synthetic_experience(loaded.tokenizer, opts.batch, opts.prompt_len, opts.response_len)
     learner.update(exp)  # warm-up and compile

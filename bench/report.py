@@ -133,7 +133,8 @@ def render_learner(result: dict) -> Lines:
     gpu, rows = on_gpu(result), result["rows"]
     first = rows[0]
     threads = "threads" in first  # learner threads (ppo.compute_threads), recorded since session 5
-    baseline = first["value_model"] + (f", {first['threads']} thread" if threads else "")
+    plural = "" if first.get("threads") == 1 else "s"
+    baseline = first["value_model"] + (f", {first['threads']} thread{plural}" if threads else "")
     header = ["value model"] + (["threads"] if threads else [])
     header += [f"update speed vs {baseline}", "MFU", "peak memory GB"]
     header += ["update s", "train tokens/s", "achieved GFLOP/s"] if gpu else []
