@@ -84,14 +84,21 @@ class _Executor(threading.Thread):
     def run(self) -> None:
         stream = mx.new_stream(self.device)  # streams belong to the thread that made them
         while True:
-            index, worker, fn, shard, results = self.jobs.get()
-            try:
-                with mx.stream(stream):
-                    out = fn(worker, shard)
-                    mx.eval(out)
-                results.put((index, True, out))
-            except BaseException as exc:  # handed to the caller, which raises it
-                results.put((index, False, exc))
+            # The job's names go out of scope with _run: an idle executor keeps no model view (of a learner that
+            # may be gone) alive.
+            self._run(stream, *self.jobs.get())
+
+    @staticmethod
+    def _run(
+        stream: mx.Stream, index: int, worker: Worker, fn: Callable, shard: Any, results: queue.Queue
+    ) -> None:
+        try:
+            with mx.stream(stream):
+                out = fn(worker, shard)
+                mx.eval(out)
+            results.put((index, True, out))
+        except BaseException as exc:  # handed to the caller, which raises it
+            results.put((index, False, exc))
 
 
 _executors: dict[str, list[_Executor]] = {}

@@ -1,5 +1,6 @@
 """The learner's shard pool: worker threads, each on its own MLX stream with its own view of the model."""
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,15 @@ def test_a_process_whose_learner_used_threads_exits_cleanly(model_cache, tmp_pat
     for _ in range(3):  # the abort came in 12 runs of 12
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "updated" in out.stdout, out.stderr[-2000:]
+
+
+def test_idle_workers_keep_no_dropped_learner_alive(model_cache):
+    """The worker threads outlive every learner; a learner dropped by its owner must free its model."""
+    gc.collect()
+    before = mx.get_active_memory()
+    learner, loaded = make_learner(model_cache, compute_threads=2)
+    learner.update(sample_experience(learner, loaded.tokenizer))
+    assert mx.get_active_memory() - before > 1e5  # the tiny model's weights, at least
+    del learner, loaded
+    gc.collect()
+    assert mx.get_active_memory() - before < 1e4
