@@ -248,14 +248,16 @@ class PPOLearner:
             {k: mx.array(v[rows]) for k, v in arrays.items()} | {"num_tokens": num_tokens}
             for rows in self._shards(indices, self.cfg.micro_batch_size)
         ]
-        # Each shard is evaluated as it finishes (its activations freed); its stats are token sums over the
-        # minibatch's num_tokens, so shards add up as whole micro-batches would.
-        for mb_stats, mb_grads in self.pool.map(self._grad_step, shards, self.on_progress):
+        # Shards come back in order as they finish; each one's stats are token sums over the minibatch's
+        # num_tokens, so shards add up as whole micro-batches would. Evaluating the running sum frees each shard's
+        # gradients (a whole model's with full fine-tuning).
+        for mb_stats, mb_grads in self.pool.imap(self._grad_step, shards, self.on_progress):
             grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
             for k, v in mb_stats.items():
                 stats[k] = (
                     v if k not in stats else (mx.maximum(stats[k], v) if k in _MAX_STATS else stats[k] + v)
                 )
+            mx.eval(grads, stats)
         stats["grad/norm"] = self._apply_fn(grads)
         with collective(
             "the gradient all-reduce"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -134,19 +134,27 @@ class ShardPool:
     def map(
         self, fn: Callable[[Worker, Any], T], shards: Sequence[Any], progress: Callable[[], None] = _nothing
     ) -> list[T]:
-        """``[fn(worker, shard) for shard in shards]``, each evaluated before its worker starts the next one.
+        """``[fn(worker, shard) for shard in shards]``, evaluated (see ``imap``)."""
+        return list(self.imap(fn, shards, progress))
+
+    def imap(
+        self, fn: Callable[[Worker, Any], T], shards: Sequence[Any], progress: Callable[[], None] = _nothing
+    ) -> Iterator[T]:
+        """Yield ``fn(worker, shard)`` for each shard, evaluated, in the order of ``shards``.
 
         Shard ``i`` runs on worker ``i % size``, which works through its shards in order with no barrier
-        between micro-batches; at most ``size`` shards are in memory at once. ``progress`` is called after
-        every shard (the learner heartbeats from it).
+        between micro-batches; at most ``size`` shards' activations are in memory at once, and a result is
+        handed on as soon as it and those before it are done (a caller that sums gradients holds few at a time).
+        ``progress`` is called after every shard (the learner heartbeats from it). A shard that raised is
+        raised here once every shard has finished.
         """
         if not self._executors:
-            out = []
             for shard in shards:
-                out.append(fn(self.workers[0], shard))
-                mx.eval(out[-1])  # one shard's activations alive at a time
+                out = fn(self.workers[0], shard)
+                mx.eval(out)  # one shard's activations alive at a time
                 progress()
-            return out
+                yield out
+            return
         # The optimizer replaced the model's arrays since the last call: point every view at the current ones.
         weights = self.module.parameters()
         # Lazy arrays (weights cast on load, fresh adapters, the caller's inputs) belong to this thread's stream:
@@ -158,13 +166,17 @@ class ShardPool:
         for index, shard in enumerate(shards):
             slot = index % self.size  # a view is only ever used by its own executor
             self._executors[slot].jobs.put((index, self.workers[slot], fn, shard, results))
-        done: dict[int, Any] = {}
-        failure = None
-        while len(done) < len(shards):
+        ready: dict[int, Any] = {}
+        next_index, failure = 0, None
+        for _ in shards:
             index, ok, value = results.get()
-            done[index] = value
-            failure = failure or (None if ok else value)
             progress()
+            if not ok:
+                failure = failure or value
+                continue
+            ready[index] = value
+            while failure is None and next_index in ready:
+                yield ready.pop(next_index)
+                next_index += 1
         if failure is not None:
             raise failure
-        return [done[i] for i in range(len(shards))]
