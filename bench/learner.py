@@ -177,7 +177,7 @@ def main() -> None:
     from common.config import LoraConfig
     from learner.shards import auto_threads
 
-    opts.blas_threads = auto_threads(0) if mx.default_device() == mx.cpu else 1
+    opts.blas_threads = auto_threads(0)  # the process's cores on the CPU backend, 1 on a GPU
 
     # Other tenants of a shared VM can depress one peak measurement: take the best of one before and one after.
     peak_before = matmul_peak_gflops(dtype=opts.peak_dtype)

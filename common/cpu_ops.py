@@ -128,7 +128,7 @@ def _fast_classes() -> dict[type, type]:
             if self.scale == 0.0:  # adapters switched off (the reference pass): the base layer alone
                 return base(x)
             # The base GEMM accumulates the low-rank term itself (BLAS beta = 1): no separate scale and add
-            # passes over the [..., out] output; the scale goes on the small A matrix instead.
+            # passes over the [..., out] output; the scale goes on the small [N, r] low-rank activation instead.
             rows = x.reshape(-1, x.shape[-1])
             low_rank = ((rows @ self.lora_a.astype(x.dtype)) * self.scale) @ self.lora_b.astype(x.dtype)
             out = mx.addmm(low_rank, rows, base.weight.T)

@@ -69,7 +69,7 @@ class PPOLearner:
         self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
         self.seed = seed
         self.rng = np.random.default_rng()  # reseeded from (seed, policy version) at every update
-        # Called after every micro-batch: an update can outlast the actors' patience (minutes on a CPU), and
+        # Called after every shard of a micro-batch: an update can outlast the actors' patience (minutes on a CPU), and
         # the service heartbeats from here so that they do not take a busy learner for a gone one.
         self.on_progress: Callable[[], None] = lambda: None
         # One gradient step per update and no critic (whose old values GAE needs first): the step's own forward
@@ -92,7 +92,7 @@ class PPOLearner:
             cfg.kl_loss_coef,
             self.proximal_in_step,
         )
-        self._apply_fn = self._make_apply_fn(compile_step)
+        self._apply_fn = self._make_apply_fn()
 
     def _make_grad_fn(self, module: nn.Module):
         loss_and_grad = nn.value_and_grad(module, partial(ppo_objective, w=self.weights))
@@ -111,7 +111,7 @@ class PPOLearner:
             worker.cache["grad"] = self._make_grad_fn(worker.module)
         return worker.cache["grad"](mb)
 
-    def _make_apply_fn(self, compile_step: bool):
+    def _make_apply_fn(self):
         def apply(grads):
             grads = average_gradients(grads, self.group)
             grad_norm = mx.array(0.0)
@@ -121,7 +121,7 @@ class PPOLearner:
             return grad_norm
 
         state = [self.container.state, self.optimizer.state]
-        return mx.compile(apply, inputs=state, outputs=state) if compile_step else apply
+        return mx.compile(apply, inputs=state, outputs=state) if self.compile_step else apply
 
     # -- step 1: recompute with the current weights ---------------------------------------------------------
 

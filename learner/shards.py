@@ -56,7 +56,7 @@ def auto_threads(requested: int) -> int:
 
 def split_rows(rows: np.ndarray, parts: int) -> list[np.ndarray]:
     """``rows`` in at most ``parts`` contiguous, non-empty, near-equal pieces (order kept)."""
-    return [piece for piece in np.array_split(rows, min(parts, len(rows))) if len(piece)]
+    return np.array_split(rows, min(parts, len(rows))) if len(rows) else []
 
 
 @dataclass
