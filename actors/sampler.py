@@ -22,6 +22,7 @@ import numpy as np
 
 from common.config import SamplingConfig
 from common.logprobs import gather_token_logprobs, sample_from_logprobs, sample_on_host, sampling_logprobs
+from common.models import next_token_logits
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,12 @@ class Completion:
 
 
 def sequence_uniforms(seed: int, n: int) -> np.ndarray:
-    """The ``[n]`` uniforms in (0, 1] a sequence with this seed samples with, one per new token."""
-    return 1.0 - np.random.default_rng(seed).random(n, dtype=np.float64).astype(np.float32)
+    """The ``[n]`` uniforms in (0, 1] a sequence with this seed samples with, one per new token.
+
+    ``1 - u`` is taken in float64 and then cast: casting ``u`` in [0, 1) to float32 first rounds about one draw in
+    3e7 up to 1.0, and a uniform of 0 would pick token 0 whatever its probability.
+    """
+    return (1.0 - np.random.default_rng(seed).random(n, dtype=np.float64)).astype(np.float32)
 
 
 def make_batch_cache(model: nn.Module, left_padding: list[int]) -> list:
@@ -84,7 +89,7 @@ def _prefill(model: nn.Module, tokens: mx.array, cache: list, step: int) -> mx.a
         chunk = tokens[:, start : min(start + step, head_start)]
         (trunk or model)(chunk, cache=cache)
         mx.eval([c.state for c in cache])
-    return model(tokens[:, head_start:], cache=cache)[:, -1, :]
+    return next_token_logits(model, tokens[:, head_start:], cache)[:, -1, :]
 
 
 def _unique_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], mx.array | None]:
@@ -206,7 +211,7 @@ def generate_completions(
         drawn = np.array([len(responses[seq]) + 1 for seq in rows])
         next_tokens = next_lp = None
         if (drawn < n_new).any():  # else every live row ends with this step's token
-            logits = model(tokens[:, None], cache=cache)[:, -1, :]
+            logits = next_token_logits(model, tokens[:, None], cache)[:, -1, :]
             next_tokens, next_lp = _sample_step(logits, uniforms[rows, drawn], params)
             mx.async_eval(next_tokens, next_lp)
         keep = _record_step(tokens, token_lp, rows, responses, logprobs, finish, stop_ids, n_new)

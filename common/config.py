@@ -40,6 +40,9 @@ class ModelConfig:
     adapters: str = ""
     """Start the policy from these saved LoRA adapters (an mlx-lm adapter folder, e.g. an earlier run's
     ``adapters/``); '' starts from fresh adapters. The reference policy stays the base model."""
+    lm_head_fp32: bool = False
+    """Compute the vocabulary projection in float32 on both sides (sampler and learner) when the model runs in
+    bf16/fp16: the log-probs of the ratio then carry no bf16 rounding (a no-op in float32)."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,45 @@ class PPOUpdateConfig:
     update_epochs: int = 2
     """Passes over the batch per update."""
     learning_rate: float = 5e-5
-    """Adam learning rate for the policy adapters and the value model."""
+    """Peak Adam learning rate for the policy adapters and the value model (Adam is bias-corrected)."""
+    lr_schedule: str = "constant"
+    """Learning rate after the warm-up: 'constant', 'cosine' or 'linear' decay to ``min_lr_ratio`` x the rate
+    over the run's optimizer steps (run.max_updates x update_epochs x num_minibatches)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to ``learning_rate`` (0: none)."""
+    min_lr_ratio: float = 0.0
+    """Where the cosine or linear decay ends, as a fraction of ``learning_rate``."""
     clip_coef: float = 0.2
-    """PPO ratio clip epsilon."""
+    """PPO ratio clip epsilon (both sides, unless clip_low / clip_high say otherwise)."""
+    clip_low: float = 0.0
+    """Lower clip: the ratio is kept above 1 - clip_low (0: clip_coef)."""
+    clip_high: float = 0.0
+    """Upper clip: the ratio is kept below 1 + clip_high (0: clip_coef). DAPO's clip-higher: 0.28 with
+    clip_low 0.2 leaves room for unlikely tokens to grow and keeps entropy from collapsing."""
+    dual_clip: float = 0.0
+    """Dual clip (Ye et al. 2020): with a negative advantage the loss of a token is at most dual_clip x |A|,
+    so a far off-policy token cannot blow up the update (0: off; else > 1, commonly 3)."""
+    policy_ratio: str = "token"
+    """'token' (PPO: one ratio per token) or 'sequence' (GSPO: the geometric mean of a sequence's token ratios,
+    clipped per sequence; use with a small clip such as 3e-4 / 4e-4 and critic-free algorithms)."""
+    loss_aggregation: str = "token_mean"
+    """How token losses become the minibatch loss, always over the whole minibatch of every rank:
+    'token_mean' (sum / tokens), 'seq_mean_token_mean' (mean over sequences of each one's token mean, GRPO's
+    paper), 'seq_mean_token_sum_norm' (token sum / (sequences x sampling.max_new_tokens), Dr. GRPO)."""
+    advantage_norm: str = "auto"
+    """Critic-free advantage scale: 'group' (divide by the group's score std, GRPO), 'batch' (by the batch's
+    score std, LitePPO), 'none' (Dr. GRPO; RLOO's own); 'auto': group for grpo, none for rloo."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose scores are all equal (no learning signal) are dropped and counted
+    (``reject/zero_variance``); the learner grants more rollouts and still trains on full batches."""
+    truncated: str = "keep"
+    """Responses cut at sampling.max_new_tokens: 'keep' (train on them as they are), 'mask' (out of the loss,
+    still in their group's baseline) or 'overlong_penalty' (DAPO's soft penalty on the score, overlong_buffer)."""
+    overlong_buffer: int = 0
+    """For truncated='overlong_penalty': responses longer than max_new_tokens - overlong_buffer lose up to
+    ``overlong_penalty``, linearly in the excess length (0: a quarter of sampling.max_new_tokens)."""
+    overlong_penalty: float = 1.0
+    """The score a response at exactly sampling.max_new_tokens tokens loses with truncated='overlong_penalty'."""
     value_clip: float = 0.2
     """Clip range of the value loss around the old values."""
     vf_coef: float = 0.1
@@ -108,19 +147,28 @@ class PPOUpdateConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     target_kl: float = 0.0
-    """Stop the update's remaining minibatches once approx KL(proximal || new) exceeds this (0 = off)."""
+    """Early stop (0 = off): after each minibatch step, when approx KL(proximal || new) of the minibatch just
+    trained, measured in its forward pass (so before its own step: the drift of the earlier steps), averaged over
+    every rank's tokens, exceeds this, the update's remaining minibatches and epochs are skipped."""
     kl_coef: float = 0.05
-    """Initial coefficient of the per-token KL penalty to the reference (base) policy."""
+    """Initial coefficient of the KL penalty to the reference (base) policy in the reward: per token
+    ``-kl_coef * k1``. With a critic it is a reward (GAE); critic-free it is subtracted from every token's
+    advantage as the penalty-to-go *after* the group normalisation, so it never changes a group's score
+    ranking and acts at its own scale."""
     kl_loss_coef: float = 0.0
-    """Weight of a k3 KL-to-reference term in the loss, as GRPO does (0: none). With group-normalised
-    advantages a KL penalty in the reward (kl_coef) only counts differences within a group; this one holds
-    every sample back. Use one or the other."""
+    """Weight of a KL-to-reference term in the loss, as GRPO's paper and TRL do (0: none); estimator
+    ``kl_loss_estimator``."""
+    kl_loss_estimator: str = "k2"
+    """KL estimator of the loss term: 'k2' (0.5 r^2: its gradient is the exact gradient of KL(pi || ref)) or
+    'k3' ((e^-r - 1) + r, GRPO's: unbiased value, but its gradient is that of the reverse KL(ref || pi));
+    'k1' is refused (its expected gradient is 0)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: 'k1' (log-ratio) or 'k3' ((r-1) - log r)."""
+    """KL estimator in the reward (kl_coef): only 'k1' (log pi - log ref), the one whose score-function
+    gradient is the KL gradient; k2 and k3 are refused there (see docs/algorithms.md)."""
     kl_target: float = 0.0
     """Target KL per sequence for the adaptive controller (0 = fixed coefficient)."""
     kl_horizon: float = 10000.0
-    """Horizon of the adaptive KL controller, in sequences."""
+    """Horizon of the adaptive KL controller, in sequences (of all ranks)."""
     gamma: float = 1.0
     """Discount over response tokens."""
     lam: float = 0.95
@@ -128,7 +176,16 @@ class PPOUpdateConfig:
     whiten_advantages: bool = True
     """Normalise advantages over each batch."""
     is_cap: float = 2.0
-    """Truncation of the off-policy importance weight proximal/behaviour."""
+    """Truncation of the off-policy importance weight proximal/behaviour (is_correction='truncate')."""
+    is_correction: str = "truncate"
+    """Off-policy correction of each token's loss by w = pi_proximal / pi_behaviour: 'truncate' (weight
+    min(w, is_cap)), 'token_mask' (tokens with w outside [is_low, is_high] are left out, the others weighted
+    by w: IcePop), 'sequence_mask' (sequences whose geometric-mean w is outside [is_low, is_high] are left out,
+    the others weighted by min(w, is_cap)). ``is/masked_frac`` counts what was left out."""
+    is_low: float = 0.5
+    """Lower bound of the kept importance weights for the masking corrections."""
+    is_high: float = 2.0
+    """Upper bound of the kept importance weights for the masking corrections."""
     max_policy_lag: int = 2
     """Sequences sampled more than this many versions ago are dropped (counted). 0: strictly on-policy, every
     batch sampled with the newest policy and generation paused while the learner trains (deterministic with

@@ -74,6 +74,11 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(
             f"sampling.batch_size={cfg.sampling.batch_size} must be a multiple of ppo.group_size={cfg.ppo.group_size}"
         )
+    if cfg.ppo.truncated == "overlong_penalty" and cfg.ppo.overlong_buffer > cfg.sampling.max_new_tokens:
+        p.append(
+            f"ppo.overlong_buffer={cfg.ppo.overlong_buffer} must be at most sampling.max_new_tokens="
+            f"{cfg.sampling.max_new_tokens}"
+        )
     if cfg.sampling.max_rows < 0:
         p.append(f"sampling.max_rows={cfg.sampling.max_rows} must be >= 0 (0: the whole batch at once)")
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
@@ -166,8 +171,65 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
         p.append(f"ppo.reference_on={u.reference_on!r}: use learner or actors")
     elif u.reference_on == "actors" and u.full_finetune:
         p.append("ppo.reference_on='actors' needs LoRA: with ppo.full_finetune actors hold no frozen base")
-    if u.kl_estimator not in ("k1", "k3"):
-        p.append(f"ppo.kl_estimator={u.kl_estimator!r}: use k1 or k3")
     if u.value_model not in ("separate", "shared"):
         p.append(f"ppo.value_model={u.value_model!r}: use separate or shared")
+    return p + validate_objective(u) + validate_schedule(u)
+
+
+def _one_of(u: PPOUpdateConfig, name: str, allowed: tuple[str, ...]) -> list[str]:
+    value = getattr(u, name)
+    return [] if value in allowed else [f"ppo.{name}={value!r}: use {', '.join(allowed)}"]
+
+
+def validate_objective(u: PPOUpdateConfig) -> list[str]:
+    """Problems with the objective menu of ``[ppo]`` (docs/algorithms.md)."""
+    p = _one_of(u, "advantage_norm", ("auto", "group", "batch", "none"))
+    p += _one_of(u, "loss_aggregation", ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+    p += _one_of(u, "policy_ratio", ("token", "sequence"))
+    p += _one_of(u, "truncated", ("keep", "mask", "overlong_penalty"))
+    p += _one_of(u, "is_correction", ("truncate", "token_mask", "sequence_mask"))
+    if u.kl_estimator != "k1":
+        p.append(
+            f"ppo.kl_estimator={u.kl_estimator!r}: only k1 may go into the reward. Through a reward only "
+            "E[kl * grad log pi] reaches the policy: the KL gradient for k1, not for k2 or k3 (k3's points away "
+            "from the reference about half the time); for k2/k3 use the loss term (kl_loss_coef, kl_loss_estimator)"
+        )
+    if u.kl_loss_estimator == "k1":
+        p.append(
+            "ppo.kl_loss_estimator='k1': as a loss k1 = log pi - log ref has expected gradient E[grad log pi] = 0 "
+            "on the policy's own samples (no pull to the reference); use k2 (exact KL gradient) or k3"
+        )
+    else:
+        p += _one_of(u, "kl_loss_estimator", ("k2", "k3"))
+    for name in ("clip_low", "clip_high", "overlong_penalty"):
+        if getattr(u, name) < 0:
+            p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
+    if u.clip_low >= 1 or (u.clip_low == 0 and u.clip_coef >= 1):
+        p.append(
+            f"ppo.clip_low={u.clip_low or u.clip_coef} must be < 1 (the ratio's lower bound 1 - clip_low > 0)"
+        )
+    if u.dual_clip != 0 and not u.dual_clip > 1:
+        p.append(f"ppo.dual_clip={u.dual_clip} must be 0 (off) or > 1")
+    if not 0 < u.is_low < 1 < u.is_high:
+        p.append(f"ppo.is_low={u.is_low}, ppo.is_high={u.is_high}: need 0 < is_low < 1 < is_high")
+    if u.overlong_buffer < 0:
+        p.append(f"ppo.overlong_buffer={u.overlong_buffer} must be >= 0 (0: a quarter of max_new_tokens)")
+    if u.policy_ratio == "sequence" and not u.is_critic_free:
+        p.append("ppo.policy_ratio='sequence' (GSPO) needs a sequence-level advantage: use grpo or rloo")
+    if u.advantage_norm != "auto" and not u.is_critic_free:
+        p.append(
+            f"ppo.advantage_norm={u.advantage_norm!r} is for grpo/rloo; with a critic use whiten_advantages"
+        )
+    if u.dynamic_sampling and not u.is_critic_free:
+        p.append("ppo.dynamic_sampling drops groups of equal scores: it needs grpo or rloo (group_size >= 2)")
+    return p
+
+
+def validate_schedule(u: PPOUpdateConfig) -> list[str]:
+    """Problems with the learning-rate schedule of ``[ppo]``."""
+    p = _one_of(u, "lr_schedule", ("constant", "cosine", "linear"))
+    if u.warmup_steps < 0:
+        p.append(f"ppo.warmup_steps={u.warmup_steps} must be >= 0")
+    if not 0 <= u.min_lr_ratio <= 1:
+        p.append(f"ppo.min_lr_ratio={u.min_lr_ratio} must be in [0, 1]")
     return p

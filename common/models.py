@@ -115,6 +115,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     # set_dtype casts floating parameters only, so quantized (uint32) weights stay quantized.
     model.set_dtype(dtype)
     mx.eval(model.parameters())
+    if cfg.lm_head_fp32 and dtype != mx.float32:
+        model.float32_head = True  # read by lm_head_logits and next_token_logits
     logger.info("loaded model %s (%s) as %s", cfg.name, target, dtype)
     return LoadedModel(model, tokenizer, target if isinstance(target, Path) else None, dtype)
 
@@ -127,7 +129,20 @@ def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
-    """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``."""
-    if "lm_head" in model:
-        return model.lm_head(hidden)
-    return model.model.embed_tokens.as_linear(hidden)
+    """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``.
+
+    With ``model.lm_head_fp32`` (``load_model`` marks the model ``float32_head``) a bf16/fp16 model's projection
+    runs in float32: logits, and so the log-probs of PPO's ratio, carry no low-precision rounding (MiniMax-M1,
+    arXiv:2506.13585, found the head the main source of sampler/trainer mismatch). Quantized heads run as they are.
+    """
+    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    if getattr(model, "float32_head", False) and "scales" not in layer:
+        return hidden.astype(mx.float32) @ layer.weight.astype(mx.float32).T
+    return layer(hidden) if "lm_head" in model else layer.as_linear(hidden)
+
+
+def next_token_logits(model: nn.Module, tokens: mx.array, cache: list) -> mx.array:
+    """``model(tokens, cache=cache)``, with the float32 head when the model is marked for it: ``[B, L, V]``."""
+    if getattr(model, "float32_head", False):
+        return lm_head_logits(model, model.model(tokens, cache=cache))
+    return model(tokens, cache=cache)

@@ -11,11 +11,14 @@ References: GAE, Schulman et al. 2016 (arXiv:1506.02438); per-token KL penalty, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 
-KLEstimator = Literal["k1", "k3"]
+from common.config import PPOUpdateConfig
+
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
@@ -54,15 +57,17 @@ def masked_whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps:
 def kl_estimate(logprobs: np.ndarray, ref_logprobs: np.ndarray, estimator: KLEstimator = "k1") -> np.ndarray:
     """Per-token estimate of KL(policy || reference) at sampled tokens: ``[B, T]`` log-probs -> ``[B, T]``.
 
-    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (r - 1) - log r with r = pi_ref / pi
-    (unbiased, always >= 0, lower variance).
+    With ``r = log pi - log pi_ref``: k1 = r (unbiased, can be negative: the one to put in a *reward*);
+    k2 = r^2 / 2 (biased, >= 0); k3 = (e^-r - 1) + r (unbiased, >= 0, lower variance: the one to *report*).
     """
     log_ratio = (logprobs - ref_logprobs).astype(np.float64)
     if estimator == "k1":
         return log_ratio.astype(np.float32)
+    if estimator == "k2":
+        return (0.5 * log_ratio**2).astype(np.float32)
     if estimator == "k3":
         return (np.expm1(-log_ratio) + log_ratio).astype(np.float32)
-    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
 
 
 def last_token_index(mask: np.ndarray) -> np.ndarray:
@@ -112,13 +117,33 @@ def compute_gae(
     return advantages.astype(np.float32), returns.astype(np.float32)
 
 
+def penalty_to_go(per_token: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``sum_{s >= t} x_s`` along each row's response tokens: ``[B, T]`` -> ``[B, T]`` (0 outside ``mask``).
+
+    The return-to-go of a per-token reward with gamma = 1 and no critic. With ``x = kl_coef * k1`` it is the
+    part of a critic-free advantage that carries the KL penalty: ``E[sum_t grad log pi(y_t) * sum_{s>=t} k1_s]``
+    is the exact gradient of the sequence KL(pi || ref) (tokens before ``t`` do not depend on ``y_t``).
+    """
+    masked = np.asarray(per_token, np.float64) * mask
+    return (np.flip(np.cumsum(np.flip(masked, axis=1), axis=1), axis=1) * mask).astype(np.float32)
+
+
 def group_advantages(
-    scores: np.ndarray, group_size: int, method: Literal["grpo", "rloo"], eps: float = 1e-6
+    scores: np.ndarray,
+    group_size: int,
+    method: Literal["grpo", "rloo"],
+    norm: Literal["group", "batch", "none"] | None = None,
+    batch_moments: np.ndarray | None = None,
+    eps: float = 1e-6,
 ) -> np.ndarray:
     """Critic-free sequence advantages ``[B]`` for ``B / group_size`` prompts with ``group_size`` samples each.
 
-    Samples of one prompt are consecutive. GRPO: ``(s - mean_group) / (std_group + eps)`` (unbiased std);
-    RLOO: ``s - mean of the other samples of the group`` = ``G / (G - 1) * (s - mean_group)``.
+    Samples of one prompt are consecutive. The baseline: GRPO ``s - mean_group``; RLOO ``s - mean of the other
+    samples`` = ``G / (G - 1) * (s - mean_group)`` (Ahmadian et al. 2024). The scale (``norm``; default GRPO's
+    'group' for grpo, 'none' for rloo): 'group' divides by the group's std (unbiased; GRPO), 'batch' by the
+    std of every score in the batch (``batch_moments``: ``masked_moments`` of the scores summed over ranks, the
+    whole batch's; LitePPO, Liu et al. 2025, arXiv:2508.08221), 'none' keeps the raw difference (Dr. GRPO,
+    Liu et al. 2025, arXiv:2503.20783: dividing by the std up-weights prompts that are too easy or too hard).
     """
     if group_size < 2 or len(scores) % group_size:
         raise ValueError(
@@ -126,15 +151,78 @@ def group_advantages(
         )
     groups = np.asarray(scores, dtype=np.float64).reshape(-1, group_size)
     centred = groups - groups.mean(axis=1, keepdims=True)
-    if method == "grpo":
-        advantages = centred / (groups.std(axis=1, ddof=1, keepdims=True) + eps)
-    elif method == "rloo":
-        advantages = centred * group_size / (group_size - 1)
-    else:
+    if method == "rloo":
+        centred = centred * group_size / (group_size - 1)
+    elif method != "grpo":
         raise ValueError(f"unknown group method {method!r}: use 'grpo' or 'rloo'")
-    return advantages.reshape(-1).astype(np.float32)
+    norm = norm or ("group" if method == "grpo" else "none")
+    if norm == "group":
+        centred = centred / (groups.std(axis=1, ddof=1, keepdims=True) + eps)
+    elif norm == "batch":
+        moments = masked_moments(groups, np.ones_like(groups)) if batch_moments is None else batch_moments
+        total, total_sq, count = (float(m) for m in moments)
+        variance = max(total_sq - total * total / count, 0.0) / max(count - 1, 1)
+        centred = centred / (np.sqrt(variance) + eps)
+    elif norm != "none":
+        raise ValueError(f"unknown advantage normalisation {norm!r}: use 'group', 'batch' or 'none'")
+    return centred.reshape(-1).astype(np.float32)
+
+
+def critic_free_advantages(
+    seq_advantages: np.ndarray, k1: np.ndarray, mask: np.ndarray, kl_coef: float
+) -> np.ndarray:
+    """Per-token critic-free advantages ``[B, T]``: each sequence's (normalised) score advantage on every token,
+    minus the KL penalty-to-go ``kl_coef * sum_{s >= t} k1_s``.
+
+    The penalty is added *after* the group normalisation: folded into the scores first, a group whose task scores
+    are all equal would get ``-(KL_i - mean) / std(KL)``, unit-scale pure KL whatever ``kl_coef`` is.
+    """
+    advantages = broadcast_to_tokens(seq_advantages, mask)
+    if kl_coef:
+        advantages = advantages - penalty_to_go(kl_coef * k1, mask)
+    return advantages.astype(np.float32)
 
 
 def broadcast_to_tokens(sequence_values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``[B]`` per-sequence values -> ``[B, T]``, the same value on every response token."""
     return (np.asarray(sequence_values, dtype=np.float32)[:, None] * mask).astype(np.float32)
+
+
+def _identity(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def training_signal(
+    cfg: PPOUpdateConfig,
+    scores: np.ndarray,
+    k1: np.ndarray,
+    mask: np.ndarray,
+    values: np.ndarray | None,
+    kl_coef: float,
+    sum_over_ranks: Callable[[np.ndarray], np.ndarray] = _identity,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(advantages [B, T], returns [B, T] or None)`` for an update, in the order of the papers.
+
+    Args:
+        cfg: the ``[ppo]`` settings (algorithm, group size, normalisation, GAE's gamma and lambda).
+        scores: ``[B]`` sequence scores (any overlong penalty already added). k1: ``[B, T]`` per-token
+            ``log pi_proximal - log pi_ref`` (0 outside ``mask``). values: ``[B, T]`` old values (PPO) or None.
+        kl_coef: the KL coefficient now (the adaptive controller's).
+        sum_over_ranks: elementwise sum of a small array over data-parallel ranks, so that batch statistics
+            (LitePPO's std, PPO's whitening) are those of the whole batch, as one learner would compute them.
+
+    PPO: per-token reward ``-kl_coef * k1`` plus the score on the last token, GAE, whitening. Critic-free: the
+    group (GRPO/RLOO) advantage of the scores, then minus the KL penalty-to-go (``critic_free_advantages``).
+    """
+    if cfg.is_critic_free:
+        norm = None if cfg.advantage_norm == "auto" else cfg.advantage_norm
+        moments = None
+        if norm == "batch":
+            moments = sum_over_ranks(masked_moments(scores, np.ones_like(scores, dtype=np.float64)))
+        seq_adv = group_advantages(scores, cfg.group_size, cfg.algorithm, norm, moments)
+        return critic_free_advantages(seq_adv, k1, mask, kl_coef), None
+    rewards = shape_rewards(scores, k1, mask, kl_coef)
+    advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:  # over the whole batch of all ranks, as one learner would
+        advantages = whiten_with(advantages, mask, sum_over_ranks(masked_moments(advantages, mask)))
+    return advantages, returns

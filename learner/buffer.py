@@ -20,6 +20,7 @@ from learner.update import Experience
 
 logger = logging.getLogger(__name__)
 _LOGPROB_SLACK = 1e-4  # float error can put a log-prob of a near-certain token just above 0
+_EQUAL_SCORES = 1e-6  # scores closer than this in a group count as equal (dynamic sampling)
 
 
 @dataclass
@@ -34,10 +35,18 @@ class Group:
     behaviour: list[np.ndarray]
     ref: list[np.ndarray] | None
     scores: list[float]
+    truncated: list[bool]
+    """Each response was cut at sampling.max_new_tokens (finish reason 'length')."""
 
 
-def split_groups(msg: ExperienceBatch, group_size: int) -> tuple[list[Group], Counter]:
-    """Cut a batch into groups; invalid groups are left out and counted by reason."""
+def split_groups(
+    msg: ExperienceBatch, group_size: int, drop_equal_scores: bool = False
+) -> tuple[list[Group], Counter]:
+    """Cut a batch into groups; invalid groups are left out and counted by reason.
+
+    ``drop_equal_scores`` (DAPO's dynamic sampling): a group whose scores are all equal has zero advantage under
+    any group baseline, so it carries no signal; it is left out as ``reject/zero_variance``.
+    """
     rejects: Counter = Counter()
     if len(msg.sequences) % group_size:
         rejects["reject/bad_group"] += len(msg.sequences)
@@ -53,6 +62,7 @@ def split_groups(msg: ExperienceBatch, group_size: int) -> tuple[list[Group], Co
             [],
             [] if msg.ref_logprobs is not None else None,
             [],
+            [],
         )
         reason = None
         for seq in msg.sequences[start : start + group_size]:
@@ -64,11 +74,14 @@ def split_groups(msg: ExperienceBatch, group_size: int) -> tuple[list[Group], Co
             if group.ref is not None:
                 group.ref.append(msg.ref_logprobs[lp_at : lp_at + seq.response_len])
             group.scores.append(seq.score)
+            group.truncated.append(seq.finish_reason == "length")
             tok_at, lp_at = tok_at + seq.prompt_len + seq.response_len, lp_at + seq.response_len
             if not np.isfinite(seq.score):
                 reason = "reject/bad_score"
             elif not np.isfinite(behaviour).all() or (behaviour > _LOGPROB_SLACK).any():
                 reason = reason or "reject/bad_logprobs"
+        if reason is None and drop_equal_scores and np.ptp(group.scores) <= _EQUAL_SCORES:
+            reason = "reject/zero_variance"
         if reason is None:
             groups.append(group)
         else:
@@ -79,10 +92,11 @@ def split_groups(msg: ExperienceBatch, group_size: int) -> tuple[list[Group], Co
 class ExperienceBuffer:
     """Accepted groups, oldest first, up to ``capacity`` sequences."""
 
-    def __init__(self, capacity: int, group_size: int, max_policy_lag: int):
+    def __init__(self, capacity: int, group_size: int, max_policy_lag: int, dynamic_sampling: bool = False):
         self.capacity = capacity
         self.group_size = group_size
         self.max_policy_lag = max_policy_lag
+        self.dynamic_sampling = dynamic_sampling
         self.groups: deque[Group] = deque()
         self.counters: Counter = Counter()
 
@@ -101,7 +115,7 @@ class ExperienceBuffer:
     def add(self, msg: ExperienceBatch, current_version: int) -> int:
         """Add a batch's valid, fresh groups; returns the number of sequences accepted."""
         self.counters["batches/received"] += 1
-        groups, rejects = split_groups(msg, self.group_size)
+        groups, rejects = split_groups(msg, self.group_size, self.dynamic_sampling)
         self.counters.update(rejects)
         if self.is_stale(msg.policy_version, current_version):
             self.counters["lag/dropped"] += len(groups) * self.group_size
@@ -114,7 +128,10 @@ class ExperienceBuffer:
             )
             return 0
         for reason, count in rejects.items():
-            logger.warning("dropped %d sequences from actor %d: %s", count, msg.actor_id, reason)
+            log = (
+                logger.info if reason == "reject/zero_variance" else logger.warning
+            )  # expected, not an error
+            log("dropped %d sequences from actor %d: %s", count, msg.actor_id, reason)
         self.groups.extend(groups)
         return len(groups) * self.group_size
 
@@ -141,5 +158,6 @@ class ExperienceBuffer:
             scores=np.array([g.scores[i] for g, i in seqs], np.float32),
             policy_versions=np.array([g.policy_version for g, _ in seqs], np.int64),
             ref_logprobs=[g.ref[i] for g, i in seqs] if with_ref else None,
+            truncated=np.array([g.truncated[i] for g, i in seqs], bool),
         )
         return exp, current_version - exp.policy_versions

@@ -3,7 +3,8 @@
 A checkpoint ``<run_dir>/checkpoints/step-NNNNNN/`` holds
 
 - ``adapters.safetensors`` + ``adapter_config.json``: the policy adapters in mlx-lm format,
-- ``trainable.safetensors``: every trainable tensor (adapters or full weights, and the value model),
+- ``trainable.safetensors``: every trainable tensor (adapters or full weights, and the value model; the float32
+  master copies when the model trains in bf16/fp16),
 - ``optimizer.safetensors``: Adam's moments and step count,
 - ``learner_state.json``: policy version, update count, KL coefficient, each actor's next batch (its prompt
   cursor and sampling seeds follow from it) and the resolved config it ran with. The learner's random draws
@@ -41,7 +42,7 @@ def _write_checkpoint(folder: Path, learner: PPOLearner, lora: LoraConfig, extra
     container = learner.container
     if adapter_weights(container.policy):  # full fine-tuning has none: trainable.safetensors holds all
         save_adapters(container.policy, folder, lora)
-    mx.save_safetensors(str(folder / TRAINABLE), dict(tree_flatten(container.trainable_parameters())))
+    mx.save_safetensors(str(folder / TRAINABLE), learner.trainable_weights())
     optimizer_state = dict(tree_flatten(learner.optimizer.state))
     mx.save_safetensors(str(folder / OPTIMIZER), optimizer_state)
     state = {
@@ -111,13 +112,13 @@ def load_checkpoint(folder: Path, learner: PPOLearner) -> dict[str, Any]:
     """Restore ``learner`` (weights, optimizer, KL coefficient, version) from ``folder``; returns its state."""
     state = json.loads((folder / STATE_FILE).read_text())
     trainable = mx.load(str(folder / TRAINABLE))
-    expected = dict(tree_flatten(learner.container.trainable_parameters()))
+    expected = learner.trainable_weights()
     if set(trainable) != set(expected):
         missing, unknown = sorted(set(expected) - set(trainable)), sorted(set(trainable) - set(expected))
         raise ValueError(
             f"checkpoint {folder} does not fit this model: missing {missing[:3]}, unknown {unknown[:3]}"
         )
-    learner.container.load_weights(list(trainable.items()), strict=False)
+    learner.load_trainable_weights({k: v.astype(expected[k].dtype) for k, v in trainable.items()})
     optimizer_state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER)).items()))
     _assign_in_place(learner.optimizer.state, optimizer_state)
     learner.policy_version = int(state["policy_version"])

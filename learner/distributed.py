@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,22 @@ def write_ring_hostfile(path: Path, host: str, ports: list[int]) -> Path:
     return path
 
 
-def average_gradients(grads: Any, group: Any | None) -> Any:
-    """Mean of ``grads`` over the ranks (unchanged without a group)."""
-    return grads if group is None else nn.average_gradients(grads, group=group)
+def world_size(group: Any | None) -> int:
+    """Ranks in ``group`` (1 without one)."""
+    return 1 if group is None else group.size()
+
+
+def sum_gradients(grads: Any, group: Any | None) -> Any:
+    """Sum of ``grads`` over the ranks (unchanged without a group).
+
+    Each rank's loss is its token sum divided by the *whole* minibatch's normaliser (all ranks), so the gradient
+    of the minibatch loss is the sum of the ranks' gradients, not their mean: with unequal lengths per rank a
+    mean of per-rank means would weight a rank's tokens by how few it has.
+    """
+    if group is None:
+        return grads
+    size = group.size()
+    return tree_map(lambda g: g * size, nn.average_gradients(grads, group=group))
 
 
 def sum_over_ranks(values: np.ndarray, group: Any | None) -> np.ndarray:
@@ -83,9 +97,18 @@ def sum_over_ranks(values: np.ndarray, group: Any | None) -> np.ndarray:
         return np.array(summed, dtype=np.float64)
 
 
-def mean_over_ranks(value: float, group: Any | None) -> float:
-    """Mean of a Python scalar over the ranks, e.g. so every rank takes the same early-stop decision."""
+def sum_stats_over_ranks(
+    stats: dict[str, mx.array], group: Any | None, max_keys: tuple[str, ...] = (), local: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Scalar statistics as floats, summed over the ranks (``max_keys``: their maximum; ``local``: already the
+    same on every rank). Token-sum statistics over the whole minibatch's count add up to the global mean."""
     if group is None:
-        return value
+        return {k: float(v.item()) for k, v in stats.items()}
+    summed = [k for k in stats if k not in max_keys and k not in local]
+    maxed = [k for k in stats if k in max_keys]
     with collective("an all-reduce of statistics"):
-        return (mx.distributed.all_sum(mx.array(value, dtype=mx.float32), group=group) / group.size()).item()
+        totals = mx.distributed.all_sum(mx.stack([stats[k] for k in summed]), group=group) if summed else []
+        peaks = mx.distributed.all_max(mx.stack([stats[k] for k in maxed]), group=group) if maxed else []
+        out = dict(zip(summed, np.array(totals).tolist(), strict=True))
+        out |= dict(zip(maxed, np.array(peaks).tolist(), strict=True))
+    return out | {k: float(stats[k].item()) for k in local if k in stats}

@@ -1,16 +1,20 @@
 """PPO losses on MLX arrays: pure functions, each returning ``(loss, stats)``; stats stay lazy ``mx.array``s.
 
-Shapes: ``B`` sequences x ``T`` response tokens, ``mask`` 1 on real tokens. Losses are token sums divided by
-``num_tokens`` (default: the mask's count), so that micro-batches of one minibatch can be summed to exactly the
-minibatch loss when each is given the minibatch's token count.
+Shapes: ``B`` sequences x ``T`` response tokens. ``mask`` is 1 on real tokens; ``weights`` are the loss
+aggregation's per-token weights (``learner/aggregation.py``: the mask, or the mask over each sequence's length).
+A loss is ``sum(per_token * weights) / normaliser``, the normaliser being the *whole minibatch's* (every
+micro-batch of every rank), so that micro-batches and ranks add up to exactly the minibatch loss.
 
 Off-policy data uses the decoupled PPO objective (Hilton et al. 2022, arXiv:2110.00641): the clipped ratio is
 ``pi_new / pi_proximal`` where ``pi_proximal`` is the policy at the start of this update, and each token is
-weighted by the truncated importance weight ``min(pi_proximal / pi_behaviour, is_cap)``. When the data is on
-policy (behaviour = proximal) the weight is 1 and this is exactly PPO (Schulman et al. 2017, arXiv:1707.06347).
+weighted by a correction of the importance weight ``pi_proximal / pi_behaviour`` (``importance_weights``).
+When the data is on policy (behaviour = proximal) the weight is 1 and this is exactly PPO (Schulman et al. 2017,
+arXiv:1707.06347).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -23,58 +27,139 @@ def masked_sum_over(x: mx.array, mask: mx.array, num_tokens: mx.array | float | 
     return (x * mask).sum() / denominator
 
 
-def policy_loss(
-    new_logprobs: mx.array,
+@dataclass(frozen=True)
+class Clip:
+    """The surrogate's clip: ratio kept in ``[1 - low, 1 + high]``; ``dual`` > 1 bounds negative-advantage
+    tokens' loss by ``dual * |A|`` (dual-clip PPO, Ye et al. 2020, arXiv:1912.09729); 0 leaves it off."""
+
+    low: float = 0.2
+    high: float = 0.2
+    dual: float = 0.0
+
+
+def token_ratio(new_logprobs: mx.array, proximal_logprobs: mx.array, mask: mx.array) -> mx.array:
+    """PPO's per-token ratio ``exp(new - proximal)``: ``[B, T]`` -> ``[B, T]``."""
+    return mx.exp(new_logprobs - proximal_logprobs)
+
+
+def sequence_ratio(new_logprobs: mx.array, proximal_logprobs: mx.array, mask: mx.array) -> mx.array:
+    """GSPO's ratio (Zheng et al. 2025, arXiv:2507.18071, GSPO-token form), ``[B, T]`` -> ``[B, T]``.
+
+    ``s_i = exp(mean_t (new - proximal))`` over each sequence's tokens; token ``t`` carries
+    ``sg(s_i) * pi(y_t) / sg(pi(y_t))``: its value is ``s_i`` (clipped per sequence) and its gradient is
+    ``s_i * grad log pi(y_t)``, so with a sequence-level advantage and the ``seq_mean_token_mean`` aggregation the
+    gradient is GSPO's ``s_i * A_i * mean_t grad log pi(y_t)``.
+    """
+    lengths = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+    mean_log_ratio = ((new_logprobs - proximal_logprobs) * mask).sum(axis=1, keepdims=True) / lengths
+    return mx.stop_gradient(mx.exp(mean_log_ratio)) * mx.exp(new_logprobs - mx.stop_gradient(new_logprobs))
+
+
+def importance_weights(
     proximal_logprobs: mx.array,
     behaviour_logprobs: mx.array,
-    advantages: mx.array,
     mask: mx.array,
-    clip_coef: float,
-    is_cap: float = 2.0,
-    num_tokens: mx.array | float | None = None,
-) -> tuple[mx.array, dict[str, mx.array]]:
-    """Clipped surrogate loss (decoupled form); all inputs ``[B, T]``.
+    correction: str = "truncate",
+    cap: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> tuple[mx.array, mx.array]:
+    """Per-token off-policy weights from ``w = pi_proximal / pi_behaviour``: ``[B, T]`` -> ``(weights, kept)``.
 
-    ``loss = sum_t w_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)) / num_tokens`` with
-    ``rho_t = exp(new - proximal)`` and ``w_t = min(exp(proximal - behaviour), is_cap)``.
+    - ``truncate``: ``min(w, cap)`` (truncated IS, as in IMPALA's V-trace and AReaL), every token kept;
+    - ``token_mask``: ``w`` where ``low <= w <= high``, else 0 (IcePop, Ling team 2025: tokens whose sampler and
+      trainer disagree too much are left out rather than reweighted);
+    - ``sequence_mask``: a sequence whose geometric-mean ``w`` (``exp(mean_t log w)``, length-neutral) is outside
+      ``[low, high]`` is left out whole; kept tokens weigh ``min(w, cap)``.
 
-    Stats: ``policy/clipfrac`` (share of tokens where clipping bound), ``policy/approx_kl`` (k3 estimate of
-    KL(proximal || new)), ``is/weight_mean``, ``is/weight_max``.
+    ``kept`` is 1 where a token stays in the loss. Both are constants for the gradient.
     """
-    log_ratio = new_logprobs - proximal_logprobs
-    ratio = mx.exp(log_ratio)
-    weight = mx.stop_gradient(mx.minimum(mx.exp(proximal_logprobs - behaviour_logprobs), is_cap))
+    log_w = proximal_logprobs - behaviour_logprobs
+    w = mx.exp(log_w)
+    if correction == "truncate":
+        return mx.stop_gradient(mx.minimum(w, cap)), mx.ones_like(w)
+    if correction == "token_mask":
+        kept = ((w >= low) & (w <= high)).astype(mx.float32)
+        return mx.stop_gradient(w * kept), kept
+    if correction == "sequence_mask":
+        lengths = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+        geometric = mx.exp((log_w * mask).sum(axis=1, keepdims=True) / lengths)
+        kept = mx.broadcast_to(((geometric >= low) & (geometric <= high)).astype(mx.float32), w.shape)
+        return mx.stop_gradient(mx.minimum(w, cap) * kept), kept
+    raise ValueError(f"unknown importance correction {correction!r}")
+
+
+def policy_loss(
+    ratio: mx.array,
+    advantages: mx.array,
+    is_weights: mx.array,
+    weights: mx.array,
+    normaliser: mx.array | float,
+    clip: Clip = Clip(),
+) -> mx.array:
+    """Clipped surrogate (decoupled form); inputs ``[B, T]`` (``ratio`` from ``token_ratio`` or ``sequence_ratio``).
+
+    ``loss = sum_t is_w_t * weights_t * max(-A_t * rho_t, -A_t * clip(rho_t, 1 - low, 1 + high)) / normaliser``,
+    and with a dual clip ``c``: for ``A_t < 0`` the per-token term is ``min(that, -c * A_t)``.
+    """
     unclipped = -advantages * ratio
-    clipped = -advantages * mx.clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
-    loss = masked_sum_over(weight * mx.maximum(unclipped, clipped), mask, num_tokens)
-    stats = {
-        "policy/clipfrac": masked_sum_over((clipped > unclipped).astype(mx.float32), mask, num_tokens),
-        "policy/approx_kl": masked_sum_over(mx.stop_gradient(k3(log_ratio)), mask, num_tokens),
-        "is/weight_mean": masked_sum_over(weight, mask, num_tokens),
-        "is/weight_max": mx.max(mx.where(mask > 0, weight, 0.0)),
+    clipped = -advantages * mx.clip(ratio, 1.0 - clip.low, 1.0 + clip.high)
+    per_token = mx.maximum(unclipped, clipped)
+    if clip.dual > 0:
+        per_token = mx.where(advantages < 0, mx.minimum(per_token, -clip.dual * advantages), per_token)
+    return masked_sum_over(is_weights * per_token, weights, normaliser)
+
+
+def policy_stats(
+    ratio: mx.array,
+    advantages: mx.array,
+    is_weights: mx.array,
+    kept: mx.array,
+    mask: mx.array,
+    num_tokens: mx.array | float,
+    clip: Clip = Clip(),
+) -> dict[str, mx.array]:
+    """Token means (token sums / ``num_tokens``): ``policy/clipfrac`` (share of tokens where a clip bound),
+    ``policy/approx_kl`` (k3 estimate of KL(proximal || new)), ``is/weight_mean``, ``is/masked_frac`` (share
+    of tokens the correction left out), and ``is/weight_max``."""
+    ratio = mx.stop_gradient(ratio)
+    bounded = (ratio < 1.0 - clip.low) & (advantages < 0) | (ratio > 1.0 + clip.high) & (advantages > 0)
+    return {
+        "policy/clipfrac": masked_sum_over(bounded.astype(mx.float32), mask, num_tokens),
+        "policy/approx_kl": masked_sum_over(k3(-mx.log(ratio)), mask, num_tokens),
+        "is/weight_mean": masked_sum_over(is_weights, mask, num_tokens),
+        "is/masked_frac": masked_sum_over(1.0 - kept, mask, num_tokens),
+        "is/weight_max": mx.max(mx.where(mask > 0, is_weights, 0.0)),
     }
-    return loss, stats
+
+
+def k2(log_ratio: mx.array) -> mx.array:
+    """``0.5 * r^2`` of a log-ratio ``r = log pi / ref`` on samples of pi: biased for KL(pi || ref), but as a
+    *loss* its expected gradient ``E[r * grad log pi]`` is exactly the gradient of KL(pi || ref)."""
+    return 0.5 * mx.square(log_ratio)
 
 
 def k3(log_ratio: mx.array) -> mx.array:
-    """Schulman's k3 term ``exp(r) - r - 1`` of a log-ratio ``r = log q/p`` on samples of p (any shape):
-    unbiased for KL(p || q), never negative."""
-    return mx.exp(log_ratio) - log_ratio - 1.0
+    """Schulman's k3 ``exp(-r) - 1 + r`` of a log-ratio ``r = log p / q`` on samples of p (any shape): unbiased
+    for KL(p || q), never negative. As a loss its expected gradient is that of KL(q || p) (the reverse KL)."""
+    return mx.exp(-log_ratio) - 1.0 + log_ratio
 
 
 def reference_kl_loss(
     new_logprobs: mx.array,
     ref_logprobs: mx.array,
-    mask: mx.array,
-    num_tokens: mx.array | float | None = None,
+    weights: mx.array,
+    normaliser: mx.array | float | None = None,
+    estimator: str = "k2",
 ) -> mx.array:
     """KL(pi_new || pi_ref) as a loss term (GRPO, Shao et al. 2024, arXiv:2402.03300, eq. 4); inputs ``[B, T]``.
 
-    Per token the unbiased, non-negative k3 estimator ``exp(ref - new) - (ref - new) - 1`` on tokens sampled
-    from the policy. Unlike a KL penalty folded into the reward, it is not cancelled by group normalisation:
-    every sample of a group that drifts from the reference pays for it.
+    Per token ``k2`` or ``k3`` of ``r = new - ref`` on tokens sampled from the policy (docs/algorithms.md:
+    k2's gradient is the exact KL gradient, k3's the reverse KL's; k1 has none). Unlike a KL penalty in the
+    reward it is not cancelled by group normalisation: every sample that drifts from the reference pays.
     """
-    return masked_sum_over(k3(ref_logprobs - new_logprobs), mask, num_tokens)
+    per_token = {"k2": k2, "k3": k3}[estimator](new_logprobs - ref_logprobs)
+    return masked_sum_over(per_token, weights, normaliser)
 
 
 def value_loss(

@@ -16,16 +16,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from common.config import PPOUpdateConfig
 from common.logprobs import gather_token_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
 from learner import advantages as adv
-from learner.distributed import average_gradients, collective, mean_over_ranks, sum_over_ranks
+from learner.aggregation import default_overlong_buffer, loss_weights, overlong_penalty
+from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks, world_size
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
-from learner.ppo import explained_variance, token_entropy
+from learner.optimizer import MasterWeights, make_adam, schedule_of, to_float32
+from learner.ppo import Clip, explained_variance, token_entropy
 from learner.shards import ShardPool, Worker, auto_threads, split_rows
 from learner.update import (
     Experience,
@@ -55,16 +57,23 @@ class PPOLearner:
         group: Any | None = None,
         proximal_in_step: bool | None = None,
         seed: int = 0,
+        total_updates: int = 1,
+        max_new_tokens: int = 64,
     ):
+        """``total_updates`` (run.max_updates) is the learning-rate schedule's horizon; ``max_new_tokens``
+        (sampling.max_new_tokens) the response budget of Dr. GRPO's normaliser and the overlong penalty."""
         self.container = container
         self.cfg = cfg
         self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
         self.policy_version = 0
         self.pad_multiple = pad_multiple
         self.group = group  # mlx.distributed group of learner ranks, or None
         self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-        self.optimizer = optim.Adam(learning_rate=cfg.learning_rate)
-        self.optimizer.init(container.trainable_parameters())
+        self.optimizer = make_adam(schedule_of(cfg, total_updates))
+        # bf16/fp16 trainable weights (full fine-tuning on a GPU): Adam steps float32 master copies.
+        self.master = MasterWeights(container) if MasterWeights.needed(container) else None
+        self.optimizer.init(self.master.state["weights"] if self.master else container.trainable_parameters())
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         self.reference = share_weights_clone(container.policy) if cfg.full_finetune else None
         self.seed = seed
@@ -84,13 +93,18 @@ class PPOLearner:
         self.compile_step = compile_step
         self.weights = LossWeights(
             temperature,
-            cfg.clip_coef,
+            Clip(cfg.clip_low or cfg.clip_coef, cfg.clip_high or cfg.clip_coef, cfg.dual_clip),
             cfg.value_clip,
             cfg.vf_coef,
             cfg.ent_coef,
             cfg.is_cap,
             cfg.kl_loss_coef,
             self.proximal_in_step,
+            cfg.kl_loss_estimator,
+            cfg.policy_ratio,
+            cfg.is_correction,
+            cfg.is_low,
+            cfg.is_high,
         )
         self._apply_fn = self._make_apply_fn()
 
@@ -113,14 +127,20 @@ class PPOLearner:
 
     def _make_apply_fn(self):
         def apply(grads):
-            grads = average_gradients(grads, self.group)
+            # Every rank's loss is its token sum over the whole minibatch's normaliser: the ranks' gradients add up.
+            grads = sum_gradients(grads, self.group)
             grad_norm = mx.array(0.0)
             if self.cfg.max_grad_norm > 0:
                 grads, grad_norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
-            self.optimizer.update(self.container, grads)
+            if self.master is None:
+                self.optimizer.update(self.container, grads)
+            else:
+                self.master.apply(self.optimizer, self.container, grads)
             return grad_norm
 
         state = [self.container.state, self.optimizer.state]
+        if self.master is not None:
+            state.append(self.master.state)
         return mx.compile(apply, inputs=state, outputs=state) if self.compile_step else apply
 
     # -- step 1: recompute with the current weights ---------------------------------------------------------
@@ -181,41 +201,53 @@ class PPOLearner:
 
     # -- step 2: rewards and advantages ---------------------------------------------------------------------
 
-    def _advantages(self, scores: np.ndarray, kl: np.ndarray, values: np.ndarray | None, mask: np.ndarray):
-        kl_coef = self.kl_controller.value
-        if self.cfg.is_critic_free:
-            penalised = scores - kl_coef * (kl * mask).sum(axis=1)
-            seq_adv = adv.group_advantages(penalised, self.cfg.group_size, self.cfg.algorithm)
-            return adv.broadcast_to_tokens(seq_adv, mask), None
-        rewards = adv.shape_rewards(scores, kl, mask, kl_coef)
-        advantages, returns = adv.compute_gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
-        if self.cfg.whiten_advantages:  # over the whole batch of all ranks, as one learner would
-            moments = sum_over_ranks(adv.masked_moments(advantages, mask), self.group)
-            advantages = adv.whiten_with(advantages, mask, moments)
-        return advantages, returns
+    def _sum_over_ranks(self, values: np.ndarray) -> np.ndarray:
+        return sum_over_ranks(values, self.group)
+
+    def _shaped_scores(self, exp: Experience, lengths: np.ndarray) -> np.ndarray:
+        """The scores the advantages see: the reward's, plus DAPO's overlong penalty when configured."""
+        scores = np.asarray(exp.scores, np.float64)
+        if self.cfg.truncated == "overlong_penalty":
+            buffer = self.cfg.overlong_buffer or default_overlong_buffer(self.max_new_tokens)
+            scores = scores + overlong_penalty(
+                lengths, self.max_new_tokens, buffer, self.cfg.overlong_penalty
+            )
+        return scores
+
+    def _loss_mask(self, exp: Experience, mask: np.ndarray) -> np.ndarray:
+        """The tokens the loss sees: with ``truncated = "mask"`` cut-off responses are left out (they still
+        counted in their group's baseline)."""
+        if self.cfg.truncated != "mask" or exp.truncated is None:
+            return mask
+        return mask * (~np.asarray(exp.truncated, bool))[:, None].astype(np.float32)
 
     def prepare(self, exp: Experience) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Collate and compute everything the epochs need; returns the arrays and their statistics."""
         batch = collate(exp, self.pad_multiple)
-        need_ref = exp.ref_logprobs is None
+        need_ref = exp.ref_logprobs is None and self.needs_reference
         if self.proximal_in_step:
             recomputed = self._reference_pass(batch, self.cfg.micro_batch_size) if need_ref else {}
             recomputed["proximal"] = batch.behaviour  # placeholder: the step uses its own forward
         else:
             recomputed = self._forward_no_grad(batch, self.cfg.micro_batch_size, need_ref)
-        proximal, values = recomputed["proximal"], recomputed.get("values")
-        if exp.ref_logprobs is None:
-            ref = recomputed["ref"]
-        else:
-            ref = pad_per_token(exp.ref_logprobs, batch.mask.shape[1])
-        mask = batch.mask
-        kl = adv.kl_estimate(proximal, ref, self.cfg.kl_estimator) * mask
-        advantages, returns = self._advantages(np.asarray(exp.scores, np.float32), kl, values, mask)
+        proximal, values, mask = recomputed["proximal"], recomputed.get("values"), batch.mask
+        ref = recomputed.get("ref")  # None when nothing needs it (every KL term off)
+        if exp.ref_logprobs is not None:
+            ref = pad_per_token(exp.ref_logprobs, mask.shape[1])
+        k1 = np.zeros_like(mask) if ref is None else adv.kl_estimate(proximal, ref, "k1") * mask
+        scores = self._shaped_scores(exp, mask.sum(axis=1))
+        advantages, returns = adv.training_signal(
+            self.cfg, scores, k1, mask, values, self.kl_controller.value, self._sum_over_ranks
+        )
+        loss_mask = self._loss_mask(exp, mask)
+        weights, units = loss_weights(loss_mask, self.cfg.loss_aggregation, self.max_new_tokens)
         arrays = {
             "tokens": batch.tokens,
             "positions": batch.positions,
             "response": batch.response,
-            "mask": mask,
+            "mask": loss_mask,
+            "weights": weights,
+            "units": units,
             "behaviour": batch.behaviour,
             "proximal": proximal,
             "advantages": advantages,
@@ -224,34 +256,67 @@ class PPOLearner:
             arrays.update(old_values=values, returns=returns)
         if self.cfg.kl_loss_coef > 0:
             arrays["ref"] = ref.astype(np.float32)
-        seq_kl = float((kl.sum(axis=1)).mean())
-        stats = {
-            "kl/ref_mean": seq_kl,
-            "kl/coef": self.kl_controller.value,
-            "rollout/score_mean": float(np.mean(exp.scores)),
-            "rollout/score_std": float(np.std(exp.scores)),
-            "rollout/response_len_mean": float(mask.sum(axis=1).mean()),
-        }
+        stats = self._batch_stats(exp, batch, recomputed, ref, scores)
+        if ref is not None:  # the controller sees the whole batch, as one learner on the union would
+            self.kl_controller.update(stats["kl/ref_mean"], batch.size * world_size(self.group))
+        return arrays, stats
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether anything uses reference log-probs (the peers skip the reference pass at beta 0 too)."""
+        return self.cfg.kl_coef > 0 or self.cfg.kl_loss_coef > 0 or self.cfg.kl_target > 0
+
+    def _batch_stats(
+        self, exp: Experience, batch: TrainBatch, recomputed: dict, ref: np.ndarray | None, scores: np.ndarray
+    ) -> dict[str, float]:
+        """Statistics of the whole batch (every rank's): KL to the reference (k3, per sequence; when a reference
+        was computed), scores, lengths, truncation, and the mismatch / entropy of the no-grad pass."""
+        mask, proximal = batch.mask, recomputed["proximal"]
+        k3_sum = 0.0 if ref is None else (adv.kl_estimate(proximal, ref, "k3") * mask).sum()
+        truncated = 0.0 if exp.truncated is None else float(np.sum(exp.truncated))
+        sums = [k3_sum, np.sum(exp.scores), np.sum(np.square(exp.scores)), mask.sum(), truncated, batch.size]
         if not self.proximal_in_step:  # otherwise the step reports these from its forward
             mismatch = adv.kl_estimate(batch.behaviour, proximal, "k3") * mask
-            stats["mismatch/behaviour_proximal_kl"] = adv.masked_mean(mismatch, mask)
-            stats["policy/entropy"] = adv.masked_mean(recomputed["entropy"], mask)
-        self.kl_controller.update(mean_over_ranks(seq_kl, self.group), batch.size)
-        return arrays, stats
+            sums += [mismatch.sum(), (recomputed["entropy"] * mask).sum()]
+        sums = self._sum_over_ranks(np.array(sums, np.float64))
+        size, tokens = max(sums[5], 1.0), max(sums[3], 1.0)
+        stats = {
+            "kl/coef": self.kl_controller.value,
+            "rollout/score_mean": float(sums[1] / size),
+            "rollout/score_std": float(np.sqrt(max(sums[2] / size - (sums[1] / size) ** 2, 0.0))),
+            "rollout/response_len_mean": float(sums[3] / size),
+            "rollout/truncated_frac": float(sums[4] / size),
+            "rollout/shaped_score_mean": float(self._sum_over_ranks(np.array([scores.sum()]))[0] / size),
+        }
+        if ref is not None:
+            stats["kl/ref_mean"] = float(sums[0] / size)
+        if not self.proximal_in_step:
+            stats["mismatch/behaviour_proximal_kl"] = float(sums[6] / tokens)
+            stats["policy/entropy"] = float(sums[7] / tokens)
+        return stats
 
     # -- step 3: epochs x minibatches x micro-batches ------------------------------------------------------
 
     def _minibatch_step(self, arrays: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, mx.array]:
-        num_tokens = mx.array(arrays["mask"][indices].sum(), dtype=mx.float32)
+        # The minibatch's normalisers, over every rank: each micro-batch of each rank divides by them, so their
+        # token sums add up to exactly the loss of one learner on the union (whatever the lengths per rank).
+        local = np.array([arrays["units"][indices].sum(), arrays["mask"][indices].sum()], np.float64)
+        normaliser, num_tokens = (
+            mx.array(max(v, 1.0), dtype=mx.float32) for v in self._sum_over_ranks(local)
+        )
         grads, stats = None, {}
+        step_keys = [k for k in arrays if k != "units"]
         shards = [
-            {k: mx.array(v[rows]) for k, v in arrays.items()} | {"num_tokens": num_tokens}
+            {k: mx.array(arrays[k][rows]) for k in step_keys}
+            | {"normaliser": normaliser, "num_tokens": num_tokens}
             for rows in self._shards(indices, self.cfg.micro_batch_size)
         ]
         # Shards come back in order as they finish; each one's stats are token sums over the minibatch's
-        # num_tokens, so shards add up as whole micro-batches would. Evaluating the running sum frees each shard's
+        # normalisers, so shards add up as whole micro-batches would. Evaluating the running sum frees each shard's
         # gradients (a whole model's with full fine-tuning).
         for mb_stats, mb_grads in self.pool.imap(self._grad_step, shards, self.on_progress):
+            if self.master is not None:  # bf16 gradients would round as they add up
+                mb_grads = to_float32(mb_grads)
             grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
             for k, v in mb_stats.items():
                 stats[k] = (
@@ -266,7 +331,7 @@ class PPOLearner:
         return stats
 
     def optimize(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """Run the epochs; returns stats averaged over the minibatch steps taken."""
+        """Run the epochs; returns stats averaged over the minibatch steps taken (every rank's tokens)."""
         size = len(arrays["tokens"])
         per_minibatch = size // self.cfg.num_minibatches
         history: list[dict[str, float]] = []
@@ -274,11 +339,9 @@ class PPOLearner:
             order = self.rng.permutation(size)
             for start in range(0, size, per_minibatch):
                 stats = self._minibatch_step(arrays, order[start : start + per_minibatch])
-                history.append({k: float(v.item()) for k, v in stats.items()})
-                approx_kl = mean_over_ranks(
-                    history[-1]["policy/approx_kl"], self.group
-                )  # same decision on every rank
-                if self.cfg.target_kl > 0 and approx_kl > self.cfg.target_kl:
+                history.append(sum_stats_over_ranks(stats, self.group, _MAX_STATS, local=("grad/norm",)))
+                # Global token sums: every rank takes the same early-stop decision.
+                if self.cfg.target_kl > 0 and history[-1]["policy/approx_kl"] > self.cfg.target_kl:
                     return self._average(history, early_stop=True)
         return self._average(history, early_stop=False)
 
@@ -288,6 +351,18 @@ class PPOLearner:
         out["update/minibatch_steps"] = float(len(history))
         out["update/early_stop"] = float(early_stop)
         return out
+
+    def trainable_weights(self) -> dict[str, mx.array]:
+        """Name -> array of what the optimizer trains (the float32 master copies when there are some)."""
+        tree = self.master.state["weights"] if self.master else self.container.trainable_parameters()
+        return dict(tree_flatten(tree))
+
+    def load_trainable_weights(self, weights: dict[str, mx.array]) -> None:
+        """Set what ``trainable_weights`` returns (and the model's casts of master weights)."""
+        if self.master is None:
+            self.container.load_weights(list(weights.items()), strict=False)
+        else:
+            self.master.load(self.container, tree_unflatten(list(weights.items())))
 
     def _reseed(self) -> None:
         """Minibatch order and any dropout depend on (seed, policy version) alone: a run resumed from a

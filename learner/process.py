@@ -30,7 +30,15 @@ def build_learner(cfg: Config, group=None):
 
         load_adapters(container.policy, cfg.model.adapters)
         logger.info("policy starts from the adapters in %s", cfg.model.adapters)
-    return PPOLearner(container, cfg.ppo, cfg.sampling.temperature, group=group, seed=cfg.run.seed)
+    return PPOLearner(
+        container,
+        cfg.ppo,
+        cfg.sampling.temperature,
+        group=group,
+        seed=cfg.run.seed,
+        total_updates=cfg.run.max_updates,
+        max_new_tokens=cfg.sampling.max_new_tokens,
+    )
 
 
 def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool = False) -> int:

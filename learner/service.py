@@ -73,7 +73,10 @@ class LearnerService:
         self.cfg, self.sockets, self.learner, self.run_dir = cfg, sockets, learner, run_dir
         learner.on_progress = self.heartbeat  # heartbeats go on during a long update
         self.buffer = ExperienceBuffer(
-            cfg.transport.buffer_batches * cfg.ppo.batch_size, cfg.ppo.group_size, cfg.ppo.max_policy_lag
+            cfg.transport.buffer_batches * cfg.ppo.batch_size,
+            cfg.ppo.group_size,
+            cfg.ppo.max_policy_lag,
+            cfg.ppo.dynamic_sampling,
         )
         self.admission = RolloutAdmission(max(cfg.ppo.max_policy_lag, 1) * cfg.ppo.batch_size)
         self.counters: Counter = Counter()
@@ -270,11 +273,14 @@ class LearnerService:
         self.rejected_in_a_row = self.rejected_in_a_row + 1 if rejected_whole else 0
         if self.rejected_in_a_row == 3 or (self.rejected_in_a_row and self.rejected_in_a_row % 10 == 0):
             reasons = {k: v for k, v in self.buffer.counters.items() if k.startswith("reject/")}
+            hint = "check the reward function and the prompts"
+            if set(reasons) == {"reject/zero_variance"}:
+                hint = "every group scored alike (ppo.dynamic_sampling): the prompts are all too easy or too hard"
             logger.error(
-                "the last %d batches were rejected whole (nothing to train on; %s): check the reward "
-                "function and the prompts",
+                "the last %d batches were rejected whole (nothing to train on; %s): %s",
                 self.rejected_in_a_row,
                 reasons,
+                hint,
             )
 
     def poll(self, timeout_ms: int) -> None:

@@ -19,11 +19,17 @@ from common.logprobs import sampling_logprobs, token_logprobs
 from common.models import lm_head_logits
 from learner.models import PolicyAndValue
 from learner.ppo import (
+    Clip,
     entropy,
+    importance_weights,
+    k3,
     masked_sum_over,
     policy_loss,
+    policy_stats,
     reference_kl_loss,
+    sequence_ratio,
     token_entropy,
+    token_ratio,
     value_loss,
 )
 
@@ -41,6 +47,8 @@ class Experience:
     """``[B]`` policy version each sequence was sampled with."""
     ref_logprobs: list[np.ndarray] | None = None
     """Reference log-probs per response token, when actors computed them."""
+    truncated: np.ndarray | None = None
+    """``[B]`` bool: the response was cut at ``sampling.max_new_tokens`` (None: none was)."""
 
 
 @dataclass
@@ -100,8 +108,10 @@ def policy_logprobs(
 
 @dataclass(frozen=True)
 class LossWeights:
+    """The objective's settings (``[ppo]``), as the compiled step reads them."""
+
     temperature: float
-    clip_coef: float
+    clip: Clip
     value_clip: float
     vf_coef: float
     ent_coef: float
@@ -111,6 +121,12 @@ class LossWeights:
     proximal_in_step: bool = False
     """The update is one gradient step, so the proximal policy (the weights at the start of the update) is the
     policy of this very forward pass: use its log-probs, detached, instead of a separate no-grad pass."""
+    kl_loss_estimator: str = "k2"
+    policy_ratio: str = "token"
+    """'token' (PPO) or 'sequence' (GSPO)."""
+    is_correction: str = "truncate"
+    is_low: float = 0.5
+    is_high: float = 2.0
 
 
 def proximal_stats(
@@ -118,39 +134,43 @@ def proximal_stats(
 ) -> dict[str, mx.array]:
     """Entropy of the proximal policy and its k3 KL to the behaviour policy, as token sums / ``num_tokens``."""
     n, mask = mb["num_tokens"], mb["mask"]
-    log_ratio = mb["behaviour"] - proximal  # k3 as in prepare: kl_estimate(behaviour, proximal, "k3")
     return {
         "policy/entropy": masked_sum_over(token_entropy(sampling_logprobs(logits, temperature)), mask, n),
-        "mismatch/behaviour_proximal_kl": masked_sum_over(mx.exp(-log_ratio) - 1.0 + log_ratio, mask, n),
+        "mismatch/behaviour_proximal_kl": masked_sum_over(k3(mb["behaviour"] - proximal), mask, n),
     }
 
 
 def ppo_objective(
     container: PolicyAndValue, mb: dict[str, mx.array], w: LossWeights
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """The minibatch loss: clipped surrogate + vf_coef * value loss - ent_coef * entropy (token sums / num_tokens).
+    """The minibatch loss: clipped surrogate + kl_loss_coef * KL loss - ent_coef * entropy + vf_coef * value loss.
 
-    Full-vocabulary work is kept to what the gradient needs: the entropy term (a second pass over ``[B, T, V]``)
-    is only built when ``ent_coef > 0``; the reported entropy comes from the no-grad pass.
+    ``mb`` holds one micro-batch's ``[b, T]`` arrays and two scalars of its whole minibatch: ``normaliser`` (the
+    aggregation's, for the policy, KL and entropy terms, whose per-token ``weights`` it also holds) and
+    ``num_tokens`` (for the value loss and the token-mean statistics). Full-vocabulary work is kept to what the
+    gradient needs: the entropy term (a second pass over ``[B, T, V]``) is only built when ``ent_coef > 0``.
     """
     logits, values = container.response_outputs(mb["tokens"], mb["positions"])
     new_logprobs = token_logprobs(logits, mb["response"], w.temperature)
-    n = mb["num_tokens"]
+    mask, n, weights, norm = mb["mask"], mb["num_tokens"], mb["weights"], mb["normaliser"]
     proximal = mx.stop_gradient(new_logprobs) if w.proximal_in_step else mb["proximal"]
-    loss, stats = policy_loss(
-        new_logprobs, proximal, mb["behaviour"], mb["advantages"], mb["mask"], w.clip_coef, w.is_cap, n
+    ratio = (sequence_ratio if w.policy_ratio == "sequence" else token_ratio)(new_logprobs, proximal, mask)
+    is_weights, kept = importance_weights(
+        proximal, mb["behaviour"], mask, w.is_correction, w.is_cap, w.is_low, w.is_high
     )
+    loss = policy_loss(ratio, mb["advantages"], is_weights, weights, norm, w.clip)
+    stats = policy_stats(ratio, mb["advantages"], is_weights, kept, mask, n, w.clip)
     stats["loss/policy"] = loss
     if w.proximal_in_step:  # what the skipped no-grad pass would have reported
         stats.update(proximal_stats(mx.stop_gradient(logits), proximal, mb, w.temperature))
     if w.kl_loss_coef > 0:
-        stats["loss/ref_kl"] = reference_kl_loss(new_logprobs, mb["ref"], mb["mask"], n)
+        stats["loss/ref_kl"] = reference_kl_loss(new_logprobs, mb["ref"], weights, norm, w.kl_loss_estimator)
         loss = loss + w.kl_loss_coef * stats["loss/ref_kl"]
     if w.ent_coef > 0:
-        stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), mb["mask"], n)
+        stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), weights, norm)
         loss = loss - w.ent_coef * stats["loss/entropy"]
     if values is not None:
-        v_loss, v_stats = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], w.value_clip, n)
+        v_loss, v_stats = value_loss(values, mb["old_values"], mb["returns"], mask, w.value_clip, n)
         stats.update(v_stats)
         stats["loss/value"] = v_loss
         loss = loss + w.vf_coef * v_loss

@@ -89,9 +89,12 @@ def test_kl_estimators():
     np.testing.assert_allclose(
         kl_estimate(logp, ref, "k3"), [[0.5 - 1 + np.log(2), 2 - 1 - np.log(2)]], atol=1e-6
     )
+    np.testing.assert_allclose(
+        kl_estimate(logp, ref, "k2"), [[0.5 * np.log(2) ** 2, 0.5 * np.log(0.5) ** 2]], atol=1e-6
+    )
     assert (kl_estimate(np.random.randn(4, 4), np.random.randn(4, 4), "k3") >= 0).all()
     with pytest.raises(ValueError, match="unknown KL estimator"):
-        kl_estimate(logp, ref, "k2")
+        kl_estimate(logp, ref, "k4")
 
 
 def test_group_advantages_by_hand():

@@ -1,5 +1,7 @@
 """Data-parallel learners: an update on 2 ranks (mlx.distributed ring on loopback) equals one rank's update on
-the union of their batches, to float32 tolerance (atol 2e-5 on every trainable weight)."""
+the union of their batches, to float32 tolerance (atol 2e-5 on every trainable weight), with unequal response
+lengths on the two ranks (long answers on rank 0, short ones on rank 1): losses are normalised by the whole
+minibatch's token count, not each rank's, and the adaptive KL controller sees the whole batch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from common.blas import env_with_fast_blas
@@ -23,7 +26,8 @@ from learner.update import Experience
 from local_run import child_env, learner_rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
-SEQUENCES, PROMPT, RESPONSE = 8, 5, 6
+SEQUENCES, PROMPT = 8, 5
+RESPONSE_LENGTHS = [12, 11, 12, 10, 2, 3, 2, 1]  # rank 0 gets the long answers, rank 1 the short ones
 
 
 def dp_learner(cache: str, batch: int, group=None) -> PPOLearner:
@@ -43,6 +47,8 @@ def dp_learner(cache: str, batch: int, group=None) -> PPOLearner:
         update_epochs=2,
         learning_rate=1e-3,
         group_size=1,
+        kl_target=0.5,  # adaptive: its update must count every rank's sequences
+        kl_horizon=20.0,
     )
     return PPOLearner(container, cfg, 1.0, group=group)
 
@@ -50,8 +56,8 @@ def dp_learner(cache: str, batch: int, group=None) -> PPOLearner:
 def dp_experience(part: slice = slice(None)) -> Experience:
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, 250, (SEQUENCES, PROMPT)).tolist()
-    responses = rng.integers(3, 250, (SEQUENCES, RESPONSE)).tolist()
-    behaviour = list(-2.0 + 0.1 * rng.standard_normal((SEQUENCES, RESPONSE)).astype(np.float32))
+    responses = [rng.integers(3, 250, n).tolist() for n in RESPONSE_LENGTHS]
+    behaviour = [-2.0 + 0.1 * rng.standard_normal(n).astype(np.float32) for n in RESPONSE_LENGTHS]
     scores = rng.standard_normal(SEQUENCES).astype(np.float32)
     return Experience(
         prompts[part], responses[part], behaviour[part], scores[part], np.zeros(SEQUENCES)[part]
@@ -69,14 +75,21 @@ def rank_main(out_dir: str, cache: str) -> None:
     group = init_group()
     rank, half = group.rank(), SEQUENCES // group.size()
     learner = dp_learner(cache, half, group)
-    learner.update(dp_experience(slice(rank * half, (rank + 1) * half)))
+    stats = learner.update(dp_experience(slice(rank * half, (rank + 1) * half)))
     np.savez(Path(out_dir) / f"rank{rank}.npz", **trained_weights(learner))
+    logged = {k: stats[k] for k in LOGGED}
+    (Path(out_dir) / f"rank{rank}.json").write_text(
+        json.dumps(logged | {"kl_coef": learner.kl_controller.value})
+    )
+
+
+LOGGED = ("loss/policy", "loss/value", "policy/approx_kl", "kl/ref_mean", "rollout/score_mean", "grad/norm")
 
 
 def test_two_ranks_equal_one_rank_on_the_union_of_their_batches(model_cache, tmp_path):
     single = dp_learner(str(model_cache), SEQUENCES)
     before = trained_weights(single)
-    single.update(dp_experience())
+    single_stats = single.update(dp_experience())
     expected = trained_weights(single)
     code = f"from tests.test_distributed import rank_main; rank_main({str(tmp_path)!r}, {str(model_cache)!r})"
     procs = []
@@ -96,6 +109,12 @@ def test_two_ranks_equal_one_rank_on_the_union_of_their_batches(model_cache, tmp
     for name, value in expected.items():
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name])  # the ranks stay identical
         np.testing.assert_allclose(ranks[0][name], value, atol=2e-5, err_msg=name)
+    for rank in range(2):  # every rank logs the statistics of the whole batch, and adapts the KL alike
+        logged = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert logged["kl_coef"] == pytest.approx(single.kl_controller.value, rel=1e-6)
+        for key in LOGGED:
+            assert logged[key] == pytest.approx(single_stats[key], rel=1e-3, abs=1e-6), key
+    assert single.kl_controller.value != pytest.approx(0.05)  # the controller did move
 
 
 def test_a_rank_whose_peer_never_comes_exits_with_a_clear_error(tmp_path):

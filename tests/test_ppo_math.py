@@ -5,11 +5,30 @@ import numpy as np
 import pytest
 
 from learner.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
-from learner.ppo import entropy, explained_variance, policy_loss, value_loss
+from learner.ppo import (
+    Clip,
+    entropy,
+    explained_variance,
+    importance_weights,
+    policy_stats,
+    token_ratio,
+    value_loss,
+)
+from learner.ppo import policy_loss as surrogate
 
 
 def arr(x):
     return mx.array(np.asarray(x, dtype=np.float32))
+
+
+def policy_loss(new, proximal, behaviour, advantages, mask, clip_coef, is_cap=2.0, num_tokens=None):
+    """PPO's token-level loss and stats with truncated IS and token-mean aggregation (the default path)."""
+    n = mask.sum() if num_tokens is None else num_tokens
+    clip = Clip(clip_coef, clip_coef)
+    ratio = token_ratio(new, proximal, mask)
+    is_w, kept = importance_weights(proximal, behaviour, mask, "truncate", is_cap)
+    loss = surrogate(ratio, advantages, is_w, mask, n, clip)
+    return loss, policy_stats(ratio, advantages, is_w, kept, mask, n, clip)
 
 
 def test_ratio_one_gives_no_clipping_and_minus_mean_advantage():
@@ -110,7 +129,8 @@ def test_kl_controllers():
     assert isinstance(make_kl_controller(0.1, 6.0, 1.0), AdaptiveKLController)
 
 
-def test_reference_kl_loss_by_hand():
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_reference_kl_loss_by_hand(estimator):
     from learner.ppo import reference_kl_loss
 
     rng = np.random.default_rng(3)
@@ -120,11 +140,10 @@ def test_reference_kl_loss_by_hand():
     for b in range(3):
         for t in range(5):
             if mask[b, t]:
-                r = ref[b, t] - new[b, t]
-                total += math.exp(r) - r - 1.0
+                r = new[b, t] - ref[b, t]  # log pi / ref
+                total += 0.5 * r * r if estimator == "k2" else math.exp(-r) - 1.0 + r
                 count += 1
-    loss = reference_kl_loss(mx.array(new), mx.array(ref), mx.array(mask))
+    loss = reference_kl_loss(mx.array(new), mx.array(ref), mx.array(mask), estimator=estimator)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
-    assert reference_kl_loss(mx.array(new), mx.array(new), mx.array(mask)).item() == pytest.approx(
-        0.0, abs=1e-7
-    )
+    same = reference_kl_loss(mx.array(new), mx.array(new), mx.array(mask), estimator=estimator)
+    assert same.item() == pytest.approx(0.0, abs=1e-7)
