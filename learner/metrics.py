@@ -195,12 +195,13 @@ def format_update_line(m: dict[str, Any], max_updates: int | None = None, resume
         resumed_step: the update count a resumed learner started from (its ETA uses only its own updates).
     """
     progress = f"update {m['step']}" if max_updates is None else f"update {m['step']}/{max_updates}"
+    kl = f"{m['kl/ref_mean']:.4f}" if "kl/ref_mean" in m else "-"  # no reference pass when no KL term is on
     line = (
         f"{progress} v{m['policy_version']} | {m['perf/samples_per_s']:.2f} samples/s "
         f"gen {m['perf/gen_tokens_per_s']:.0f} tok/s train {m['perf/train_tokens_per_s']:.0f} tok/s "
         f"busy {100 * m['perf/learner_busy_frac']:.0f}% | lag {m['lag/mean']:.2f}/{m['lag/max']:.0f} "
         f"buffer {m['buffer/depth']} dropped {m['lag/dropped']} | score {m['rollout/score_mean']:.3f} "
-        f"kl {m['kl/ref_mean']:.4f} | sync {m['sync/ms']:.0f} ms"
+        f"kl {kl} | sync {m['sync/ms']:.0f} ms"
     )
     if max_updates is None:
         return line
