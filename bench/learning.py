@@ -90,8 +90,10 @@ def toml_value(value: object) -> str:
     return json.dumps(value)
 
 
-def overrides(run: Run) -> list[str]:
+def overrides(run: Run, lr: float | None = None) -> list[str]:
     settings = SHARED | (LEGACY if run.system == "legacy" else SYSTEMS[run.system])
+    if lr is not None:
+        settings["ppo.learning_rate"] = lr
     settings |= {
         "run.task": run.task,
         "run.reward": f"bench.learning_rewards:{run.task}",
@@ -129,12 +131,12 @@ def run_for_budget(command: list[str], cwd: Path, log: Path, env: dict, budget_s
     return {"t0": started, "wall_s": time.time() - started, "returncode": proc.returncode}
 
 
-def ours(run: Run, budget_s: float, root: Path, rewards: Path) -> dict:
+def ours(run: Run, budget_s: float, root: Path, rewards: Path, lr: float | None) -> dict:
     """One run of our launcher (or the legacy worktree's) for the budget."""
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "mlx-ppo-learning" / run.name
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "launch.py", "--actors", "2", "--learners", "1", "--run-dir", str(run_dir)]
-    for item in overrides(run):
+    for item in overrides(run, lr):
         command += ["--set", item]
     env = os.environ | {"MLX_PPO_REWARD_LOG": str(rewards), "PYTHONPATH": str(root)}
     record = run_for_budget(command, root, rewards, env, budget_s)
@@ -143,7 +145,7 @@ def ours(run: Run, budget_s: float, root: Path, rewards: Path) -> dict:
     return record | {"updates": len(rows), "command": command[1:]}
 
 
-def peer(run: Run, budget_s: float, rewards: Path) -> dict:
+def peer(run: Run, budget_s: float, rewards: Path, lr: float | None) -> dict:
     """One run of mlx-lm-lora's GRPO on the same model, prompts, reward, sampling and budget."""
     from bench.peer_env import ensure_peer_python
     from common.config import ModelConfig
@@ -154,7 +156,7 @@ def peer(run: Run, budget_s: float, rewards: Path) -> dict:
     command = [
         str(python), "bench/peer_mlx_lm_lora.py", "--model", str(resolve_model_folder(ModelConfig().name)),
         "--task", run.task, "--budget-s", str(budget_s), "--seed", str(run.seed), "--group-size", "4",
-        "--prompts-per-step", "4", "--max-new-tokens", str(TASK_TOKENS[run.task]), "--learning-rate", str(PEER_LR),
+        "--prompts-per-step", "4", "--max-new-tokens", str(TASK_TOKENS[run.task]), "--learning-rate", str(lr or PEER_LR),
         "--lora-rank", "8", "--lora-alpha", "16", "--out-dir", str(out_dir),
     ]  # fmt: skip
     env = os.environ | {"MLX_PPO_REWARD_LOG": str(rewards)}
@@ -164,21 +166,21 @@ def peer(run: Run, budget_s: float, rewards: Path) -> dict:
     return record | {"updates": updates, "command": command[1:]}
 
 
-def run_one(run: Run, budget_s: float, legacy_ref: str) -> None:
-    """Run ``run`` unless its record exists; write its rewards log and record into OUT."""
-    record_path = OUT / f"{run.name}.json"
+def run_one(run: Run, budget_s: float, legacy_ref: str, out: Path, lr: float | None = None) -> None:
+    """Run ``run`` unless its record exists in ``out``; write its rewards log and record there."""
+    record_path = out / f"{run.name}.json"
     if record_path.exists():
         logger.info("%s: done already (%s)", run.name, record_path)
         return
-    rewards = OUT / f"{run.name}.rewards.jsonl"
+    rewards = out / f"{run.name}.rewards.jsonl"
     rewards.unlink(missing_ok=True)
     logger.info("%s: running for %.0f s", run.name, budget_s)
     if run.system == "mlx-lm-lora":
-        record = peer(run, budget_s, rewards)
+        record = peer(run, budget_s, rewards, lr)
     else:
         root = legacy_root(legacy_ref) if run.system == "legacy" else ROOT
-        record = ours(run, budget_s, root, rewards)
-    record |= {"system": run.system, "task": run.task, "seed": run.seed, "budget_s": budget_s}
+        record = ours(run, budget_s, root, rewards, lr)
+    record |= {"system": run.system, "task": run.task, "seed": run.seed, "budget_s": budget_s, "lr": lr}
     record_path.write_text(json.dumps(record, indent=1))
     logger.info("%s: %d updates, exit %s", run.name, record["updates"], record["returncode"])
 
@@ -192,13 +194,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=240.0, help="wall-clock seconds per run")
     p.add_argument("--legacy-ref", default="018d55a", help="the commit 'legacy' runs (before issue 14)")
     p.add_argument("--analyse-only", action="store_true", help="only rebuild the summary and curves")
+    p.add_argument("--lr", type=float, default=None, help="override every system's learning rate (sweeps)")
+    p.add_argument("--out", type=Path, default=OUT, help="where the runs' logs go (a sweep: elsewhere)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.analyse_only:
         systems = [s for s in args.systems.split(",") if s] + ([args.peer] if args.peer else [])
         unknown = set(systems) - set(SYSTEMS) - {"legacy", "mlx-lm-lora"}
@@ -207,8 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             for task in args.tasks.split(","):
                 for system in systems:
-                    run_one(Run(system, task, seed), args.budget_s, args.legacy_ref)
-    analyse(OUT, ROOT / "bench" / "results" / "learning.json", argv)
+                    run_one(Run(system, task, seed), args.budget_s, args.legacy_ref, args.out, args.lr)
+    summary = ROOT / "bench" / "results" / "learning.json" if args.out == OUT else args.out / "summary.json"
+    analyse(args.out, summary, argv)
     return 0
 
 

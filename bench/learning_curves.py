@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,8 @@ def _system_summary(records: list[dict], results: Path, grid: np.ndarray) -> dic
         per_seed.append({"seed": record["seed"], "curve": curve(times, scores, grid), "samples": len(scores),
                          "updates": record.get("updates", 0), "first_score_s": float(times.min()) if len(times) else None})  # fmt: skip
     curves = np.array([s["curve"] for s in per_seed])
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # grid points before a run's first score are NaN in every seed
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean, lo, hi = np.nanmean(curves, axis=0), np.nanmin(curves, axis=0), np.nanmax(curves, axis=0)
     finals = [float(c[-1]) for c in curves]
     return {
@@ -139,3 +141,43 @@ def analyse(results: Path, summary_path: Path, argv: Sequence[str] | None = None
     for path in write_plots(summary, summary_path.parent):
         logger.info("wrote %s", path)
     return summary
+
+
+def _seconds(value: float | None, budget: float) -> str:
+    return "never" if value is None else f"{value:.0f} s ({value / budget:.2f} of the budget)"
+
+
+def render_learning(result: dict) -> list[str]:
+    """BENCHMARKS.md's block: per task, each system's reward at the start and at the budget (mean ± std over
+    seeds), its updates per run, and when its seed-mean curve first reached the peer's reward at the budget."""
+    lines = [
+        f"Reward = mean score of the completions sampled in the trailing {result['window_s']:.0f} s; "
+        "± = std over seeds; curves: `bench/results/learning-<task>.png`.",
+        "",
+    ]
+    for task, entry in result["tasks"].items():
+        budget = entry["budget_s"]
+        peer = entry.get("peer_final")
+        lines += [
+            f"**{task}** ({budget:.0f} s per run"
+            + (f"; the peer's reward at the budget {peer:.3f})" if peer is not None else ")"),
+            "",
+        ]
+        header = [
+            "system",
+            "seeds",
+            "first window",
+            "at the budget",
+            "updates per run",
+            "reached the peer's final",
+        ]
+        rows = []
+        for name, s in sorted(entry["systems"].items(), key=lambda kv: -kv[1]["final_mean"]):
+            reached = entry.get("time_to_peer_final_s", {}).get(name) if peer is not None else None
+            rows.append([
+                name, str(len(s["seeds"])), f"{s['start_mean']:.3f}", f"{s['final_mean']:.3f} ± {s['final_std']:.3f}",
+                f"{np.mean(s['updates_per_seed']):.1f}", _seconds(reached, budget) if peer is not None else "",
+            ])  # fmt: skip
+        rule = "|".join(["---", "---:", "---:", "---:", "---:", "---:"])
+        lines += [f"| {' | '.join(header)} |", f"|{rule}|", *(f"| {' | '.join(r)} |" for r in rows), ""]
+    return lines[:-1]

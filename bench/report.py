@@ -17,11 +17,17 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the repository's packages
+    sys.path.insert(0, str(ROOT))
+
+from bench.learning_curves import render_learning  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 BLAS = "python -m common.blas -- python"
 NOT_RECORDED = "not recorded"
@@ -306,6 +312,7 @@ BENCHMARKS = [
     Benchmark("distributed", "distributed.json", f"{BLAS} bench/distributed.py", render_distributed),
     Benchmark("soak", "soak.json", f"{BLAS} bench/soak.py --minutes 3", render_soak),
     Benchmark("refill", "refill.json", f"{BLAS} bench/refill.py", render_refill),
+    Benchmark("learning", "learning.json", "python bench/learning.py --peer mlx-lm-lora", render_learning),
     Benchmark(
         "snapshot-transfer",
         "snapshot_transfer.json",

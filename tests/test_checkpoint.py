@@ -61,3 +61,37 @@ def test_a_checkpoint_of_another_model_shape_is_refused(model_cache, tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         load_checkpoint(folder, other)
     assert LoraConfig  # the adapters' own format stays mlx-lm's (checked in test_lora)
+
+
+def test_bf16_master_weights_survive_a_checkpoint(model_cache, tmp_path):
+    """A bf16 full fine-tuning checkpoint keeps the float32 master weights (the model's bf16 casts would lose
+    the steps smaller than their rounding), and a learner restored from it continues from them."""
+    import mlx.core as mx
+
+    from common.config import ModelConfig, PPOUpdateConfig
+    from common.models import load_model
+    from learner.models import build_policy_and_value
+    from learner.ppo_learner import PPOLearner
+
+    def bf16_learner(seed):
+        loaded = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache), dtype="bfloat16"))
+        mx.random.seed(seed)
+        container = build_policy_and_value(loaded.model, LoraConfig(), None, full_finetune=True)
+        cfg = PPOUpdateConfig(
+            algorithm="grpo", batch_size=8, num_minibatches=1, micro_batch_size=8, learning_rate=1e-5
+        )
+        return PPOLearner(container, cfg, 1.0, compile_step=True), loaded
+
+    a, loaded = bf16_learner(0)
+    a.update(sample_experience(a, loaded.tokenizer))
+    folder = save_checkpoint(tmp_path, a, LoraConfig(), step=1)
+    b, _ = bf16_learner(1)
+    load_checkpoint(folder, b)
+    masters_a, masters_b = flat(a.master.state["weights"]), flat(b.master.state["weights"])
+    assert masters_a.keys() == masters_b.keys()
+    for name, value in masters_a.items():
+        np.testing.assert_array_equal(masters_b[name], value, err_msg=name)
+    model_b = dict(tree_flatten(b.container.trainable_parameters()))
+    assert all(v.dtype == mx.bfloat16 for v in model_b.values())
+    for _, state in tree_flatten(b.optimizer.state):
+        assert state.dtype in (mx.float32, mx.uint64)
