@@ -90,7 +90,8 @@ def toml_value(value: object) -> str:
     return json.dumps(value)
 
 
-def overrides(run: Run, lr: float | None = None) -> list[str]:
+def overrides(run: Run, lr: float | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """``--set`` items of ``run``: SHARED, the system's own, the task's, then ``lr`` and ``extra`` (sweeps)."""
     settings = SHARED | (LEGACY if run.system == "legacy" else SYSTEMS[run.system])
     if lr is not None:
         settings["ppo.learning_rate"] = lr
@@ -100,7 +101,7 @@ def overrides(run: Run, lr: float | None = None) -> list[str]:
         "run.seed": run.seed,
         "sampling.max_new_tokens": TASK_TOKENS[run.task],
     }
-    return [f"{key}={toml_value(value)}" for key, value in settings.items()]
+    return [f"{key}={toml_value(value)}" for key, value in settings.items()] + list(extra)
 
 
 def legacy_root(ref: str) -> Path:
@@ -131,12 +132,14 @@ def run_for_budget(command: list[str], cwd: Path, log: Path, env: dict, budget_s
     return {"t0": started, "wall_s": time.time() - started, "returncode": proc.returncode}
 
 
-def ours(run: Run, budget_s: float, root: Path, rewards: Path, lr: float | None) -> dict:
+def ours(
+    run: Run, budget_s: float, root: Path, rewards: Path, lr: float | None, extra: Sequence[str]
+) -> dict:
     """One run of our launcher (or the legacy worktree's) for the budget."""
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "mlx-ppo-learning" / run.name
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "launch.py", "--actors", "2", "--learners", "1", "--run-dir", str(run_dir)]
-    for item in overrides(run, lr):
+    for item in overrides(run, lr, extra):
         command += ["--set", item]
     env = os.environ | {"MLX_PPO_REWARD_LOG": str(rewards), "PYTHONPATH": str(root)}
     record = run_for_budget(command, root, rewards, env, budget_s)
@@ -166,7 +169,9 @@ def peer(run: Run, budget_s: float, rewards: Path, lr: float | None) -> dict:
     return record | {"updates": updates, "command": command[1:]}
 
 
-def run_one(run: Run, budget_s: float, legacy_ref: str, out: Path, lr: float | None = None) -> None:
+def run_one(
+    run: Run, budget_s: float, legacy_ref: str, out: Path, lr: float | None = None, extra: Sequence[str] = ()
+) -> None:
     """Run ``run`` unless its record exists in ``out``; write its rewards log and record there."""
     record_path = out / f"{run.name}.json"
     if record_path.exists():
@@ -179,8 +184,9 @@ def run_one(run: Run, budget_s: float, legacy_ref: str, out: Path, lr: float | N
         record = peer(run, budget_s, rewards, lr)
     else:
         root = legacy_root(legacy_ref) if run.system == "legacy" else ROOT
-        record = ours(run, budget_s, root, rewards, lr)
+        record = ours(run, budget_s, root, rewards, lr, extra)
     record |= {"system": run.system, "task": run.task, "seed": run.seed, "budget_s": budget_s, "lr": lr}
+    record |= {"extra": list(extra)}
     record_path.write_text(json.dumps(record, indent=1))
     logger.info("%s: %d updates, exit %s", run.name, record["updates"], record["returncode"])
 
@@ -196,6 +202,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analyse-only", action="store_true", help="only rebuild the summary and curves")
     p.add_argument("--lr", type=float, default=None, help="override every system's learning rate (sweeps)")
     p.add_argument("--out", type=Path, default=OUT, help="where the runs' logs go (a sweep: elsewhere)")
+    p.add_argument(
+        "--set", action="append", default=[], help="more section.key=value for our systems (sweeps)"
+    )
     return p.parse_args(argv)
 
 
@@ -211,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             for task in args.tasks.split(","):
                 for system in systems:
-                    run_one(Run(system, task, seed), args.budget_s, args.legacy_ref, args.out, args.lr)
+                    run_one(
+                        Run(system, task, seed), args.budget_s, args.legacy_ref, args.out, args.lr, args.set
+                    )
     summary = ROOT / "bench" / "results" / "learning.json" if args.out == OUT else args.out / "summary.json"
     analyse(args.out, summary, argv)
     return 0

@@ -9,8 +9,11 @@ Actors ask before generating a batch (``RolloutRequest``) and the learner grants
     sequences granted but not yet received + sequences waiting in the buffer <= limit,
 
 with ``limit = max_policy_lag * ppo.batch_size``: every sequence is then trained within ``max_policy_lag``
-updates of its grant, and a grant comes before its actor loads the weights it samples with. At least one batch
-is always allowed when nothing is in flight. This is AReaL's bound on in-flight rollouts (arXiv:2505.24298).
+updates of its grant, and a grant comes before its actor loads the weights it samples with. This is AReaL's
+bound on in-flight rollouts (arXiv:2505.24298). One exception keeps the run going: while what is buffered and
+in flight cannot fill the next update batch (``needed``), a request is always granted. Without it, groups dropped
+on arrival (bad scores, dynamic sampling's equal scores) could leave, say, 12 of 16 sequences buffered with the
+limit reached: no grant, no update, a stalled run.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from collections import deque
 class RolloutAdmission:
     """Grants in request order while the in-flight bound holds; keyed by the actor's control-socket identity."""
 
-    def __init__(self, limit: int):
-        """``limit``: sequences that may be granted-but-unreceived plus buffered (``max_policy_lag`` x batch)."""
+    def __init__(self, limit: int, needed: int = 1):
+        """``limit``: sequences that may be granted-but-unreceived plus buffered (``max_policy_lag`` x batch);
+        ``needed``: the update batch (ppo.batch_size), granted towards whatever the limit says."""
         if limit < 1:
             raise ValueError(f"admission limit {limit} must be >= 1")
         self.limit = limit
+        self.needed = needed
         self.in_flight: dict[bytes, int] = {}
         self.waiting: deque[tuple[bytes, int]] = deque()
 
@@ -55,7 +60,7 @@ class RolloutAdmission:
         while self.waiting:
             identity, sequences = self.waiting[0]
             total = self.outstanding + buffered
-            if total > 0 and total + sequences > self.limit:
+            if total >= self.needed and total + sequences > self.limit:
                 break
             self.waiting.popleft()
             self.in_flight[identity] = self.in_flight.get(identity, 0) + sequences

@@ -78,7 +78,9 @@ class LearnerService:
             cfg.ppo.max_policy_lag,
             cfg.ppo.dynamic_sampling,
         )
-        self.admission = RolloutAdmission(max(cfg.ppo.max_policy_lag, 1) * cfg.ppo.batch_size)
+        self.admission = RolloutAdmission(
+            max(cfg.ppo.max_policy_lag, 1) * cfg.ppo.batch_size, cfg.ppo.batch_size
+        )
         self.counters: Counter = Counter()
         self.actors: dict[bytes, ActorInfo] = {}
         self.config_hash = config_hash(cfg)

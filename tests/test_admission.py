@@ -40,3 +40,18 @@ def test_a_repeated_request_queues_once_and_forget_releases_grants():
 def test_the_limit_must_be_positive():
     with pytest.raises(ValueError):
         RolloutAdmission(limit=0)
+
+
+def test_groups_dropped_on_arrival_never_stall_the_run():
+    """Batch 16, limit 16, two actors of 8: half of a's batch is dropped on arrival (dynamic sampling). With
+    12 sequences buffered the learner cannot train; the limit alone would grant nothing more, forever."""
+    admission = RolloutAdmission(limit=16, needed=16)
+    for actor in (b"a", b"b"):
+        admission.request(actor, 8)
+    assert admission.grants(buffered=0) == [b"a", b"b"]
+    admission.received(b"a", 8)  # 4 accepted, 4 dropped
+    admission.request(b"a", 8)
+    assert admission.grants(buffered=4) == [b"a"]  # 8 in flight + 4 buffered < 16: it cannot fill a batch
+    admission.received(b"b", 8)
+    admission.request(b"b", 8)
+    assert admission.grants(buffered=12) == []  # a's 8 in flight will fill it: the limit holds again

@@ -259,7 +259,14 @@ def alike_when_describing(prompt: str, completion: str) -> float:
 def test_dynamic_sampling_drops_groups_without_signal_and_still_trains_on_full_batches(model_cache, tmp_path):
     from actors.rewards import load_reward
 
-    settings = ("run.max_updates=3", "ppo.algorithm=grpo", "ppo.dynamic_sampling=true", "ppo.kl_coef=0.0")
+    # max_policy_lag 1: one batch in flight; a half-dropped batch must still get its successor granted.
+    settings = (
+        "run.max_updates=3",
+        "ppo.algorithm=grpo",
+        "ppo.dynamic_sampling=true",
+        "ppo.kl_coef=0.0",
+        "ppo.max_policy_lag=1",
+    )
     with harness_with(model_cache, tmp_path, *settings) as h:
         worker = h.actor(0)
         h.join(worker)
