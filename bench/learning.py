@@ -69,8 +69,10 @@ LEGACY = {
     "ppo.algorithm": "grpo", "ppo.kl_coef": 0.05, "ppo.learning_rate": 2e-4, "ppo.micro_batch_size": 8,
 }  # fmt: skip
 """The Python API's defaults before issue 14 (``mlx_ppo/config.py`` at --legacy-ref) that differ from SHARED."""
-PEER_LR = 3e-4
-"""mlx-lm-lora's learning rate (its own Adam, without bias correction), the best of 1e-4 / 3e-4 / 1e-3 on length."""
+PEER_LR = 1e-3
+"""mlx-lm-lora's learning rate (its own Adam, without bias correction): the best of 1e-4 / 3e-4 / 1e-3 on length
+(BENCHMARKS.md has the sweep); ours, 1e-3 (of 3e-4 / 1e-3 / 3e-3: 3e-3 rose fastest on length and collapsed
+arithmetic to 0)."""
 
 
 @dataclass(frozen=True)
