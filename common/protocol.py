@@ -28,6 +28,14 @@ MAGIC: Final = b"MPPO"
 PROTOCOL_VERSION: Final = 2  # v2: Weights as one flat buffer
 HEADER = struct.Struct(">4sHB")
 DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
+MAX_DIMS: Final = 8
+"""Arrays on the wire have at most this many dimensions (ours are 1-D)."""
+MAX_ACTORS: Final = 4096
+"""The most actors a hello may say its run has (the learner reports those that never start, one by one)."""
+MAX_STATS: Final = 64
+"""The most statistics a heartbeat may carry (each becomes a metrics column), names of at most 64 characters."""
+MAX_BATCH_SEQUENCES: Final = 65536
+"""The most sequences a rollout request may ask for (or say it returned)."""
 # Wire dtypes; bfloat16 travels as its raw 16-bit pattern (NumPy has no bfloat16).
 DTYPES: Final = {
     "int32": np.int32,
@@ -348,11 +356,13 @@ def _arrays(meta: Any, frames: Sequence[bytes | memoryview]) -> dict[str, np.nda
         _check(dtype is not None, "bad_dtype", f"dtype {m['dtype']!r} not in {sorted(DTYPES)}")
         shape = m["shape"]
         _check(
-            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape),
+            isinstance(shape, list)
+            and len(shape) <= MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
             "bad_shape",
             f"shape {shape!r:.80}",
         )
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
         _check(
             len(frame) == expected,
             "bad_shape",
@@ -373,13 +383,13 @@ def decode(frames: Sequence[bytes | memoryview], max_bytes: int = DEFAULT_MAX_ME
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("bad_body", f"body is not msgpack ({type(e).__name__})") from None
     _check(isinstance(body, dict), "bad_body", f"body is {type(body).__name__}, not a map")
-    arrays = _arrays(body.pop("arrays", []), frames[2:])
     try:
+        arrays = _arrays(body.pop("arrays", []), frames[2:])
         return _BUILDERS[msg_type](body, arrays)
     except ProtocolError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise ProtocolError("bad_fields", f"{msg_type.name}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # whatever a hostile body provokes (overflow, recursion, ...) is a refusal
+        raise ProtocolError("bad_fields", f"{msg_type.name}: {type(e).__name__}: {e}"[:200]) from None
 
 
 def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -496,19 +506,49 @@ def _build_chunk(body: dict, arrays: dict[str, np.ndarray]) -> WeightsChunk:
     return WeightsChunk(_field(body, "policy_version", int), index, _wire_dtype(data), data)
 
 
+def _build_hello(body: dict) -> Hello:
+    msg = Hello(
+        _field(body, "actor_id", int),
+        _field(body, "config_hash", str),
+        _field(body, "protocol_version", int),
+        _field(body, "host", str, ""),
+        _field(body, "pid", int, 0),
+        _field(body, "num_actors", int, 0),
+    )
+    _check(0 <= msg.actor_id < MAX_ACTORS, "bad_fields", f"actor id {msg.actor_id}")
+    _check(0 <= msg.num_actors <= MAX_ACTORS, "bad_fields", f"num_actors {msg.num_actors} > {MAX_ACTORS}")
+    return msg
+
+
+def _stats(stats: dict) -> dict[str, float]:
+    """A heartbeat's statistics: at most ``MAX_STATS`` short names with finite numbers."""
+    _check(len(stats) <= MAX_STATS, "bad_fields", f"{len(stats)} heartbeat stats > {MAX_STATS}")
+    out = {}
+    for key, value in stats.items():
+        _check(isinstance(key, str) and len(key) <= 64, "bad_fields", f"heartbeat stat name {key!r:.80}")
+        number = float(value)
+        _check(math.isfinite(number), "bad_fields", f"heartbeat stat {key} = {number}")
+        out[key] = number
+    return out
+
+
+def _build_rollout_request(body: dict) -> RolloutRequest:
+    msg = RolloutRequest(
+        _field(body, "actor_id", int), _field(body, "sequences", int), _field(body, "returned", int, 0)
+    )
+    _check(0 < msg.sequences <= MAX_BATCH_SEQUENCES, "bad_fields", f"rollout request of {msg.sequences}")
+    _check(
+        0 <= msg.returned <= MAX_BATCH_SEQUENCES, "bad_fields", f"rollout request returning {msg.returned}"
+    )
+    return msg
+
+
 def _wire_dtype(array: np.ndarray) -> str:
     return "bfloat16" if array.dtype == np.uint16 else array.dtype.name
 
 
 _BUILDERS = {
-    MsgType.HELLO: lambda b, _: Hello(
-        _field(b, "actor_id", int),
-        _field(b, "config_hash", str),
-        _field(b, "protocol_version", int),
-        _field(b, "host", str, ""),
-        _field(b, "pid", int, 0),
-        _field(b, "num_actors", int, 0),
-    ),
+    MsgType.HELLO: lambda b, _: _build_hello(b),
     MsgType.WELCOME: lambda b, _: Welcome(
         _field(b, "policy_version", int),
         _field(b, "run_id", str),
@@ -525,12 +565,10 @@ _BUILDERS = {
         _field(b, "sender", str),
         _field(b, "policy_version", int),
         _field(b, "checksum", str, ""),
-        {str(k): float(v) for k, v in _field(b, "stats", dict, {}).items()},
+        _stats(_field(b, "stats", dict, {})),
     ),
     MsgType.SHUTDOWN: lambda b, _: Shutdown(_field(b, "reason", str)),
-    MsgType.ROLLOUT_REQUEST: lambda b, _: RolloutRequest(
-        _field(b, "actor_id", int), _field(b, "sequences", int), _field(b, "returned", int, 0)
-    ),
+    MsgType.ROLLOUT_REQUEST: lambda b, _: _build_rollout_request(b),
     MsgType.ROLLOUT_GRANT: lambda b, _: RolloutGrant(_field(b, "policy_version", int)),
     MsgType.WEIGHTS_CHUNK_REQUEST: lambda b, _: WeightsChunkRequest(
         _field(b, "actor_id", int), _field(b, "policy_version", int), _field(b, "index", int)

@@ -144,3 +144,43 @@ def test_an_empty_weights_buffer_is_only_an_announcement_with_a_chunk_size():
     with pytest.raises(p.ProtocolError, match="bad_shape"):
         p.decode(frames)
     assert p.decode([bytes(f) for f in p.encode(announce)]).num_chunks() == 3
+
+
+HOSTILE = {
+    # an experience array whose declared shape overflows int64, or has more than 64 dimensions
+    "overflowing shape": lambda f: with_body(
+        f, arrays=[{"name": "tokens", "dtype": "int32", "shape": [2**40, 2**40, 2**40]}, *msgpack.unpackb(f[1])["arrays"][1:]]
+    ),
+    "65 dimensions": lambda f: with_body(
+        f, arrays=[{"name": "tokens", "dtype": "int32", "shape": [1] * 65}, *msgpack.unpackb(f[1])["arrays"][1:]]
+    ),
+    "a boolean dimension": lambda f: with_body(
+        f, arrays=[{"name": "tokens", "dtype": "int32", "shape": [True]}, *msgpack.unpackb(f[1])["arrays"][1:]]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_hostile_array_shapes_are_refused_not_raised(attack):
+    """Attack table row 1 (issue 15): the error escaped ``decode`` and the learner exited."""
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode(HOSTILE[attack](frames_of("experience")))
+    assert err.value.reason == "bad_shape"
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"),
+    [
+        ("hello", {"num_actors": 2**40}),  # the learner then listed 2**40 actors that never started
+        ("hello", {"actor_id": -1}),
+        ("rollout_request", {"returned": -(10**9)}),  # counted as received: every grant halted
+        ("rollout_request", {"sequences": 0}),
+        ("heartbeat", {"stats": {f"s{i}": 1.0 for i in range(10_000)}}),  # 10,000 metrics columns a row
+        ("heartbeat", {"stats": {"x" * 1000: 1.0}}),
+        ("heartbeat", {"stats": {"x": float("nan")}}),
+    ],
+)
+def test_out_of_range_control_fields_are_refused(name, changes):
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode(with_body(frames_of(name), **changes))
+    assert err.value.reason == "bad_fields"
