@@ -128,6 +128,14 @@ def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
     )
 
 
+def vocab_size(model: nn.Module) -> int:
+    """Token ids ``model`` can embed: ``[0, vocab_size)`` (mlx-lm's model args, else the embedding's rows)."""
+    args = getattr(model, "args", None)
+    if getattr(args, "vocab_size", None):
+        return int(args.vocab_size)
+    return int(model.model.embed_tokens.weight.shape[0])
+
+
 def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
     """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``.
 

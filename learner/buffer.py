@@ -2,8 +2,10 @@
 
 Sequences arrive in groups of ``group_size`` completions of one prompt (consecutive in a batch); a group is
 accepted or dropped whole, so GRPO/RLOO baselines always see complete groups. A sequence whose score or
-log-probs are not finite, or whose log-probs are positive, drops its group (``reject/bad_score`` or
-``reject/bad_logprobs``); a group older than ``max_policy_lag`` policy versions is dropped on arrival and again
+log-probs (behaviour or reference) are not finite, or whose log-probs are positive, drops its group
+(``reject/bad_score`` or ``reject/bad_logprobs``), as do token ids outside the vocabulary (``reject/bad_tokens``:
+the embedding lookup would read out of bounds) and prompts or responses longer than the config allows
+(``reject/too_long``); a group older than ``max_policy_lag`` policy versions is dropped on arrival and again
 when a batch is taken (``lag/dropped``).
 """
 
@@ -23,6 +25,30 @@ _LOGPROB_SLACK = 1e-4  # float error can put a log-prob of a near-certain token 
 _EQUAL_SCORES = 1e-6  # scores closer than this in a group count as equal (dynamic sampling)
 
 
+@dataclass(frozen=True)
+class SequenceLimits:
+    """What a sequence may hold: token ids in ``[0, vocab_size)``, at most ``max_prompt`` prompt tokens
+    (sampling.max_prompt_tokens) and ``max_response`` response tokens (sampling.max_new_tokens)."""
+
+    vocab_size: int = 2**31 - 1
+    max_prompt: int = 2**31 - 1
+    max_response: int = 2**31 - 1
+
+
+def _problem(seq, tokens: np.ndarray, behaviour: np.ndarray, ref: np.ndarray | None, limits: SequenceLimits):
+    """Why one sequence cannot be trained on (a ``reject/...`` counter name), or None."""
+    if seq.prompt_len > limits.max_prompt or seq.response_len > limits.max_response:
+        return "reject/too_long"
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= limits.vocab_size):
+        return "reject/bad_tokens"
+    if not np.isfinite(seq.score):
+        return "reject/bad_score"
+    for logprobs in (behaviour, ref):
+        if logprobs is not None and (not np.isfinite(logprobs).all() or (logprobs > _LOGPROB_SLACK).any()):
+            return "reject/bad_logprobs"
+    return None
+
+
 @dataclass
 class Group:
     """``group_size`` sequences sampled from one prompt with one policy version."""
@@ -40,7 +66,10 @@ class Group:
 
 
 def split_groups(
-    msg: ExperienceBatch, group_size: int, drop_equal_scores: bool = False
+    msg: ExperienceBatch,
+    group_size: int,
+    drop_equal_scores: bool = False,
+    limits: SequenceLimits = SequenceLimits(),
 ) -> tuple[list[Group], Counter]:
     """Cut a batch into groups; invalid groups are left out and counted by reason.
 
@@ -68,18 +97,18 @@ def split_groups(
         for seq in msg.sequences[start : start + group_size]:
             tokens = msg.tokens[tok_at : tok_at + seq.prompt_len + seq.response_len]
             behaviour = msg.behaviour_logprobs[lp_at : lp_at + seq.response_len]
+            ref = None if group.ref is None else msg.ref_logprobs[lp_at : lp_at + seq.response_len]
+            tok_at, lp_at = tok_at + seq.prompt_len + seq.response_len, lp_at + seq.response_len
+            reason = reason or _problem(seq, tokens, behaviour, ref, limits)
+            if reason is not None:
+                continue  # the group is dropped: no need to copy the rest
             group.prompts.append(tokens[: seq.prompt_len].tolist())
             group.responses.append(tokens[seq.prompt_len :].tolist())
             group.behaviour.append(behaviour)
-            if group.ref is not None:
-                group.ref.append(msg.ref_logprobs[lp_at : lp_at + seq.response_len])
+            if ref is not None:
+                group.ref.append(ref)
             group.scores.append(seq.score)
             group.truncated.append(seq.finish_reason == "length")
-            tok_at, lp_at = tok_at + seq.prompt_len + seq.response_len, lp_at + seq.response_len
-            if not np.isfinite(seq.score):
-                reason = "reject/bad_score"
-            elif not np.isfinite(behaviour).all() or (behaviour > _LOGPROB_SLACK).any():
-                reason = reason or "reject/bad_logprobs"
         if reason is None and drop_equal_scores and np.ptp(group.scores) <= _EQUAL_SCORES:
             reason = "reject/zero_variance"
         if reason is None:
@@ -92,11 +121,19 @@ def split_groups(
 class ExperienceBuffer:
     """Accepted groups, oldest first, up to ``capacity`` sequences."""
 
-    def __init__(self, capacity: int, group_size: int, max_policy_lag: int, dynamic_sampling: bool = False):
+    def __init__(
+        self,
+        capacity: int,
+        group_size: int,
+        max_policy_lag: int,
+        dynamic_sampling: bool = False,
+        limits: SequenceLimits = SequenceLimits(),
+    ):
         self.capacity = capacity
         self.group_size = group_size
         self.max_policy_lag = max_policy_lag
         self.dynamic_sampling = dynamic_sampling
+        self.limits = limits
         self.groups: deque[Group] = deque()
         self.counters: Counter = Counter()
 
@@ -115,7 +152,7 @@ class ExperienceBuffer:
     def add(self, msg: ExperienceBatch, current_version: int) -> int:
         """Add a batch's valid, fresh groups; returns the number of sequences accepted."""
         self.counters["batches/received"] += 1
-        groups, rejects = split_groups(msg, self.group_size, self.dynamic_sampling)
+        groups, rejects = split_groups(msg, self.group_size, self.dynamic_sampling, self.limits)
         self.counters.update(rejects)
         if self.is_stale(msg.policy_version, current_version):
             self.counters["lag/dropped"] += len(groups) * self.group_size

@@ -42,6 +42,7 @@ from learner.update import (
 logger = logging.getLogger(__name__)
 
 _MAX_STATS = ("is/weight_max",)
+_GLOBAL_STATS = ("grad/norm", "update/skipped_nonfinite")  # the same on every rank already
 
 
 class PPOLearner:
@@ -323,12 +324,25 @@ class PPOLearner:
                     v if k not in stats else (mx.maximum(stats[k], v) if k in _MAX_STATS else stats[k] + v)
                 )
             mx.eval(grads, stats)
+        if not self._finite_everywhere(grads, stats["loss/total"]):
+            # A NaN/Inf loss or gradient (bad data that slipped through, an overflow) would poison every weight
+            # and every later batch: skip this step, keep the weights and Adam's state, count it.
+            logger.error(
+                "skipped an optimizer step: non-finite loss or gradients (update %d)", self.policy_version + 1
+            )
+            return stats | {"grad/norm": mx.array(float("nan")), "update/skipped_nonfinite": mx.array(1.0)}
         stats["grad/norm"] = self._apply_fn(grads)
-        with collective(
-            "the gradient all-reduce"
-        ):  # micro-batches are evaluated: this is the exchange + Adam
+        stats["update/skipped_nonfinite"] = mx.array(0.0)
+        # Micro-batches are evaluated: this is the exchange + Adam.
+        with collective("the gradient all-reduce"):
             mx.eval(self.container.parameters(), self.optimizer.state, stats)
         return stats
+
+    def _finite_everywhere(self, grads: dict, loss: mx.array) -> bool:
+        """Whether the loss and every gradient are finite on every rank (one decision for all of them)."""
+        squares = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
+        local_bad = 0.0 if bool(mx.isfinite(squares + loss).item()) else 1.0
+        return float(self._sum_over_ranks(np.array([local_bad]))[0]) == 0.0
 
     def optimize(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Run the epochs; returns stats averaged over the minibatch steps taken (every rank's tokens)."""
@@ -339,7 +353,7 @@ class PPOLearner:
             order = self.rng.permutation(size)
             for start in range(0, size, per_minibatch):
                 stats = self._minibatch_step(arrays, order[start : start + per_minibatch])
-                history.append(sum_stats_over_ranks(stats, self.group, _MAX_STATS, local=("grad/norm",)))
+                history.append(sum_stats_over_ranks(stats, self.group, _MAX_STATS, local=_GLOBAL_STATS))
                 # Global token sums: every rank takes the same early-stop decision.
                 if self.cfg.target_kl > 0 and history[-1]["policy/approx_kl"] > self.cfg.target_kl:
                     return self._average(history, early_stop=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from common import protocol
 from common.config import Config, config_hash, config_to_dict
+from common.models import vocab_size
 from common.protocol import (
     ExperienceBatch,
     Heartbeat,
@@ -42,12 +43,13 @@ from common.weights import (
     snapshot_chunk,
 )
 from learner.admission import RolloutAdmission
-from learner.buffer import ExperienceBuffer
+from learner.buffer import ExperienceBuffer, SequenceLimits
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.metrics import MetricsWriter, format_update_line
 from learner.ppo_learner import PPOLearner
 
 logger = logging.getLogger(__name__)
+REJECT_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -72,11 +74,15 @@ class LearnerService:
     def __init__(self, cfg: Config, sockets: LearnerSockets, learner: PPOLearner, run_dir: Path):
         self.cfg, self.sockets, self.learner, self.run_dir = cfg, sockets, learner, run_dir
         learner.on_progress = self.heartbeat  # heartbeats go on during a long update
+        limits = SequenceLimits(
+            vocab_size(learner.container.policy), cfg.sampling.max_prompt_tokens, cfg.sampling.max_new_tokens
+        )
         self.buffer = ExperienceBuffer(
             cfg.transport.buffer_batches * cfg.ppo.batch_size,
             cfg.ppo.group_size,
             cfg.ppo.max_policy_lag,
             cfg.ppo.dynamic_sampling,
+            limits,
         )
         self.admission = RolloutAdmission(
             max(cfg.ppo.max_policy_lag, 1) * cfg.ppo.batch_size, cfg.ppo.batch_size
@@ -108,6 +114,8 @@ class LearnerService:
         self._next_heartbeat = 0.0
         self._actors_ready = False
         self.rejected_in_a_row = 0  # batches of which no group was accepted (stale ones aside)
+        self.deferred: set[bytes] = set()  # connections whose hello reused a live actor's id
+        self._next_reject_log: dict[str, float] = {}
 
     @property
     def finished(self) -> bool:
@@ -139,8 +147,13 @@ class LearnerService:
         }
 
     def _reject(self, reason: str, detail: str) -> None:
-        self.counters[f"reject/{reason}"] += 1
-        logger.warning("rejected a message (%s): %s", reason, detail)
+        """Count a dropped message; log it at most every 10 s per reason (a flood must not flood the log)."""
+        key = f"reject/{reason}"
+        self.counters[key] += 1
+        now = time.monotonic()
+        if now >= self._next_reject_log.get(key, 0.0):
+            self._next_reject_log[key] = now + REJECT_LOG_INTERVAL_S
+            logger.warning("rejected a message (%s, %d so far): %s", reason, self.counters[key], detail)
 
     def handle_control(self, identity: bytes, frames: list[bytes]) -> None:
         try:
@@ -152,6 +165,8 @@ class LearnerService:
             self._seen(info)
         if isinstance(msg, Hello):
             self._hello(identity, msg)
+        elif info is None and identity in self.deferred:
+            self._reject("deferred_peer", f"{type(msg).__name__} from a connection whose hello waits")
         elif info is None:
             self._reject("unknown_peer", f"{type(msg).__name__} before hello")
             # An actor of an earlier incarnation of this learner (restarted): ask it to say hello again.
@@ -225,17 +240,28 @@ class LearnerService:
 
     def _hello(self, identity: bytes, msg: Hello) -> None:
         if msg.protocol_version != protocol.PROTOCOL_VERSION or msg.config_hash != self.config_hash:
-            reason = (
-                f"refused actor {msg.actor_id}: protocol v{msg.protocol_version} config {msg.config_hash}, "
-                f"learner has protocol v{protocol.PROTOCOL_VERSION} config {self.config_hash} (start both from the same config)"
+            # The learner's own hash stays in its log: a peer that could read it could then say hello with it.
+            logger.error(
+                "refused actor %d: config %s, this learner's %s",
+                msg.actor_id,
+                msg.config_hash,
+                self.config_hash,
             )
             self.counters["reject/config_mismatch"] += 1
-            logger.error("%s", reason)
+            reason = (
+                f"refused actor {msg.actor_id}: protocol v{msg.protocol_version} / config {msg.config_hash} do not "
+                f"match the learner's protocol v{protocol.PROTOCOL_VERSION} and config (start both from the same config)"
+            )
             self.sockets.reply(identity, Refuse(reason))
             return
+        if self._held_by_a_live_peer(identity, msg.actor_id):
+            self.deferred.add(identity)  # it asks again every 2 s; answered once the other goes quiet
+            return self._reject("duplicate_actor", f"actor id {msg.actor_id} is held by a live connection")
+        self.deferred.discard(identity)
         for other in [i for i, a in self.actors.items() if a.actor_id == msg.actor_id and i != identity]:
-            del self.actors[other]  # the same actor, restarted: its old connection is dead
+            old = self.actors.pop(other)  # the same actor, restarted: its old connection is dead
             self.admission.forget(other)
+            logger.info("actor %d reconnected (pid %d -> %d)", msg.actor_id, old.pid, msg.pid)
         if identity not in self.actors:
             logger.info("actor %d joined from %s (pid %d)", msg.actor_id, msg.host, msg.pid)
         self.actors[identity] = ActorInfo(msg.actor_id, msg.host, msg.pid, num_actors=msg.num_actors)
@@ -248,6 +274,18 @@ class LearnerService:
         welcome = Welcome(self.learner.policy_version, self.run_id, self.config_hash, next_batch)
         self.sockets.reply(identity, welcome)
 
+    def _held_by_a_live_peer(self, identity: bytes, actor_id: int) -> bool:
+        """Whether another connection holds ``actor_id`` and was heard from lately (2.5 heartbeats): a hello that
+        reuses a live actor's id must not kick it off; a restarted actor's old connection falls quiet."""
+        quiet_s = 2.5 * self.cfg.transport.heartbeat_s
+        return any(
+            a.actor_id == actor_id
+            and i != identity
+            and not a.gone
+            and time.monotonic() - a.last_seen < quiet_s
+            for i, a in self.actors.items()
+        )
+
     def handle_experience(self, frames: list[bytes]) -> None:
         try:
             msg = protocol.decode(frames, self.max_bytes)
@@ -255,11 +293,15 @@ class LearnerService:
             return self._reject(e.reason, str(e))
         if not isinstance(msg, ExperienceBatch):
             return self._reject("bad_type", f"{type(msg).__name__} on the experience channel")
-        for identity, info in self.actors.items():
-            if info.actor_id == msg.actor_id:
-                info.gen_tokens_per_s = msg.gen_tokens_per_s
-                self._seen(info)
-                self.admission.received(identity, len(msg.sequences))
+        senders = [(i, a) for i, a in self.actors.items() if a.actor_id == msg.actor_id]
+        if not senders:  # nothing that said hello (with the config hash, and the key under CURVE) sent it
+            return self._reject(
+                "unknown_actor", f"experience from actor {msg.actor_id}, which never said hello"
+            )
+        for identity, info in senders:
+            info.gen_tokens_per_s = msg.gen_tokens_per_s
+            self._seen(info)
+            self.admission.received(identity, len(msg.sequences))
         if msg.policy_version > self.learner.policy_version:  # sampled for an earlier run of this learner
             self._reject("future_version", f"v{msg.policy_version} > learner v{self.learner.policy_version}")
         else:
