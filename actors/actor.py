@@ -457,7 +457,11 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
         return EXIT_BAD_SETUP
     with zmq_context() as ctx:
         sockets = ActorSockets(
-            ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "actor")
+            ctx,
+            endpoints,
+            cfg.transport.experience_hwm,
+            curve_keys(cfg.transport.keys_dir, "actor"),
+            cfg.transport.max_message_mb * 2**20,
         )
         try:
             worker = ActorWorker(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)

@@ -35,6 +35,8 @@ from common import protocol
 from common.protocol import Message
 
 logger = logging.getLogger(__name__)
+CONTROL_MAX_BYTES = 1 << 20
+"""The largest frame a learner takes on its control socket (hellos, heartbeats, requests: a few hundred bytes)."""
 
 
 @dataclass(frozen=True)
@@ -161,11 +163,15 @@ def _secure(sock: zmq.Socket, keys: CurveKeys | None, server: bool) -> None:
         sock.curve_serverkey = keys.learner_public
 
 
-def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context, kind: int, hwm: int, max_bytes: int = 0) -> zmq.Socket:
+    """A socket with linger 0 and these high-water marks; ``max_bytes`` > 0 caps every incoming frame (ZeroMQ
+    drops the connection of a peer that sends more, before the frame is buffered: over tcp and ipc)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    if max_bytes > 0:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     return sock
 
 
@@ -189,13 +195,19 @@ class LearnerSockets:
     """The learner's bound sockets: PULL (experience), PUB (weights), ROUTER (control)."""
 
     def __init__(
-        self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 4, keys: CurveKeys | None = None
+        self,
+        ctx: zmq.Context,
+        endpoints: Endpoints,
+        experience_hwm: int = 4,
+        keys: CurveKeys | None = None,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self.endpoints = endpoints
         self.gate = CurveGate(ctx, keys.folder) if keys is not None else None
-        self.experience = _socket(ctx, zmq.PULL, experience_hwm)
+        self.experience = _socket(ctx, zmq.PULL, experience_hwm, max_message_bytes)
         self.weights = _socket(ctx, zmq.PUB, 2)
-        self.control = _socket(ctx, zmq.ROUTER, 1000)
+        # Actors send only small requests over control: 200 MB frames there grew a learner 173 MiB -> 3.1 GiB.
+        self.control = _socket(ctx, zmq.ROUTER, 1000, CONTROL_MAX_BYTES)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer is an error, not a silent drop
         try:
             for sock, address in (
@@ -262,15 +274,20 @@ class ActorSockets:
     """An actor's connected sockets: PUSH (experience), SUB (weights), DEALER (control)."""
 
     def __init__(
-        self, ctx: zmq.Context, endpoints: Endpoints, experience_hwm: int = 2, keys: CurveKeys | None = None
+        self,
+        ctx: zmq.Context,
+        endpoints: Endpoints,
+        experience_hwm: int = 2,
+        keys: CurveKeys | None = None,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self.endpoints = endpoints
         self.experience = _socket(ctx, zmq.PUSH, experience_hwm)
-        self.weights = _socket(ctx, zmq.SUB, 2)
+        self.weights = _socket(ctx, zmq.SUB, 2, max_message_bytes)
         self.weights.setsockopt(
             zmq.SUBSCRIBE, b""
         )  # subscribe before asking for the snapshot (Clone pattern)
-        self.control = _socket(ctx, zmq.DEALER, 100)
+        self.control = _socket(ctx, zmq.DEALER, 100, max_message_bytes)
         # Queue only to a learner that is connected: nothing piles up for a dead one, to be replayed (stale
         # requests, old-policy experience) to its successor; a send fails and the actor tries again later.
         for sock in (self.experience, self.control):

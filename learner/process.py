@@ -70,7 +70,11 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
     learner = build_learner(cfg, group)
     with zmq_context() as ctx:
         sockets = LearnerSockets(
-            ctx, endpoints, cfg.transport.experience_hwm, curve_keys(cfg.transport.keys_dir, "learner")
+            ctx,
+            endpoints,
+            cfg.transport.experience_hwm,
+            curve_keys(cfg.transport.keys_dir, "learner"),
+            cfg.transport.max_message_mb * 2**20,
         )
         service = LearnerService(cfg, sockets, learner, run_dir)
         shutdown_sent = False

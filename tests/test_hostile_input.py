@@ -155,3 +155,38 @@ def test_a_non_finite_update_is_skipped_and_the_weights_are_kept(joined):
         np.testing.assert_array_equal(np.array(value), before[name], err_msg=name)
     exp.scores[:] = np.arange(size, dtype=np.float32) % 2  # good data trains again
     assert learner.update(exp)["update/skipped_nonfinite"] == 0.0
+
+
+def test_oversized_frames_never_reach_the_learner_and_it_keeps_serving():
+    """Row 7: 20 control messages of 200 MB grew a learner 173 MiB -> 3.1 GiB. Every socket that receives now
+    caps its frames (ZeroMQ drops the sender's connection first); here 12 frames of 8 MB over tcp."""
+    import psutil
+
+    from common.transport import Endpoints, LearnerSockets, free_tcp_ports, zmq_context
+
+    with zmq_context() as ctx:
+        endpoints = Endpoints.tcp("127.0.0.1", free_tcp_ports("127.0.0.1", 3))
+        learner = LearnerSockets(ctx, endpoints, 2, max_message_bytes=16 << 20)
+        rss_before = psutil.Process().memory_info().rss
+        flood = ctx.socket(zmq.DEALER)
+        flood.connect(endpoints.control)
+        big = protocol.encode(protocol.Shutdown("x" * (8 << 20)))
+        for _ in range(12):
+            flood.send_multipart(big, copy=False)
+        pusher = ctx.socket(zmq.PUSH)
+        pusher.connect(endpoints.experience)
+        pusher.send_multipart([b"y" * (32 << 20)])  # over the experience cap too
+        polite = ctx.socket(zmq.DEALER)
+        polite.connect(endpoints.control)
+        polite.send_multipart(protocol.encode(protocol.Heartbeat("actor", 0)))
+        got = []
+        for _ in range(200):
+            got += [frames for _, _, frames in learner.poll(10)]
+            if got:
+                break
+        assert [protocol.decode(f) for f in got] == [protocol.Heartbeat("actor", 0)]
+        growth_mb = (psutil.Process().memory_info().rss - rss_before) / 2**20
+        assert growth_mb < 60, growth_mb  # the senders' own buffers aside, nothing was taken in
+        for sock in (flood, pusher, polite):
+            sock.close(linger=0)
+        learner.close()
