@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -307,6 +308,9 @@ def _coerce(value: Any, kind: Any, where: str, problems: list[str]) -> Any:
         return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{where}: {value!r} is not a finite number")
+        return None
     if kind is bool and not isinstance(value, bool):
         problems.append(f"{where}: expected true or false, got {value!r}")
         return None

@@ -77,3 +77,12 @@ def test_learner_backend_is_one_mlx_distributed_knows():
     assert load_config(None, ['run.backend="jaccl"']).run.backend == "jaccl"
     with pytest.raises(ConfigError, match="run.backend='gloo'"):
         load_config(None, ['run.backend="gloo"'])
+
+
+@pytest.mark.parametrize(
+    "setting", ["lora.alpha=nan", "ppo.vf_coef=inf", "run.reward_timeout_s=-inf", "ppo.clip_coef=nan"]
+)
+def test_non_finite_numbers_are_refused(setting):
+    """Attack table row 11 (issue 15): NaN and Inf were accepted; the run then stalled blaming the reward."""
+    with pytest.raises(ConfigError, match="is not a finite number"):
+        load_config(None, [setting])
