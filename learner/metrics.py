@@ -7,12 +7,14 @@ dependency: ``MetricsWriter(run_dir, sinks=("tensorboard", "wandb"))``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+logger = logging.getLogger(__name__)
 SINKS: Final = ("tensorboard", "wandb")
 """Names ``MetricsWriter(sinks=...)`` accepts besides the JSONL file, which is always written."""
 
@@ -34,6 +36,28 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
         for k, v in metrics.items()
         if k != "step" and isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
     }
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """One metrics row, or None for a line that is not one (torn by a crash or a full disk)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cut a last line that has no newline (a write interrupted by a crash or a full disk): appending after it
+    would glue the next row onto it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            logger.warning("%s: cut a torn last line of %d bytes", path, len(data) - cut)
+            f.truncate(cut)
 
 
 def _summary_writer_class() -> type:
@@ -132,13 +156,16 @@ class MetricsWriter:
             self._close_sinks()
             raise
         self.path = run_dir / "metrics.jsonl"
+        _cut_torn_tail(self.path)
         self._file = self.path.open("a", encoding="utf-8")
 
     def drop_after(self, step: int) -> None:
         """Keep only the rows of updates up to ``step`` (a resumed run redoes the later ones)."""
         self._file.close()
-        rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+        rows = [_row(line) for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        kept = [
+            json.dumps(r, sort_keys=True) + "\n" for r in rows if r is not None and r.get("step", 0) <= step
+        ]
         tmp = self.path.with_name(".tmp-metrics.jsonl")
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(self.path)

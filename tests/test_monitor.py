@@ -300,3 +300,19 @@ def test_tensorboard_sink_purges_updates_a_resumed_run_redoes(tmp_path: Path):
     start = tensorboardX.proto.event_pb2.SessionLog.START
     purges = [step for step, status in _session_logs(tmp_path / "tensorboard") if status == start]
     assert 2 in purges  # TensorBoard hides the old run's points from step 2 on
+
+
+def test_a_torn_last_row_neither_breaks_a_resume_nor_glues_onto_the_next(tmp_path: Path):
+    """Attack table row 10 (issue 15): a full disk cut the last row; every --resume then failed to parse it."""
+    writer = MetricsWriter(tmp_path)
+    for step in (1, 2):
+        writer.write({"step": step, "loss/policy": float(step)})
+    writer.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss/pol')  # the disk filled up here
+    resumed = MetricsWriter(tmp_path)
+    resumed.drop_after(2)
+    resumed.write({"step": 3, "loss/policy": 3.0})
+    resumed.close()
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss/policy"] == 3.0
