@@ -68,13 +68,16 @@ def load_prompt_records(spec: str) -> tuple[tuple[str, ...], Extras]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as e:
             problems.append(f"line {number}: not JSON ({e})")
+            continue
+        except RecursionError:  # a hostile or broken line of thousands of nested brackets
+            problems.append(f"line {number}: JSON nested too deeply")
             continue
         if isinstance(record, str):
             record = {"prompt": record}
@@ -91,7 +94,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_txt(path: Path) -> list[dict[str, Any]]:
-    return [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"prompt": line} for line in _text(path).splitlines() if line.strip()]
+
+
+def _text(path: Path) -> str:
+    """The file as UTF-8; invalid bytes raise TaskSetupError naming the file and where (not a bare traceback)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskSetupError(
+            f"run.prompts={str(path)!r} is not UTF-8 text: {e.reason} at byte {e.start}"
+        ) from e
 
 
 def _read_hf(spec: str) -> list[dict[str, Any]]:

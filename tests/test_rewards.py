@@ -239,3 +239,19 @@ def test_actor_scores_its_batch_through_the_configured_reward(plugin, model_cach
         assert worker.prompt_texts[seq.prompt_index] in ("say something", "say more")
     assert [s.score for s in batch.sequences] == pytest.approx(expected, nan_ok=True)
     assert 0 < sum(map(math.isnan, expected)) < len(expected)  # both kinds occur (fixed seeds)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"prompt": "ok"}\n' + b"[" * 100_000 + b"\n", "line 2: JSON nested too deeply"),
+        (b'{"prompt": "caf\xe9"}\n', "is not UTF-8 text"),
+    ],
+)
+def test_a_hostile_prompt_file_is_refused_naming_the_file(tmp_path, content, message):
+    """Attack table row 15 (issue 15): RecursionError and 3 wasted actor restarts; the error named no file."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(TaskSetupError) as err:
+        load_prompt_records(str(path))
+    assert message in str(err.value) and str(path) in str(err.value)
