@@ -8,11 +8,12 @@ are on the critical path of weight sync (BENCHMARKS.md, issue 4): the adapter la
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
-import zlib
 from collections import deque
 from itertools import accumulate
 from pathlib import Path
@@ -27,13 +28,15 @@ from common.protocol import DTYPES, Weights, WeightsChunk, WeightsChunkRequest
 
 
 def checksum(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], flat: np.ndarray) -> str:
-    """CRC-32 over names, shapes and the buffer's bytes, as 8 hex digits.
+    """BLAKE2b (128-bit) over names, shapes and the buffer's bytes, as 32 hex digits.
 
-    It guards against corruption and mix-ups (who is running what), not against an attacker: CURVE
-    authentication does that. CRC-32 runs at ~4 GB/s here, 2-3 ms for SmolLM2's 9.8 MB of rank-8 adapters.
+    A cryptographic hash, not CRC-32: a snapshot file in shared memory rewritten to keep its CRC-32 was run by
+    actors and trained on (issue 15). The learner announces the hash over the (CURVE-authenticated) socket; an
+    actor applies only bytes that hash to it. ~1 GB/s: 10 ms for SmolLM2's 9.8 MB of rank-8 adapters.
     """
-    crc = zlib.crc32(repr((names, shapes)).encode())
-    return f"{zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast('B'), crc):08x}"
+    digest = hashlib.blake2b(repr((names, shapes)).encode(), digest_size=16)
+    digest.update(memoryview(np.ascontiguousarray(flat)).cast("B"))
+    return digest.hexdigest()
 
 
 def parameter_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -181,23 +184,57 @@ class SnapshotAssembly:
 
 logger = logging.getLogger(__name__)
 # RAM-backed where the OS has it (Linux); elsewhere the temporary folder, which the page cache keeps in memory.
-SHARED_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+SHARED_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 _SHARED_NAME = re.compile(r"mlx-ppo-snapshot-(\d+)-")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def private_folder(base: Path = SHARED_BASE, create: bool = False) -> Path | None:
+    """``base/mlx-ppo-<uid>``, this user's folder for shared snapshots (made 0700 with ``create``), or None when
+    it is missing or is not a directory of this user that only this user can enter: ``/dev/shm`` is writable by
+    everyone, and a symlink or folder planted there must not receive (or supply) snapshots."""
+    folder = base / f"mlx-ppo-{os.getuid()}"
+    if create:
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if create:
+            logger.warning("%s is not a private folder of this user: snapshots go over the sockets", folder)
+        return None
+    return folder
+
+
+def _write_private(path: Path, flat: np.ndarray) -> None:
+    """Write ``flat`` to a new file ``path`` (0600; never through a symlink or onto an existing file)."""
+    path.unlink(missing_ok=True)  # a partial file left by a crash, in this user's own folder
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(flat)).cast("B"))
 
 
 class SharedSnapshots:
     """The learner's newest snapshots as files that actors on its machine read instead of receiving the bytes
-    over a socket (``Weights.shared``). The last ``keep`` stay (an actor may still be reading the one before);
-    files of learners that died are removed at start, and this learner's at ``close``."""
+    over a socket (``Weights.shared``), in this user's private folder. The last ``keep`` stay (an actor may still
+    be reading the one before); files of learners that died are removed at start, and this learner's at ``close``.
+    """
 
-    def __init__(self, run_id: str, keep: int = 2, folder: Path = SHARED_DIR):
-        self.folder, self.keep = folder, keep
+    def __init__(self, run_id: str, keep: int = 2, base: Path = SHARED_BASE):
+        self.keep = keep
+        self.folder = private_folder(base, create=True)
         self.prefix = f"mlx-ppo-snapshot-{os.getpid()}-{run_id}"
         self.paths: deque[Path] = deque()
-        self.failed = False
-        for path in folder.glob("mlx-ppo-snapshot-*"):
+        self.failed = self.folder is None
+        for path in [] if self.folder is None else self.folder.glob("mlx-ppo-snapshot-*"):
             owner = _SHARED_NAME.match(path.name)
-            if owner and not psutil.pid_exists(int(owner.group(1))):
+            if owner and not psutil.pid_exists(int(owner.group(1))) and path.is_file():
                 path.unlink(missing_ok=True)
 
     def share(self, snapshot: Weights) -> str | None:
@@ -208,7 +245,7 @@ class SharedSnapshots:
         path = self.folder / f"{self.prefix}-v{snapshot.policy_version}.bin"
         partial = path.with_suffix(".partial")
         try:
-            snapshot.flat.tofile(partial)
+            _write_private(partial, snapshot.flat)
             os.replace(partial, path)
         except OSError as e:
             partial.unlink(missing_ok=True)
@@ -228,17 +265,32 @@ class SharedSnapshots:
             self.paths.popleft().unlink(missing_ok=True)
 
 
-def read_shared(announce: Weights, folder: Path = SHARED_DIR) -> Weights | None:
+def read_shared(announce: Weights, base: Path = SHARED_BASE) -> Weights | None:
     """The announced snapshot from its shared file (memory-mapped: one copy into the model), or None when the
-    file is not on this machine or does not hold it; the checksum is verified when it is applied. Only a
-    snapshot file in ``folder`` is read, whatever path the message names."""
-    path = Path(announce.shared)
-    if path.parent != folder or not path.name.startswith("mlx-ppo-snapshot-"):
+    file is not on this machine, is not this user's private 0600 file, or does not hold it. Only a snapshot file
+    in this user's private folder is read, whatever path the message names; the checksum (BLAKE2b) is verified
+    when it is applied."""
+    path, folder = Path(announce.shared), private_folder(base)
+    if folder is None or path.parent != folder or not path.name.startswith("mlx-ppo-snapshot-"):
         return None
+    expected = sum(announce.sizes()) * np.dtype(DTYPES[announce.dtype]).itemsize
     try:
-        flat = np.memmap(announce.shared, dtype=DTYPES[announce.dtype], mode="r")
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
         return None
-    if flat.size != sum(announce.sizes()):
-        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.getuid()
+            or st.st_mode & 0o077
+            or st.st_size != expected
+        ):
+            return None
+        try:
+            flat = np.memmap(
+                f, dtype=DTYPES[announce.dtype], mode="r"
+            )  # the mapping outlives the file object
+        except (OSError, ValueError):
+            return None
     return dataclasses.replace(announce, flat=flat, chunk_size=0, shared="")

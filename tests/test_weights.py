@@ -1,6 +1,9 @@
 """Policy snapshots: what the learner publishes is exactly what an actor ends up running, or a clear error."""
 
 import dataclasses
+import os
+import stat
+import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +19,8 @@ from common.weights import (
     SharedSnapshots,
     SnapshotAssembly,
     announcement,
+    checksum,
+    private_folder,
     read_shared,
     shared_announcement,
     snapshot_chunk,
@@ -127,25 +132,95 @@ def test_chunks_of_another_snapshot_or_size_are_not_taken():
 
 
 def test_shared_snapshots_are_files_the_newest_two_kept_and_removed_at_close(tmp_path):
-    dead = tmp_path / "mlx-ppo-snapshot-999999999-oldrun-v3.bin"  # of a learner that died: no such pid
+    folder = private_folder(tmp_path, create=True)
+    assert folder is not None and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    dead = folder / "mlx-ppo-snapshot-999999999-oldrun-v3.bin"  # of a learner that died: no such pid
     dead.write_bytes(b"x")
-    shared = SharedSnapshots("run", keep=2, folder=tmp_path)
+    shared = SharedSnapshots("run", keep=2, base=tmp_path)
     assert not dead.exists()
     paths = [shared.share(dataclasses.replace(_snapshot(), policy_version=v)) for v in (1, 2, 3, 3, 3)][:3]
     assert [Path(p).exists() for p in paths] == [False, True, True]
+    assert stat.S_IMODE(Path(paths[-1]).stat().st_mode) == 0o600
     announce = shared_announcement(_snapshot(), _snapshot(), paths[-1])
     assert announce.flat.size == 0 and announce.num_chunks() == 1  # elsewhere: one chunk to fetch
-    assert read_shared(announce) is None  # a path outside the shared-memory folder is not read
-    assert read_shared(dataclasses.replace(announce, shared="/etc/passwd"), folder=Path("/etc")) is None
-    local = read_shared(announce, folder=tmp_path)
+    assert read_shared(announce) is None  # a path outside this user's shared-memory folder is not read
+    assert read_shared(dataclasses.replace(announce, shared="/etc/passwd"), base=Path("/etc")) is None
+    local = read_shared(announce, base=tmp_path)
     assert local is not None and local.chunk_size == 0 and np.array_equal(local.flat, _snapshot().flat)
     shared.close()
-    assert not any(tmp_path.iterdir())
-    assert read_shared(announce, folder=tmp_path) is None  # gone (or elsewhere): the actor fetches the chunks
+    assert not any(folder.iterdir())
+    assert read_shared(announce, base=tmp_path) is None  # gone (or elsewhere): the actor fetches the chunks
 
 
 def test_a_snapshot_that_cannot_be_written_is_not_shared(tmp_path):
-    shared = SharedSnapshots("run", folder=tmp_path / "missing")  # no such folder: as a full /dev/shm fails
+    shared = SharedSnapshots("run", base=tmp_path / "missing")  # no such folder: as a full /dev/shm fails
     assert shared.share(_snapshot()) is None and not shared.paths
     (tmp_path / "missing").mkdir()
     assert shared.share(_snapshot()) is None  # not tried again: the snapshots go over the sockets
+
+
+def test_a_planted_folder_or_symlink_never_receives_a_snapshot(tmp_path):
+    """Attack table row 8 (issue 15): a symlink planted at the snapshot's path in /dev/shm was written through
+    (another owner's file overwritten), and a directory planted there stopped every later learner."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    folder = tmp_path / f"mlx-ppo-{os.getuid()}"
+    folder.symlink_to(tmp_path, target_is_directory=True)  # the folder itself planted as a symlink
+    assert private_folder(tmp_path, create=True) is None
+    assert SharedSnapshots("run", base=tmp_path).share(_snapshot()) is None  # over the sockets instead
+    folder.unlink()
+    folder.mkdir(mode=0o777)
+    os.chmod(folder, 0o777)  # a folder others can write into
+    assert SharedSnapshots("run", base=tmp_path).share(_snapshot()) is None
+    os.chmod(folder, 0o700)
+    shared = SharedSnapshots("run", base=tmp_path)
+    target = folder / f"{shared.prefix}-v{_snapshot().policy_version}"
+    target.with_suffix(".partial").symlink_to(victim)  # planted where the partial file goes
+    target.with_suffix(".bin").mkdir()  # and a directory where the snapshot goes
+    assert shared.share(_snapshot()) is None  # refused, not written through
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_shared_file_others_could_write_is_not_read(tmp_path):
+    shared = SharedSnapshots("run", base=tmp_path)
+    path = shared.share(_snapshot())
+    announce = shared_announcement(_snapshot(), _snapshot(), path)
+    assert read_shared(announce, base=tmp_path) is not None
+    os.chmod(path, 0o666)
+    assert read_shared(announce, base=tmp_path) is None
+
+
+def _crc32_suffix(prefix_crc: int, data: bytes, target: int) -> bytes:
+    """4 bytes that, appended to ``data``, make zlib's CRC-32 (started from ``prefix_crc``) equal ``target``."""
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        table.append(c)
+    top = {t >> 24: i for i, t in enumerate(table)}
+    indices, want = [], target ^ 0xFFFFFFFF
+    for _ in range(4):  # walk back from the wanted register: each step's table index from its top byte
+        i = top[want >> 24]
+        indices.insert(0, i)
+        want = ((want ^ table[i]) << 8) & 0xFFFFFFFF
+    register, out = zlib.crc32(data, prefix_crc) ^ 0xFFFFFFFF, bytearray()
+    for i in indices:
+        out.append((register ^ i) & 0xFF)
+        register = (register >> 8) ^ table[i]
+    return bytes(out)
+
+
+def test_a_rewrite_that_keeps_the_crc32_is_refused():
+    """Attack table row 9 (issue 15): a same-user rewrite of a snapshot file keeping its CRC-32 was applied by
+    actors (and trained on). The checksum is BLAKE2b now: a forged buffer no longer passes."""
+    snapshot = _snapshot()
+    raw = bytearray(memoryview(np.ascontiguousarray(snapshot.flat)).cast("B"))
+    prefix = zlib.crc32(repr((snapshot.names, snapshot.shapes)).encode())
+    target = zlib.crc32(bytes(raw), prefix)
+    raw[:4] = np.float32(7.0).tobytes()  # the attacker's weights
+    forged = bytes(raw[:-4]) + _crc32_suffix(prefix, bytes(raw[:-4]), target)
+    assert zlib.crc32(forged, prefix) == target  # CRC-32 cannot tell
+    original = checksum(snapshot.names, snapshot.shapes, snapshot.flat)
+    flat = np.frombuffer(forged, snapshot.flat.dtype)
+    assert checksum(snapshot.names, snapshot.shapes, flat) != original
