@@ -481,3 +481,5 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
             return 0
         finally:
             sockets.close()
+            if hasattr(worker.scorer, "close"):  # a reward plugin's process
+                worker.scorer.close()

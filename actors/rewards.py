@@ -12,6 +12,7 @@ names (or all, with ``**kwargs``), so a plain ``(prompt, completion)`` function 
 
 Every reward is used through a ``Scorer``: ``(prompts, completions) -> list[float]`` for a whole batch, NaN where
 the reward raised, ran past its time limit or gave a non-finite number (logged; the learner drops that group).
+A ``module:function`` plugin runs in a child process that is killed when it hangs (``actors/reward_process.py``).
 """
 
 from __future__ import annotations
@@ -176,10 +177,10 @@ def load_reward(
         except (OSError, ValueError) as e:
             raise TaskSetupError(f"run.reward={spec!r}: {e}") from e
         return BatchedScorer(model.score, {}, timeout_s)
-    fn = import_function(spec)
-    if getattr(fn, "batched", False) is True:
-        return BatchedScorer(fn, task.extras, timeout_s)
-    return PerSampleScorer(fn, task.extras, timeout_s)
+    fn = import_function(spec)  # here too: an import error is a setup error, said at once
+    from actors.reward_process import ProcessScorer
+
+    return ProcessScorer(spec, task.extras, timeout_s, batched=getattr(fn, "batched", False) is True)
 
 
 def import_function(spec: str) -> Callable[..., Any]:

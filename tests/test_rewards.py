@@ -255,3 +255,76 @@ def test_a_hostile_prompt_file_is_refused_naming_the_file(tmp_path, content, mes
     with pytest.raises(TaskSetupError) as err:
         load_prompt_records(str(path))
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+HOSTILE_PLUGIN = """
+import signal, subprocess, sys
+
+def _hang():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # as C code that blocks signals may
+    while True:
+        pass
+
+def backtracks(prompt, completion):
+    if completion == "hang":
+        _hang()
+    return 1.0
+
+def chatty(prompt, completion):
+    for _ in range(200_000):
+        print("x" * 100)  # 20 MB of output per sample
+    return 2.0
+
+def forks(prompt, completion):
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    if completion == "hang":
+        _hang()
+    return 3.0
+"""
+
+
+@pytest.fixture
+def hostile(tmp_path, monkeypatch):
+    (tmp_path / "hostile_rewards.py").write_text(HOSTILE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "hostile_rewards"
+
+
+def test_a_reward_hung_in_c_code_is_killed_and_the_rest_scored(hostile):
+    """Attack table row 13 (issue 15): a plugin looping inside C code hung the actor forever. Here the loop has
+    blocked the timer's signal, so only killing its process ends it."""
+    scorer = load_reward(f"{hostile}:backtracks", get_task("letters"), timeout_s=1.0)
+    try:
+        scores = scorer(["p", "p", "p"], ["ok", "hang", "fine"])
+        assert scores[0] == 1.0 and math.isnan(scores[1]) and scores[2] == 1.0
+        assert scorer.killed == 1
+    finally:
+        scorer.close()
+
+
+def test_a_reward_that_prints_a_flood_is_capped_in_the_log(hostile, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="actors.reward_process")
+    scorer = load_reward(f"{hostile}:chatty", get_task("letters"), timeout_s=30.0)
+    try:
+        assert scorer(["p", "p"], ["a", "b"]) == [2.0, 2.0]
+    finally:
+        scorer.close()
+    forwarded = [r for r in caplog.records if "xxxx" in r.getMessage()]
+    assert 0 < len(forwarded) <= 20  # of 400,000 lines: the window's share, the rest counted and dropped
+
+
+def test_what_a_hung_reward_started_dies_with_it(hostile):
+    import psutil
+
+    scorer = load_reward(f"{hostile}:forks", get_task("letters"), timeout_s=1.0)
+    try:
+        scores = scorer(["p", "p"], ["ok", "hang"])
+        assert scores[0] == 3.0 and math.isnan(scores[1])
+    finally:
+        scorer.close()
+    sleepers = [
+        p for p in psutil.process_iter(["cmdline"]) if "time.sleep(600)" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert sleepers == []
