@@ -63,6 +63,13 @@ class Group:
     scores: list[float]
     truncated: list[bool]
     """Each response was cut at sampling.max_new_tokens (finish reason 'length')."""
+    prompt_index: int = -1
+    """Which prompt of the actor's prompt list the group answers (-1: not said)."""
+
+    @property
+    def origin(self) -> tuple[int, int, int]:
+        """``(actor id, batch id, prompt index)``: where the group came from, unique within a run."""
+        return (self.actor_id, self.batch_id, self.prompt_index)
 
 
 def split_groups(
@@ -92,6 +99,7 @@ def split_groups(
             [] if msg.ref_logprobs is not None else None,
             [],
             [],
+            msg.sequences[start].prompt_index,
         )
         reason = None
         for seq in msg.sequences[start : start + group_size]:
@@ -196,5 +204,6 @@ class ExperienceBuffer:
             policy_versions=np.array([g.policy_version for g, _ in seqs], np.int64),
             ref_logprobs=[g.ref[i] for g, i in seqs] if with_ref else None,
             truncated=np.array([g.truncated[i] for g, i in seqs], bool),
+            origins=[g.origin for g in taken],
         )
         return exp, current_version - exp.policy_versions

@@ -115,6 +115,7 @@ class LearnerService:
         self._actors_ready = False
         self.rejected_in_a_row = 0  # batches of which no group was accepted (stale ones aside)
         self.deferred: set[bytes] = set()  # connections whose hello reused a live actor's id
+        self.incarnations: dict[int, tuple[str, int]] = {}  # actor id -> (host, pid) of its latest hello
         self._next_reject_log: dict[str, float] = {}
 
     @property
@@ -269,6 +270,12 @@ class LearnerService:
         next_batch = -1
         if msg.num_actors == self.resumed_num_actors:  # the same prompt shards as the checkpointed run
             next_batch = self.resume_batch.pop(msg.actor_id, -1)
+        previous = self.incarnations.get(msg.actor_id)
+        if next_batch < 0 and previous not in (None, (msg.host, msg.pid)):
+            # A restarted actor continues after the newest batch its predecessor delivered (which it would
+            # otherwise generate again from its first one): nothing trained twice, nothing undelivered skipped.
+            next_batch = self.next_batch.get(msg.actor_id, -1)
+        self.incarnations[msg.actor_id] = (msg.host, msg.pid)
         if next_batch >= 0:
             logger.info("actor %d continues at batch %d (from the checkpoint)", msg.actor_id, next_batch)
         welcome = Welcome(self.learner.policy_version, self.run_id, self.config_hash, next_batch)
@@ -365,6 +372,7 @@ class LearnerService:
         if self.cfg.ppo.max_policy_lag > 0:  # the next batches generate while this one trains
             self.grant_rollouts()  # (with no lag allowed, only after: they must sample the new policy)
         stats = self.learner.update(exp)
+        stats["trained/groups"] = [list(origin) for origin in exp.origins or []]  # for audits: exactly once
         self.step_count += 1
         if self.step_count % self.cfg.run.sync_every == 0:
             self.publish_weights()

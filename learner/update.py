@@ -49,6 +49,8 @@ class Experience:
     """Reference log-probs per response token, when actors computed them."""
     truncated: np.ndarray | None = None
     """``[B]`` bool: the response was cut at ``sampling.max_new_tokens`` (None: none was)."""
+    origins: list[tuple[int, int, int]] | None = None
+    """Per group: ``(actor id, batch id, prompt index)``, reported in the update's metrics (``trained/groups``)."""
 
 
 @dataclass
