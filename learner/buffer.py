@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -207,3 +208,44 @@ class ExperienceBuffer:
             origins=[g.origin for g in taken],
         )
         return exp, current_version - exp.policy_versions
+
+
+def save_groups(groups: list[Group], path: Path) -> None:
+    """Write buffered groups to ``path`` (``.npz`` of plain arrays; read back with pickling off)."""
+    seqs = [(g, i) for g in groups for i in range(len(g.scores))]
+    with_ref = bool(groups) and all(g.ref is not None for g in groups)
+    arrays = {
+        "groups": np.array([[g.actor_id, g.batch_id, g.policy_version, g.prompt_index] for g in groups], np.int64),
+        "sequences": np.array(
+            [[k, len(g.prompts[i]), len(g.responses[i]), g.truncated[i]] for k, g in enumerate(groups) for i in range(len(g.scores))],
+            np.int64,
+        ).reshape(-1, 4),
+        "scores": np.array([g.scores[i] for g, i in seqs], np.float64),
+        "tokens": np.array([t for g, i in seqs for t in g.prompts[i] + g.responses[i]], np.int32),
+        "behaviour": np.concatenate([g.behaviour[i] for g, i in seqs]).astype(np.float32) if seqs else np.zeros(0, np.float32),
+        "ref": np.concatenate([g.ref[i] for g, i in seqs]).astype(np.float32) if with_ref and seqs else np.zeros(0, np.float32),
+    }  # fmt: skip
+    with path.open("wb") as f:
+        np.savez(f, with_ref=np.array(with_ref), **arrays)
+
+
+def load_groups(path: Path) -> list[Group]:
+    """The groups ``save_groups`` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    groups = [Group(int(a), int(b), int(v), [], [], [], [] if arrays["with_ref"] else None, [], [], int(p))
+              for a, b, v, p in arrays["groups"]]  # fmt: skip
+    tok_at = lp_at = 0
+    for (k, prompt_len, response_len, truncated), score in zip(
+        arrays["sequences"], arrays["scores"], strict=True
+    ):
+        group, end = groups[int(k)], tok_at + prompt_len + response_len
+        group.prompts.append(arrays["tokens"][tok_at : tok_at + prompt_len].tolist())
+        group.responses.append(arrays["tokens"][tok_at + prompt_len : end].tolist())
+        group.behaviour.append(arrays["behaviour"][lp_at : lp_at + response_len].copy())
+        if group.ref is not None:
+            group.ref.append(arrays["ref"][lp_at : lp_at + response_len].copy())
+        group.scores.append(float(score))
+        group.truncated.append(bool(truncated))
+        tok_at, lp_at = end, lp_at + response_len
+    return groups

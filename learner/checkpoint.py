@@ -6,8 +6,9 @@ A checkpoint ``<run_dir>/checkpoints/step-NNNNNN/`` holds
 - ``trainable.safetensors``: every trainable tensor (adapters or full weights, and the value model; the float32
   master copies when the model trains in bf16/fp16),
 - ``optimizer.safetensors``: Adam's moments and step count,
-- ``learner_state.json``: policy version, update count, KL coefficient, each actor's next batch (its prompt
-  cursor and sampling seeds follow from it) and the resolved config it ran with. The learner's random draws
+- ``buffer.npz``: the experience accepted but not trained yet (restored into the buffer on resume),
+- ``learner_state.json``: policy version, update count, KL coefficient, each actor's next batch (after its newest
+  received one; its prompt cursor and sampling seeds follow from it) and the resolved config it ran with. The learner's random draws
   follow from (run seed, policy version) alone (``PPOLearner._reseed``), so there is no RNG state to save.
 
 It is written into a temporary folder and renamed into place, so a crash never leaves a half checkpoint; the
@@ -29,6 +30,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from common.config import LoraConfig
 from common.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights, atomic_write, save_adapters
+from learner.buffer import Group, load_groups, save_groups
 from learner.ppo_learner import PPOLearner
 
 logger = logging.getLogger(__name__)
@@ -36,10 +38,14 @@ logger = logging.getLogger(__name__)
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE_FILE = "learner_state.json"
+BUFFER = "buffer.npz"
 
 
-def _write_checkpoint(folder: Path, learner: PPOLearner, lora: LoraConfig, extra: dict[str, Any]) -> None:
+def _write_checkpoint(
+    folder: Path, learner: PPOLearner, lora: LoraConfig, buffered: list[Group], extra: dict[str, Any]
+) -> None:
     container = learner.container
+    save_groups(buffered, folder / BUFFER)
     if adapter_weights(container.policy):  # full fine-tuning has none: trainable.safetensors holds all
         save_adapters(container.policy, folder, lora)
     mx.save_safetensors(str(folder / TRAINABLE), learner.trainable_weights())
@@ -55,7 +61,13 @@ def _write_checkpoint(folder: Path, learner: PPOLearner, lora: LoraConfig, extra
 
 
 def save_checkpoint(
-    run_dir: Path, learner: PPOLearner, lora: LoraConfig, step: int, keep: int = 3, **extra: Any
+    run_dir: Path,
+    learner: PPOLearner,
+    lora: LoraConfig,
+    step: int,
+    keep: int = 3,
+    buffered: list[Group] | None = None,
+    **extra: Any,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically, refresh ``adapters/``, keep the newest ``keep``."""
     root = run_dir / "checkpoints"
@@ -64,7 +76,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_checkpoint(tmp, learner, lora, {"step": step, **extra})
+    _write_checkpoint(tmp, learner, lora, buffered or [], {"step": step, **extra})
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     _refresh_latest_adapters(final, run_dir / "adapters")
@@ -126,3 +138,9 @@ def load_checkpoint(folder: Path, learner: PPOLearner) -> dict[str, Any]:
     mx.eval(learner.container.parameters(), learner.optimizer.state)
     logger.info("resumed from %s (update %d, policy v%d)", folder, state["step"], learner.policy_version)
     return state
+
+
+def load_buffered(folder: Path) -> list[Group]:
+    """The untrained experience a checkpoint holds (none in checkpoints from before it was kept)."""
+    path = folder / BUFFER
+    return load_groups(path) if path.is_file() else []

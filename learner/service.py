@@ -44,7 +44,7 @@ from common.weights import (
 )
 from learner.admission import RolloutAdmission
 from learner.buffer import ExperienceBuffer, SequenceLimits
-from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.checkpoint import load_buffered, load_checkpoint, save_checkpoint
 from learner.metrics import MetricsWriter, format_update_line
 from learner.ppo_learner import PPOLearner
 
@@ -391,21 +391,17 @@ class LearnerService:
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Checkpoint the learner and where each actor's prompts continue (``learner/checkpoint.py``).
-
-        An actor continues at its oldest batch still buffered (not trained yet), else after its newest
-        received one: experience accepted but not trained is generated again after a resume, not skipped.
-        """
-        next_batch = dict(self.next_batch)
-        for group in self.buffer.groups:
-            next_batch[group.actor_id] = min(next_batch.get(group.actor_id, 0), group.batch_id)
+        """Checkpoint the learner, the experience buffered but not trained yet, and where each actor continues:
+        after its newest batch received (``learner/checkpoint.py``). A resumed run then trains every group
+        exactly once: the buffered ones from the checkpoint, the ones granted or in flight regenerated."""
         return save_checkpoint(
             self.run_dir,
             self.learner,
             self.cfg.lora,
             self.step_count,
             keep=self.cfg.run.keep_checkpoints,
-            actor_next_batch={str(k): v for k, v in sorted(next_batch.items())},
+            buffered=list(self.buffer.groups),
+            actor_next_batch={str(k): v for k, v in sorted(self.next_batch.items())},
             num_actors=self.expected_actors,
             config=config_to_dict(self.cfg),
         )
@@ -413,6 +409,7 @@ class LearnerService:
     def resume(self, folder: Path) -> None:
         """Continue from the checkpoint ``folder``: learner state, update count, actors' prompt positions."""
         state = load_checkpoint(folder, self.learner)
+        self.buffer.groups.extend(load_buffered(folder))
         self.step_count = self.resumed_step = int(state["step"])
         self.resume_batch = {int(k): int(v) for k, v in state.get("actor_next_batch", {}).items()}
         self.next_batch = dict(self.resume_batch)
