@@ -18,6 +18,7 @@ newest ``keep`` are kept. ``<run_dir>/adapters`` always holds the latest policy 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,10 +55,37 @@ def _write_checkpoint(
     state = {
         "policy_version": learner.policy_version,
         "kl_coef": learner.kl_controller.value,
+        "files": {p.name: _fingerprint(p) for p in sorted(folder.iterdir())},  # checked before a resume
         **extra,
     }
     # Written last: a folder with this file is complete (the rename makes that atomic anyway).
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "blake2b": digest.hexdigest()}
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with the checkpoint ``folder`` (a missing, truncated or changed file), or None if it is
+    whole. Checkpoints written before files were fingerprinted are checked for their state file only."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} unreadable ({e})"
+    for name, expected in state.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written (truncated?)"
+        if _fingerprint(path)["blake2b"] != expected["blake2b"]:
+            return f"{name} changed since it was written (corrupt)"
+    return None
 
 
 def save_checkpoint(
@@ -76,7 +104,11 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_checkpoint(tmp, learner, lora, buffered or [], {"step": step, **extra})
+    try:
+        _write_checkpoint(tmp, learner, lora, buffered or [], {"step": step, **extra})
+    except BaseException:  # a full disk, say: the half-written folder goes, the previous checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     _refresh_latest_adapters(final, run_dir / "adapters")
@@ -95,12 +127,17 @@ def _refresh_latest_adapters(checkpoint: Path, latest: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of ``run_dir``, or None."""
+    """The newest whole checkpoint of ``run_dir``, or None. A damaged newer one is reported and passed over."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
     complete = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return max(complete, key=lambda p: p.name, default=None)
+    for folder in sorted(complete, key=lambda p: p.name, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.error("checkpoint %s is damaged: %s; trying the one before it", folder.name, problem)
+    return None
 
 
 def _assign_in_place(target: Any, source: Any, where: str = "") -> None:

@@ -10,7 +10,9 @@ from common.config import Config
 from common.transport import Endpoints, LearnerSockets, curve_keys, zmq_context
 
 logger = logging.getLogger(__name__)
-SHUTDOWN_FLUSH_MS = 2000  # how long the final shutdown may take to reach actors once the sockets close
+SHUTDOWN_FLUSH_MS = 2000
+EXIT_WRITE_FAILED = 4
+"""The learner could not write its metrics or a checkpoint (a full disk): restarting it would not help."""  # how long the final shutdown may take to reach actors once the sockets close
 
 
 def build_learner(cfg: Config, group=None):
@@ -92,10 +94,22 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
                 learner.policy_version,
                 learner.pool.size,
             )
-            while not service.finished and not stop["requested"]:
-                service.step(timeout_ms=100)
-            if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
-                service.save_checkpoint()
+            try:
+                while not service.finished and not stop["requested"]:
+                    service.step(timeout_ms=100)
+                if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
+                    service.save_checkpoint()
+            except OSError as e:  # a full disk or a failing drive under the run folder: stop, say where it stands
+                newest = latest_checkpoint(run_dir)
+                logger.error(
+                    "cannot write the run's files (%s): stopping after %d updates; resume with --resume from %s",
+                    e,
+                    service.step_count,
+                    newest.name if newest else "the start (no checkpoint yet)",
+                )
+                service.shutdown("learner stopped: cannot write its files")
+                shutdown_sent = True
+                return EXIT_WRITE_FAILED
             service.shutdown("run finished" if service.finished else "learner stopped")
             shutdown_sent = True
         finally:

@@ -95,3 +95,66 @@ def test_bf16_master_weights_survive_a_checkpoint(model_cache, tmp_path):
     assert all(v.dtype == mx.bfloat16 for v in model_b.values())
     for _, state in tree_flatten(b.optimizer.state):
         assert state.dtype in (mx.float32, mx.uint64)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "remove", "break the state"])
+@pytest.mark.parametrize(
+    "name", ["adapters.safetensors", "trainable.safetensors", "optimizer.safetensors", "buffer.npz"]
+)
+def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(
+    model_cache, tmp_path, caplog, name, damage
+):
+    """Issue 15: a corrupt or truncated newest checkpoint is found before a resume loads it."""
+    learner, _ = make_learner(model_cache, batch_size=8, num_minibatches=1, micro_batch_size=8)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, learner, LORA, step=step)
+    newest = tmp_path / "checkpoints" / "step-000002"
+    target = newest / name
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip a byte":
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    elif damage == "remove":
+        target.unlink()
+    else:
+        target.write_text(data.decode()[:20])
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    assert "checkpoint step-000002 is damaged" in caplog.text
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from tests.test_checkpoint import LORA, make_learner
+from learner.checkpoint import checkpoint_problem, latest_checkpoint, save_checkpoint
+
+run = Path(sys.argv[1])
+learner, _ = make_learner(Path(sys.argv[2]), batch_size=8, num_minibatches=1, micro_batch_size=8)
+save_checkpoint(run, learner, LORA, step=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(run, learner, LORA, step=2)
+except OSError as e:
+    print("write failed:", e.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("left:", sorted(p.name for p in (run / "checkpoints").iterdir()))
+print("latest:", latest_checkpoint(run).name, checkpoint_problem(latest_checkpoint(run)))
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_whole(model_cache, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_runtime import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path / "run"), str(model_cache)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "write failed: File too large" in out.stdout
+    assert "left: ['step-000001']" in out.stdout  # no half-written folder
+    assert "latest: step-000001 None" in out.stdout
