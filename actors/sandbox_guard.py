@@ -1,7 +1,8 @@
-"""The child side of ``actors/sandbox.py``: limit this process, then run ``solution.py`` and ``tests.py``.
+"""The child side of ``actors/sandbox.py``: limit this process, run ``solution.py``, report what each case gave.
 
-Run as ``python -I -S -B sandbox_guard.py`` in a fresh scratch folder (the current directory), with a JSON
-object on stdin: ``{"nonce": str, "cpu_s": int, "memory_mb": int, "output_kb": int}``. Standard library only.
+Run as ``python -I -S -B sandbox_guard.py`` in a fresh scratch folder (the current directory; inside bubblewrap
+where there is one), with a JSON object on stdin: ``{"nonce": str, "cases": [expr, ...], "cpu_s": int,
+"memory_mb": int, "output_kb": int, "results_fd": int}``. Standard library only.
 
 1. Resource limits (soft = hard, so the code cannot raise them back without privileges): CPU seconds (SIGXCPU,
    then SIGKILL), address space (allocations past it raise MemoryError; Linux, ignored where the OS refuses it,
@@ -9,12 +10,11 @@ object on stdin: ``{"nonce": str, "cpu_s": int, "memory_mb": int, "output_kb": i
    not enforced for root).
 2. An audit hook (PEP 578) that ends the process at once (exit code ``BLOCKED``, the event on stderr) on
    sockets, processes (``os.system``, ``subprocess``, ``fork``, ``exec``, ``kill``), ``ctypes``, and writes or
-   deletions outside the scratch folder. Exiting, rather than raising, means ``try``/``except`` in the code
-   cannot carry on.
-3. The solution, then the tests, in one fresh namespace. Only when both finish does the nonce (from stdin, kept
-   in a local of ``main``) go to stdout: exiting early, even with code 0 (``sys.exit``, ``os._exit``), is not
-   a pass. Code that deliberately walks the interpreter's frames up into ``main`` could read the nonce: this
-   guards against accidents and cheap tricks, not against code written to defeat this harness.
+   deletions outside the scratch folder: defence in depth; the operating system's isolation is the boundary.
+3. The solution, then each case's expression in its namespace. Each value is turned into plain JSON by exact
+   type (``int``, ``float``, ``str``, ``bool``, ``None``, ``list``/``tuple``, ``dict`` with ``str`` keys):
+   anything else (a subclass, an object with its own ``__eq__``) is an error for that case. One results line goes
+   to the results file; the parent compares with the expected values, which this process never sees.
 """
 
 import contextlib
@@ -78,27 +78,60 @@ def _make_hook(scratch: str, write=os.write, exit_now=os._exit, realpath=os.path
     return hook
 
 
+def _plain_maker():
+    """``plain(value)``: ``value`` as plain JSON data, by exact type; raises TypeError for anything else. What it
+    uses is bound here, before the candidate's code runs (which may replace builtins)."""
+    kinds, type_, list_, dict_, tuple_, str_ = (
+        (int, float, str, bool, type(None)),
+        type,
+        list,
+        dict,
+        tuple,
+        str,
+    )
+    zip_, len_ = zip, len
+
+    def plain(value, depth=0):
+        kind = type_(value)
+        if depth > 20:
+            raise TypeError("nested too deeply")
+        if kind in kinds:
+            return value
+        if kind is list_ or kind is tuple_:
+            return [plain(v, depth + 1) for v in value]
+        if kind is dict_ and all(type_(k) is str_ for k in value):
+            keys = list_(value)
+            return dict_(zip_(keys, [plain(value[k], depth + 1) for k in keys])) if len_(keys) else {}
+        raise TypeError(f"{kind.__name__} is not a plain value")
+
+    return plain
+
+
 def main() -> None:
     settings = json.loads(sys.stdin.read())
-    nonce = settings["nonce"]
     os.close(0)
     _set_limits(settings["cpu_s"], settings["memory_mb"], settings["output_kb"])
     scratch = os.path.realpath(os.getcwd())
     with open("solution.py", encoding="utf-8") as f:
         solution = compile(f.read(), "solution.py", "exec")
-    with open("tests.py", encoding="utf-8") as f:
-        tests = compile(f.read(), "tests.py", "exec")
-    run, write, exit_now, stdout = exec, os.write, os._exit, sys.stdout  # locals: immune to monkeypatching
+    cases = [compile(expr, f"case {i}", "eval") for i, expr in enumerate(settings["cases"])]
+    # Locals, bound before the candidate runs: immune to its monkeypatching of os, json, builtins.
+    run, evaluate, write, exit_now, dumps = exec, eval, os.write, os._exit, json.dumps
+    results_fd, nonce, plain, name_of = settings["results_fd"], settings["nonce"], _plain_maker(), type
     sys.addaudithook(_make_hook(scratch))
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
         run(solution, namespace)
-        run(tests, namespace)
-    except BaseException as e:  # SystemExit and KeyboardInterrupt included: anything that is not a pass
-        write(2, f"sandbox: {type(e).__name__}: {e}\n".encode(errors="replace"))
+    except BaseException as e:  # SystemExit and KeyboardInterrupt included: nothing is a pass then
+        write(2, f"sandbox: {name_of(e).__name__}: {e}\n".encode(errors="replace"))
         exit_now(1)
-    stdout.flush()
-    write(1, f"\n{nonce}\n".encode())
+    results = []
+    for case in cases:
+        try:
+            results.append({"value": plain(evaluate(case, namespace))})
+        except BaseException as e:
+            results.append({"error": f"{name_of(e).__name__}: {e}"[:300]})
+    write(results_fd, (dumps({"nonce": nonce, "results": results}) + "\n").encode())
     exit_now(0)
 
 
