@@ -68,6 +68,22 @@ def learner_rank_env(run_dir: Path, host: str, rank: int, num_learners: int) -> 
     return {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
 
 
+def with_local_keys(cfg, run_dir: Path):
+    """``cfg`` with ``transport.keys_dir`` set to ``<run_dir>/keys`` (made once, kept for a resume) when it asks
+    for ``transport.local_auth`` and names no keys of its own."""
+    import dataclasses
+
+    from common.transport import make_keys
+
+    if not cfg.transport.local_auth or cfg.transport.keys_dir:
+        return cfg
+    keys = run_dir / "keys"
+    if not (keys / "learner.key_secret").is_file():
+        make_keys(keys)
+    keys.chmod(0o700)
+    return dataclasses.replace(cfg, transport=dataclasses.replace(cfg.transport, keys_dir=str(keys)))
+
+
 def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path, resume: bool = False) -> int:
     """Start the learner rank(s) and actors, supervise them, and return the run's exit code.
 
@@ -95,6 +111,7 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path, resu
         return 2
     run_dir = Path(cfg.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = with_local_keys(cfg, run_dir)
     config_path = run_dir / "config.toml"
     config_path.write_text(config_to_toml(cfg))
     host = cfg.transport.host

@@ -232,6 +232,9 @@ class TransportConfig:
     keys_dir: str = ""
     """Folder with the run's ZeroMQ CURVE keys (``python launch.py keys DIR`` makes them); every socket is then
     encrypted and the learner admits only actors holding a key from it. Required when ``host`` is not loopback."""
+    local_auth: bool = False
+    """CURVE for a run on this machine too: the launcher makes keys in ``<run_dir>/keys`` (folder 0700, secrets
+    0600) unless ``keys_dir`` is set. Without it any local process can connect to the loopback ports."""
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def curve_keys(keys_dir: str, role: str) -> CurveKeys | None:
 def make_keys(folder: str | Path) -> list[Path]:
     """Write a learner and an actor CURVE key pair (``NAME.key`` public, ``NAME.key_secret``) into ``folder``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     written = []
     for name in ("learner", "actor"):
         public, secret = zmq.auth.create_certificates(str(folder), name)

@@ -99,7 +99,9 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
                     service.step(timeout_ms=100)
                 if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
                     service.save_checkpoint()
-            except OSError as e:  # a full disk or a failing drive under the run folder: stop, say where it stands
+            except (
+                OSError
+            ) as e:  # a full disk or a failing drive under the run folder: stop, say where it stands
                 newest = latest_checkpoint(run_dir)
                 logger.error(
                     "cannot write the run's files (%s): stopping after %d updates; resume with --resume from %s",

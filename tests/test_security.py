@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actors.actor import ActorWorker
@@ -132,3 +133,56 @@ def test_base_addresses_name_three_consecutive_ports():
     for bad in ("10.0.0.5:5555", "tcp://10.0.0.5", "tcp://:5555", "udp://h:1", "tcp://h:65535"):
         with pytest.raises(ValueError, match="tcp://HOST:PORT"):
             Endpoints.from_base(bad)
+
+
+def test_a_local_run_with_local_auth_keeps_local_processes_without_its_key_out(model_cache, tmp_path):
+    """Loopback is not a trust boundary on a shared machine (issue 15): with ``transport.local_auth`` the
+    launcher makes the run's keys (private), and a local process without them cannot say hello or send
+    experience; one with a key pair of its own is refused and counted."""
+    import json
+    import re
+
+    import psutil
+
+    from common import protocol
+    from common.config import config_hash
+    from tests.test_runtime import finish, metric_rows, start_tiny_launcher, wait_until
+
+    run_dir = tmp_path / "run"
+    launcher = start_tiny_launcher(model_cache, run_dir, "transport.local_auth=true")
+    try:
+        wait_until(launcher, lambda: len(metric_rows(run_dir)) >= 1, "a first update")
+        keys = run_dir / "keys"
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+        assert stat.S_IMODE((keys / "learner.key_secret").stat().st_mode) == 0o600
+        learner = next(
+            p for p in psutil.Process(launcher.pid).children() if " learner " in " ".join(p.cmdline())
+        )
+        cmdline = learner.cmdline()
+        endpoints = Endpoints(**json.loads(cmdline[cmdline.index("--endpoints") + 1]))
+        cfg = load_config(run_dir / "config.toml")
+        make_keys(tmp_path / "other")
+        shutil.copy(keys / "learner.key", tmp_path / "other" / "learner.key")
+        with zmq_context() as ctx:
+            strangers = [
+                ActorSockets(ctx, endpoints, 2, None),
+                ActorSockets(ctx, endpoints, 2, CurveKeys.load(tmp_path / "other", "actor")),
+            ]
+            for i, s in enumerate(strangers):
+                s.request(protocol.Hello(actor_id=5 + i, config_hash=config_hash(cfg)))
+                forged = protocol.ExperienceBatch(0, 999, 0, (protocol.Sequence_(2, 1, 1.0, "stop"),),
+                                                  np.array([1, 2, 3], np.int32), np.array([-1.0], np.float32))  # fmt: skip
+                s.send_experience(forged, timeout_ms=100)
+            rows_then = len(metric_rows(run_dir))
+            wait_until(launcher, lambda: len(metric_rows(run_dir)) >= rows_then + 3, "three more updates")
+            for s in strangers:
+                s.close()
+    finally:
+        launcher.send_signal(2)
+        log = finish(launcher, run_dir)
+    assert launcher.returncode == 0, log[-3000:]
+    rows = metric_rows(run_dir)
+    assert not re.search(r"actor [56] joined", log)
+    assert all(row["actors/connected"] <= 2 for row in rows)
+    assert rows[-1]["reject/curve_denied"] >= 1  # the one with a key pair of its own
+    assert all(group[1] != 999 for row in rows for group in row["trained/groups"])
