@@ -174,3 +174,33 @@ def test_an_async_run_killed_and_resumed_trains_every_group_exactly_once(model_c
     groups = trained_groups(broken)
     assert_each_group_once_and_no_gaps(groups)
     assert len(groups) == len(expected) == 6 * 10 // 2
+
+
+def test_a_full_disk_stops_the_run_with_a_clear_error_and_the_last_checkpoint_whole(model_cache, tmp_path):
+    """Issue 15: the run folder on a 400 KB tmpfs holds one checkpoint of the tiny model (~250 KB), not two: the
+    second one fails with ENOSPC midway. The learner says so, names the checkpoint to resume from, exits 4; the
+    half-written folder is gone and the first checkpoint is whole."""
+    from learner.checkpoint import checkpoint_problem, latest_checkpoint
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)], capture_output=True
+    ).returncode:
+        import pytest
+
+        pytest.skip("needs to mount a tmpfs (root)")
+    try:
+        run_dir = small / "run"
+        launcher = start_tiny_launcher(model_cache, tmp_path / "log", "run.checkpoint_every=2",
+                                       args=("--actors", "1", "--max-updates", "50", "--run-dir", str(run_dir)))  # fmt: skip
+        log = finish(launcher, tmp_path / "log", 300)
+        assert launcher.returncode != 0, log[-3000:]
+        assert "No space left on device" in log and "resume with --resume from step-000002" in log
+        assert "learner-0 exited with code 4" in log
+        checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert checkpoints == ["step-000002"]  # no half-written .tmp folder left behind
+        assert checkpoint_problem(run_dir / "checkpoints" / "step-000002") is None
+        assert latest_checkpoint(run_dir).name == "step-000002"
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
