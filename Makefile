@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 # Every process runs with the optimized BLAS preloaded where one exists (see common/blas.py).
 WITH_BLAS := $(PY) -m common.blas --
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-stress lint bench clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ lint: setup
 
 test: setup lint
 	$(WITH_BLAS) $(PY) -m pytest -q tests
+
+# The suite while two busy processes compete for the cores (a shared machine): timing races show up here.
+test-stress: setup lint
+	$(PY) tests/under_load.py --busy 2 -- $(WITH_BLAS) $(PY) -m pytest -q tests
 
 # Every benchmark, then bench/report.py rewrites the generated blocks of BENCHMARKS.md from bench/results/*.json.
 # The soak runs SOAK_MINUTES (3) here; BENCHMARKS.md's 10-minute soak is `make bench SOAK_MINUTES=10`, or alone:
