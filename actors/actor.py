@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from actors.tasks import PromptSampler, Task
 from common import protocol
 from common.config import EXIT_BAD_SETUP, Config, config_hash
 from common.cpu_ops import use_fast_cpu_ops
+from common.logs import RateLimitFilter
 from common.protocol import (
     ExperienceBatch,
     Heartbeat,
@@ -38,6 +40,7 @@ from common.transport import ActorSockets, curve_keys
 from common.weights import AdapterSync, SnapshotAssembly, read_shared
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RateLimitFilter())  # a learner (or an impostor) sending junk must not flood the log
 
 
 class ActorStopped(Exception):
@@ -104,6 +107,10 @@ class ActorWorker:
         self.pending: ExperienceBatch | None = None
         self.granted = 0  # batches the learner allowed and this actor has not generated yet
         self.run_id = ""  # the learner's, from its welcome
+        self.token = ""  # this admission's, from the welcome: every experience batch carries it
+        self.incarnation = (
+            uuid.uuid4().hex
+        )  # this process's: tells the learner a restart from a repeated hello
         self.grant_version = 0  # generate only with at least the learner's version at the latest grant
         self._next_snapshot_request = 0.0
         self._reported_drops = 0  # stale-dropped sequences already given back to the learner's admission
@@ -187,7 +194,7 @@ class ActorWorker:
         if self.run_id and msg.run_id != self.run_id:  # a new learner: its snapshot replaces ours
             logger.info("the learner restarted (run %s -> %s): taking its snapshot", self.run_id, msg.run_id)
             self.policy_version, self.epoch, self.fetch = -1, self.epoch + 1, None
-        self.run_id = msg.run_id
+        self.run_id, self.token = msg.run_id, msg.token
         if msg.next_batch >= 0:  # resumed from a checkpoint: redo what it had not trained
             self.batch_id, self.epoch = msg.next_batch, self.epoch + 1
             self.sampler.cursor = msg.next_batch * self.prompts_per_batch
@@ -230,6 +237,7 @@ class ActorWorker:
             host=socket.gethostname(),
             pid=os.getpid(),
             num_actors=self.num_actors,
+            incarnation=self.incarnation,
         )
 
     def poll_connect(self, timeout_ms: int = 200) -> bool:
@@ -302,6 +310,7 @@ class ActorWorker:
             np.concatenate([c.logprobs for c in completions]).astype(np.float32),
             self._reference(completions),
             gen_tokens_per_s=self.stats.as_dict()["gen_tokens_per_s"],
+            token=self.token,
         )
         self.batch_id += 1
         return batch

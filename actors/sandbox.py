@@ -162,7 +162,7 @@ def isolation() -> str:
     """'bwrap', 'sandbox-exec' or 'audit-hook' (probed once per process; a warning when only the last)."""
     if sys.platform.startswith("linux") and (bwrap := shutil.which("bwrap")):
         probe = subprocess.run(
-            [bwrap, *_bwrap_args(tempfile.gettempdir()), "--", "/bin/true"], capture_output=True, timeout=10
+            [bwrap, *_bwrap_args(), "--", _python(), "-c", ""], capture_output=True, timeout=10
         )
         if probe.returncode == 0:
             return "bwrap"
@@ -176,12 +176,25 @@ def isolation() -> str:
     return "audit-hook"
 
 
-def _bwrap_args(scratch: str) -> list[str]:
+SANDBOX_TMP_MB = 64
+"""Size of the sandbox's private ``/tmp`` (its working folder under bubblewrap): RAM it may fill, at most."""
+
+
+def _python() -> str:
+    """The real interpreter (not a virtual environment's link to it: with ``-I -S`` no site-packages is used)."""
+    return os.path.realpath(sys.executable)
+
+
+def _bwrap_args() -> list[str]:
+    """What the sandbox sees: the system's programs and libraries and the Python installation, read-only; a
+    private /tmp of ``SANDBOX_TMP_MB`` as its working folder. Not /home, /root, /work, /etc: no run folder, no
+    keys, no credentials, no prompt data with the tests' answers."""
+    paths = ["/usr", "/bin", "/lib", "/lib64", "/sbin", os.path.realpath(sys.base_prefix), str(GUARD)]
+    binds = [a for path in dict.fromkeys(paths) for a in ("--ro-bind-try", path, path)]
     return [
-        "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-        "--bind", scratch, scratch, "--chdir", scratch,
-        "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
-        "--die-with-parent", "--new-session", "--clearenv",
+        *binds, "--dev", "/dev", "--proc", "/proc", "--size", str(SANDBOX_TMP_MB << 20), "--tmpfs", "/tmp",
+        "--chdir", "/tmp", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
+        "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
     ]  # fmt: skip
 
 
@@ -194,11 +207,11 @@ _MACOS_PROFILE = """(version 1)
 
 
 def _command(scratch: str) -> list[str]:
-    python = [sys.executable, "-I", "-S", "-B", str(GUARD)]
+    python = [_python(), "-I", "-S", "-B", str(GUARD)]
     mode = isolation()
     if mode == "bwrap":
-        env = [a for k, v in _environment(scratch).items() for a in ("--setenv", k, v)]
-        return [shutil.which("bwrap"), *_bwrap_args(scratch), *env, "--", *python]
+        env = [a for k, v in _environment("/tmp").items() for a in ("--setenv", k, v)]
+        return [shutil.which("bwrap"), *_bwrap_args(), *env, "--", *python]
     if mode == "sandbox-exec":
         return ["sandbox-exec", "-p", _MACOS_PROFILE.format(scratch=scratch), *python]
     return python
@@ -284,10 +297,9 @@ def run_python_cases(code: str, cases: list[Check], limits: SandboxLimits | None
     limits = limits or SandboxLimits()
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="mlx-ppo-sandbox-"))
     nonce = secrets.token_hex(16)
-    settings = {"nonce": nonce, "cases": [c.expr for c in cases], "cpu_s": limits.cpu_s,
+    settings = {"nonce": nonce, "code": code, "cases": [c.expr for c in cases], "cpu_s": limits.cpu_s,
                 "memory_mb": limits.memory_mb, "output_kb": limits.output_kb}  # fmt: skip
-    try:
-        Path(scratch, "solution.py").write_text(code, encoding="utf-8")
+    try:  # the working folder: under bubblewrap its private /tmp; elsewhere this scratch folder
         returncode, output, raw = _run_child(scratch, settings, limits.wall_s)
     finally:
         _remove(scratch)

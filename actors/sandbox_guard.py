@@ -1,8 +1,8 @@
 """The child side of ``actors/sandbox.py``: limit this process, run ``solution.py``, report what each case gave.
 
-Run as ``python -I -S -B sandbox_guard.py`` in a fresh scratch folder (the current directory; inside bubblewrap
-where there is one), with a JSON object on stdin: ``{"nonce": str, "cases": [expr, ...], "cpu_s": int,
-"memory_mb": int, "output_kb": int, "results_fd": int}``. Standard library only.
+Run as ``python -I -S -B sandbox_guard.py`` in a fresh working folder (the current directory: bubblewrap's private
+/tmp, or a scratch folder), with a JSON object on stdin: ``{"nonce": str, "code": str, "cases": [expr, ...],
+"cpu_s": int, "memory_mb": int, "output_kb": int, "results_fd": int}``. Standard library only.
 
 1. Resource limits (soft = hard, so the code cannot raise them back without privileges): CPU seconds (SIGXCPU,
    then SIGKILL), address space (allocations past it raise MemoryError; Linux, ignored where the OS refuses it,
@@ -112,12 +112,12 @@ def main() -> None:
     os.close(0)
     _set_limits(settings["cpu_s"], settings["memory_mb"], settings["output_kb"])
     scratch = os.path.realpath(os.getcwd())
-    with open("solution.py", encoding="utf-8") as f:
-        solution = compile(f.read(), "solution.py", "exec")
+    solution = compile(settings["code"], "solution.py", "exec")
     cases = [compile(expr, f"case {i}", "eval") for i, expr in enumerate(settings["cases"])]
     # Locals, bound before the candidate runs: immune to its monkeypatching of os, json, builtins.
     run, evaluate, write, exit_now, dumps = exec, eval, os.write, os._exit, json.dumps
     results_fd, nonce, plain, name_of = settings["results_fd"], settings["nonce"], _plain_maker(), type
+    streams = (sys.stdout, sys.stderr)
     sys.addaudithook(_make_hook(scratch))
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
@@ -131,6 +131,9 @@ def main() -> None:
             results.append({"value": plain(evaluate(case, namespace))})
         except BaseException as e:
             results.append({"error": f"{name_of(e).__name__}: {e}"[:300]})
+    for stream in streams:  # what the code printed, for the logs (os._exit does not flush)
+        with contextlib.suppress(Exception):
+            stream.flush()
     write(results_fd, (dumps({"nonce": nonce, "results": results}) + "\n").encode())
     exit_now(0)
 

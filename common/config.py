@@ -160,7 +160,7 @@ class PPOUpdateConfig:
     """Weight of a KL-to-reference term in the loss, as GRPO's paper and TRL do (0: none); estimator
     ``kl_loss_estimator``."""
     kl_loss_estimator: str = "k2"
-    """KL estimator of the loss term: 'k2' (0.5 r^2: its gradient is the exact gradient of KL(pi || ref)) or
+    """KL estimator of the loss term: 'k2' (0.5 r^2: its gradient is that of each token's KL(pi || ref)) or
     'k3' ((e^-r - 1) + r, GRPO's: unbiased value, but its gradient is that of the reverse KL(ref || pi));
     'k1' is refused (its expected gradient is 0)."""
     kl_estimator: str = "k1"

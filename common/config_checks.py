@@ -79,6 +79,12 @@ def validate_run(cfg: Config) -> list[str]:
             f"ppo.overlong_buffer={cfg.ppo.overlong_buffer} must be at most sampling.max_new_tokens="
             f"{cfg.sampling.max_new_tokens}"
         )
+    steps = r.max_updates * cfg.ppo.update_epochs * cfg.ppo.num_minibatches
+    if cfg.ppo.warmup_steps >= steps and (cfg.ppo.warmup_steps or cfg.ppo.lr_schedule != "constant"):
+        p.append(
+            f"ppo.warmup_steps={cfg.ppo.warmup_steps} is not below the run's {steps} optimizer steps "
+            "(run.max_updates x update_epochs x num_minibatches): the learning rate would never reach its peak"
+        )
     if cfg.sampling.max_rows < 0:
         p.append(f"sampling.max_rows={cfg.sampling.max_rows} must be >= 0 (0: the whole batch at once)")
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
@@ -216,6 +222,15 @@ def validate_objective(u: PPOUpdateConfig) -> list[str]:
         p.append(f"ppo.overlong_buffer={u.overlong_buffer} must be >= 0 (0: a quarter of max_new_tokens)")
     if u.policy_ratio == "sequence" and not u.is_critic_free:
         p.append("ppo.policy_ratio='sequence' (GSPO) needs a sequence-level advantage: use grpo or rloo")
+    elif u.policy_ratio == "sequence" and u.loss_aggregation != "seq_mean_token_mean":
+        p.append(
+            f"ppo.policy_ratio='sequence' (GSPO) averages over sequences: set ppo.loss_aggregation="
+            f"'seq_mean_token_mean' (not {u.loss_aggregation!r}, which weights sequences by their length)"
+        )
+    if u.kl_target > 0 and u.kl_coef <= 0:
+        p.append(
+            f"ppo.kl_target={u.kl_target}: the adaptive controller scales ppo.kl_coef, which must start > 0"
+        )
     if u.advantage_norm != "auto" and not u.is_critic_free:
         p.append(
             f"ppo.advantage_norm={u.advantage_norm!r} is for grpo/rloo; with a critic use whiten_advantages"

@@ -150,7 +150,18 @@ def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
 
 
 def next_token_logits(model: nn.Module, tokens: mx.array, cache: list) -> mx.array:
-    """``model(tokens, cache=cache)``, with the float32 head when the model is marked for it: ``[B, L, V]``."""
-    if getattr(model, "float32_head", False):
-        return lm_head_logits(model, model.model(tokens, cache=cache))
-    return model(tokens, cache=cache)
+    """``model(tokens, cache=cache)``, with the float32 head when the model is marked for it: ``[B, L, V]``.
+
+    The sampler's path (not compiled): the float32 copy of the head is made once per weight array, not at every
+    decoding step (a [V, H] cast per token would cost more than the step)."""
+    if not getattr(model, "float32_head", False):
+        return model(tokens, cache=cache)
+    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    hidden = model.model(tokens, cache=cache)
+    if "scales" in layer:  # quantized: as it is
+        return lm_head_logits(model, hidden)
+    cached = getattr(model, "_float32_head_cache", None)
+    if cached is None or cached[0] is not layer.weight:  # new weights (a full fine-tuning snapshot)
+        cached = (layer.weight, layer.weight.astype(mx.float32))
+        object.__setattr__(model, "_float32_head_cache", cached)  # a plain attribute, not a parameter
+    return hidden.astype(mx.float32) @ cached[1].T

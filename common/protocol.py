@@ -81,6 +81,8 @@ class Hello:
     pid: int = 0
     num_actors: int = 0
     """Actors in this actor's run (the learner reports the ones that never start); 0: unknown."""
+    incarnation: str = ""
+    """Random per actor process: tells a restarted actor from the same one saying hello again."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class Welcome:
     config_hash: str = ""
     next_batch: int = -1
     """The actor's next batch id (its prompt cursor and seeds follow) from the checkpoint; -1: keep its own."""
+    token: str = ""
+    """Secret of this admission: the actor puts it in every experience batch (PUSH/PULL names no sender, so
+    without it anyone who can reach the port could send as this actor), and batches of an earlier admission
+    (a dead predecessor's, an earlier learner run's) carry another one and are dropped."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,8 @@ class ExperienceBatch:
     behaviour_logprobs: np.ndarray
     ref_logprobs: np.ndarray | None = None
     gen_tokens_per_s: float = 0.0
+    token: str = ""
+    """The token of the Welcome this actor process got (see ``Welcome.token``)."""
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,7 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
             "batch_id": msg.batch_id,
             "policy_version": msg.policy_version,
             "gen_tokens_per_s": msg.gen_tokens_per_s,
+            "token": msg.token,
             "sequences": [
                 [s.prompt_len, s.response_len, s.score, s.finish_reason, s.prompt_index]
                 for s in msg.sequences
@@ -405,6 +414,7 @@ def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = 
 
 def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBatch:
     raw = _field(body, "sequences", list)
+    _check(len(raw) <= MAX_BATCH_SEQUENCES, "bad_lengths", f"{len(raw)} sequences > {MAX_BATCH_SEQUENCES}")
     sequences = []
     for s in raw:
         _check(isinstance(s, list) and len(s) >= 4, "bad_fields", f"sequence entry {s!r:.80}")
@@ -421,6 +431,7 @@ def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBa
             isinstance(score, int | float) and not isinstance(score, bool), "bad_fields", f"score {score!r}"
         )
         prompt_index = s[4] if len(s) > 4 and isinstance(s[4], int) else 0
+        _check(prompt_index >= 0, "bad_fields", f"prompt index {prompt_index}")
         sequences.append(Sequence_(prompt_len, response_len, float(score), str(reason), prompt_index))
     tokens, behaviour = arrays.get("tokens"), arrays.get("behaviour_logprobs")
     _check(
@@ -449,7 +460,7 @@ def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBa
             "bad_dtype",
             f"ref_logprobs {ref.dtype} {ref.shape}",
         )
-    return ExperienceBatch(
+    msg = ExperienceBatch(
         _field(body, "actor_id", int),
         _field(body, "batch_id", int),
         _field(body, "policy_version", int),
@@ -458,7 +469,15 @@ def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBa
         behaviour,
         ref,
         float(_field(body, "gen_tokens_per_s", (int, float), 0.0)),
+        _field(body, "token", str, ""),
     )
+    _check(
+        msg.batch_id >= 0 and msg.policy_version >= 0,
+        "bad_fields",
+        f"batch {msg.batch_id} v{msg.policy_version}",
+    )
+    _check(math.isfinite(msg.gen_tokens_per_s), "bad_fields", f"gen_tokens_per_s {msg.gen_tokens_per_s}")
+    return msg
 
 
 def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
@@ -514,6 +533,7 @@ def _build_hello(body: dict) -> Hello:
         _field(body, "host", str, ""),
         _field(body, "pid", int, 0),
         _field(body, "num_actors", int, 0),
+        _field(body, "incarnation", str, "")[:64],
     )
     _check(0 <= msg.actor_id < MAX_ACTORS, "bad_fields", f"actor id {msg.actor_id}")
     _check(0 <= msg.num_actors <= MAX_ACTORS, "bad_fields", f"num_actors {msg.num_actors} > {MAX_ACTORS}")
@@ -554,6 +574,7 @@ _BUILDERS = {
         _field(b, "run_id", str),
         _field(b, "config_hash", str, ""),
         _field(b, "next_batch", int, -1),
+        _field(b, "token", str, ""),
     ),
     MsgType.REFUSE: lambda b, _: Refuse(_field(b, "reason", str), _field(b, "rejoin", bool, False)),
     MsgType.EXPERIENCE: _build_experience,

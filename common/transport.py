@@ -32,10 +32,15 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from common import protocol
+from common.logs import RateLimitFilter
 from common.protocol import Message
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RateLimitFilter())  # what peers send decides how often these fire
 CONTROL_MAX_BYTES = 1 << 20
+CONTROL_HWM = 256
+"""Replies queued per actor on the learner's control socket (8 minutes of heartbeats): a peer that asks for
+snapshot chunks and never reads them holds at most this many (then replies to it are dropped)."""
 """The largest frame a learner takes on its control socket (hellos, heartbeats, requests: a few hundred bytes)."""
 
 
@@ -207,7 +212,7 @@ class LearnerSockets:
         self.experience = _socket(ctx, zmq.PULL, experience_hwm, max_message_bytes)
         self.weights = _socket(ctx, zmq.PUB, 2)
         # Actors send only small requests over control: 200 MB frames there grew a learner 173 MiB -> 3.1 GiB.
-        self.control = _socket(ctx, zmq.ROUTER, 1000, CONTROL_MAX_BYTES)
+        self.control = _socket(ctx, zmq.ROUTER, CONTROL_HWM, CONTROL_MAX_BYTES)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer is an error, not a silent drop
         try:
             for sock, address in (

@@ -141,8 +141,10 @@ def group_advantages(
     Samples of one prompt are consecutive. The baseline: GRPO ``s - mean_group``; RLOO ``s - mean of the other
     samples`` = ``G / (G - 1) * (s - mean_group)`` (Ahmadian et al. 2024). The scale (``norm``; default GRPO's
     'group' for grpo, 'none' for rloo): 'group' divides by the group's std (unbiased; GRPO), 'batch' by the
-    std of every score in the batch (``batch_moments``: ``masked_moments`` of the scores summed over ranks, the
-    whole batch's; LitePPO, Liu et al. 2025, arXiv:2508.08221), 'none' keeps the raw difference (Dr. GRPO,
+    std of every score in the batch around the batch mean (``batch_moments``: ``masked_moments`` of the scores
+    summed over ranks, the whole batch's; LitePPO's formula, Liu et al. 2025, arXiv:2508.08221, and TRL's
+    ``scale_rewards="batch"``; AReaL's ``std_level="batch"`` pools the deviations from each group's mean
+    instead, a smaller number), 'none' keeps the raw difference (Dr. GRPO,
     Liu et al. 2025, arXiv:2503.20783: dividing by the std up-weights prompts that are too easy or too hard).
     """
     if group_size < 2 or len(scores) % group_size:

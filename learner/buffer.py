@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common.logs import RateLimitFilter
 from common.protocol import ExperienceBatch
 from learner.update import Experience
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RateLimitFilter())  # what peers send decides how often these fire
 _LOGPROB_SLACK = 1e-4  # float error can put a log-prob of a near-certain token just above 0
 _EQUAL_SCORES = 1e-6  # scores closer than this in a group count as equal (dynamic sampling)
 

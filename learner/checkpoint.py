@@ -102,7 +102,8 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a learner that died while writing (or this one)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         _write_checkpoint(tmp, learner, lora, buffered or [], {"step": step, **extra})
@@ -136,7 +137,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        logger.error("checkpoint %s is damaged: %s; trying the one before it", folder.name, problem)
+        aside = folder.with_name(f"damaged-{folder.name}")  # kept for a look, out of the newest-N count
+        logger.error(
+            "checkpoint %s is damaged: %s; moved to %s, trying the one before it",
+            folder.name,
+            problem,
+            aside.name,
+        )
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
     return None
 
 
@@ -170,6 +179,8 @@ def load_checkpoint(folder: Path, learner: PPOLearner) -> dict[str, Any]:
     learner.load_trainable_weights({k: v.astype(expected[k].dtype) for k, v in trainable.items()})
     optimizer_state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER)).items()))
     _assign_in_place(learner.optimizer.state, optimizer_state)
+    if not learner.optimizer._schedulers:  # a constant rate: this run's setting, not the checkpoint's
+        learner.optimizer.state["learning_rate"] = mx.array(learner.cfg.learning_rate)
     learner.policy_version = int(state["policy_version"])
     learner.kl_controller.value = float(state["kl_coef"])
     mx.eval(learner.container.parameters(), learner.optimizer.state)

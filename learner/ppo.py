@@ -22,9 +22,10 @@ from common import cpu_ops
 
 
 def masked_sum_over(x: mx.array, mask: mx.array, num_tokens: mx.array | float | None = None) -> mx.array:
-    """``sum(x * mask) / num_tokens`` (``num_tokens`` defaults to ``mask.sum()``, at least 1)."""
+    """``sum(x * mask) / num_tokens`` (``num_tokens`` defaults to ``mask.sum()``, at least 1); positions outside
+    the mask count 0 even where ``x`` is inf or NaN there (padding)."""
     denominator = mx.maximum(mask.sum(), 1.0) if num_tokens is None else num_tokens
-    return (x * mask).sum() / denominator
+    return mx.where(mask != 0, x * mask, 0.0).sum() / denominator
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def importance_weights(
     cap: float = 2.0,
     low: float = 0.5,
     high: float = 2.0,
+    per_sequence: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """Per-token off-policy weights from ``w = pi_proximal / pi_behaviour``: ``[B, T]`` -> ``(weights, kept)``.
 
@@ -72,9 +74,14 @@ def importance_weights(
     - ``sequence_mask``: a sequence whose geometric-mean ``w`` (``exp(mean_t log w)``, length-neutral) is outside
       ``[low, high]`` is left out whole; kept tokens weigh ``min(w, cap)``.
 
-    ``kept`` is 1 where a token stays in the loss. Both are constants for the gradient.
+    ``kept`` is 1 where a token stays in the loss. Both are constants for the gradient. ``per_sequence`` (GSPO's
+    sequence-level ratio) replaces each token's ``w`` by its sequence's geometric mean first, so the correction
+    adds no token-level variance back.
     """
     log_w = proximal_logprobs - behaviour_logprobs
+    if per_sequence:
+        lengths = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+        log_w = mx.broadcast_to((log_w * mask).sum(axis=1, keepdims=True) / lengths, log_w.shape)
     w = mx.exp(log_w)
     if correction == "truncate":
         return mx.stop_gradient(mx.minimum(w, cap)), mx.ones_like(w)
@@ -124,7 +131,11 @@ def policy_stats(
     of tokens the correction left out), and ``is/weight_max``."""
     ratio = mx.stop_gradient(ratio)
     bounded = (ratio < 1.0 - clip.low) & (advantages < 0) | (ratio > 1.0 + clip.high) & (advantages > 0)
-    return {
+    stats = {}
+    if clip.dual > 0:  # negative-advantage tokens whose loss the dual clip bounded (verl's pg_clipfrac_lower)
+        dual = (advantages < 0) & (ratio > clip.dual)
+        stats["policy/dual_clipfrac"] = masked_sum_over(dual.astype(mx.float32), mask, num_tokens)
+    return stats | {
         "policy/clipfrac": masked_sum_over(bounded.astype(mx.float32), mask, num_tokens),
         "policy/approx_kl": masked_sum_over(k3(-mx.log(ratio)), mask, num_tokens),
         "is/weight_mean": masked_sum_over(is_weights, mask, num_tokens),
@@ -135,7 +146,8 @@ def policy_stats(
 
 def k2(log_ratio: mx.array) -> mx.array:
     """``0.5 * r^2`` of a log-ratio ``r = log pi / ref`` on samples of pi: biased for KL(pi || ref), but as a
-    *loss* its expected gradient ``E[r * grad log pi]`` is exactly the gradient of KL(pi || ref)."""
+    per-token *loss* its expected gradient ``E[r * grad log pi]`` is that of each token's KL(pi || ref) (not how a
+    token shifts the later ones: docs/algorithms.md)."""
     return 0.5 * mx.square(log_ratio)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -23,7 +24,7 @@ from common.logprobs import gather_token_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
 from learner import advantages as adv
 from learner.aggregation import default_overlong_buffer, loss_weights, overlong_penalty
-from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks, world_size
+from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks
 from learner.kl_control import make_kl_controller
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.optimizer import MasterWeights, make_adam, schedule_of, to_float32
@@ -42,7 +43,7 @@ from learner.update import (
 logger = logging.getLogger(__name__)
 
 _MAX_STATS = ("is/weight_max",)
-_GLOBAL_STATS = ("grad/norm", "update/skipped_nonfinite")  # the same on every rank already
+_GLOBAL_STATS = ("grad/norm", "update/skipped_nonfinite", "update/skipped_empty")  # the same on every rank
 
 
 class PPOLearner:
@@ -258,8 +259,9 @@ class PPOLearner:
         if self.cfg.kl_loss_coef > 0:
             arrays["ref"] = ref.astype(np.float32)
         stats = self._batch_stats(exp, batch, recomputed, ref, scores)
+        global_size = int(stats.pop("_global_size"))  # every rank's sequences
         if ref is not None:  # the controller sees the whole batch, as one learner on the union would
-            self.kl_controller.update(stats["kl/ref_mean"], batch.size * world_size(self.group))
+            self.kl_controller.update(stats["kl/ref_mean"], global_size)
         return arrays, stats
 
     @property
@@ -289,6 +291,7 @@ class PPOLearner:
             "rollout/truncated_frac": float(sums[4] / size),
             "rollout/shaped_score_mean": float(self._sum_over_ranks(np.array([scores.sum()]))[0] / size),
         }
+        stats["_global_size"] = float(sums[5])
         if ref is not None:
             stats["kl/ref_mean"] = float(sums[0] / size)
         if not self.proximal_in_step:
@@ -302,9 +305,10 @@ class PPOLearner:
         # The minibatch's normalisers, over every rank: each micro-batch of each rank divides by them, so their
         # token sums add up to exactly the loss of one learner on the union (whatever the lengths per rank).
         local = np.array([arrays["units"][indices].sum(), arrays["mask"][indices].sum()], np.float64)
-        normaliser, num_tokens = (
-            mx.array(max(v, 1.0), dtype=mx.float32) for v in self._sum_over_ranks(local)
-        )
+        global_counts = self._sum_over_ranks(local)
+        if global_counts[0] <= 0:  # every sequence masked out (all truncated, say): no gradient, no Adam step
+            return {"update/skipped_empty": mx.array(1.0)}
+        normaliser, num_tokens = (mx.array(max(v, 1.0), dtype=mx.float32) for v in global_counts)
         grads, stats = None, {}
         step_keys = [k for k in arrays if k != "units"]
         shards = [
@@ -355,13 +359,20 @@ class PPOLearner:
                 stats = self._minibatch_step(arrays, order[start : start + per_minibatch])
                 history.append(sum_stats_over_ranks(stats, self.group, _MAX_STATS, local=_GLOBAL_STATS))
                 # Global token sums: every rank takes the same early-stop decision.
-                if self.cfg.target_kl > 0 and history[-1]["policy/approx_kl"] > self.cfg.target_kl:
+                if self.cfg.target_kl > 0 and history[-1].get("policy/approx_kl", 0.0) > self.cfg.target_kl:
                     return self._average(history, early_stop=True)
         return self._average(history, early_stop=False)
 
     @staticmethod
     def _average(history: list[dict[str, float]], early_stop: bool) -> dict[str, float]:
-        out = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        """Mean over the minibatch steps (maxima: their maximum; a skipped step's NaN norm left out)."""
+        out = {}
+        for k in dict.fromkeys(k for h in history for k in h):
+            values = [h[k] for h in history if k in h]
+            pick = np.max if k in _MAX_STATS else np.nanmean if k == "grad/norm" else np.mean
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of only NaNs: NaN, said once here
+                out[k] = float(pick(values))
         out["update/minibatch_steps"] = float(len(history))
         out["update/early_stop"] = float(early_stop)
         return out

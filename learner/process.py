@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 from pathlib import Path
@@ -12,6 +13,7 @@ from common.transport import Endpoints, LearnerSockets, curve_keys, zmq_context
 logger = logging.getLogger(__name__)
 SHUTDOWN_FLUSH_MS = 2000
 EXIT_WRITE_FAILED = 4
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 """The learner could not write its metrics or a checkpoint (a full disk): restarting it would not help."""  # how long the final shutdown may take to reach actors once the sockets close
 
 
@@ -99,9 +101,10 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
                     service.step(timeout_ms=100)
                 if stop["requested"] and service.is_main and service.step_count % cfg.run.checkpoint_every:
                     service.save_checkpoint()
-            except (
-                OSError
-            ) as e:  # a full disk or a failing drive under the run folder: stop, say where it stands
+            except OSError as e:
+                if e.errno not in _WRITE_ERRORS:
+                    raise
+                # A full disk or a failing drive under the run folder: stop, and say where the run stands.
                 newest = latest_checkpoint(run_dir)
                 logger.error(
                     "cannot write the run's files (%s): stopping after %d updates; resume with --resume from %s",

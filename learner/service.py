@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,27 +46,10 @@ from learner.buffer import ExperienceBuffer, SequenceLimits
 from learner.checkpoint import load_buffered, load_checkpoint, save_checkpoint
 from learner.metrics import MetricsWriter, format_update_line
 from learner.ppo_learner import PPOLearner
+from learner.registry import ActorInfo, ActorRegistry
 
 logger = logging.getLogger(__name__)
 REJECT_LOG_INTERVAL_S = 10.0
-
-
-@dataclass
-class ActorInfo:
-    actor_id: int
-    host: str
-    pid: int
-    joined: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
-    policy_version: int = -1
-    checksum: str = ""
-    gen_tokens_per_s: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
-    """The actor's own counters from its last heartbeat (tokens/s, time waiting for weights, blocked on send)."""
-    num_actors: int = 0
-    """How many actors its run has (from its hello): the learner reports those that never start."""
-    gone: bool = False
-    """Silent for longer than ``transport.actor_timeout_s`` (it may come back)."""
 
 
 class LearnerService:
@@ -88,7 +70,7 @@ class LearnerService:
             max(cfg.ppo.max_policy_lag, 1) * cfg.ppo.batch_size, cfg.ppo.batch_size
         )
         self.counters: Counter = Counter()
-        self.actors: dict[bytes, ActorInfo] = {}
+        self.registry = ActorRegistry()
         self.config_hash = config_hash(cfg)
         self.run_id = uuid.uuid4().hex[:12]
         # With several learner ranks, rank 0 alone writes metrics and checkpoints (the weights are identical).
@@ -114,9 +96,12 @@ class LearnerService:
         self._next_heartbeat = 0.0
         self._actors_ready = False
         self.rejected_in_a_row = 0  # batches of which no group was accepted (stale ones aside)
-        self.deferred: set[bytes] = set()  # connections whose hello reused a live actor's id
-        self.incarnations: dict[int, tuple[str, int]] = {}  # actor id -> (host, pid) of its latest hello
         self._next_reject_log: dict[str, float] = {}
+
+    @property
+    def actors(self) -> dict[bytes, ActorInfo]:
+        """The admitted actors by control identity (``learner/registry.py``)."""
+        return self.registry.actors
 
     @property
     def finished(self) -> bool:
@@ -166,7 +151,7 @@ class LearnerService:
             self._seen(info)
         if isinstance(msg, Hello):
             self._hello(identity, msg)
-        elif info is None and identity in self.deferred:
+        elif info is None and identity in self.registry.deferred:
             self._reject("deferred_peer", f"{type(msg).__name__} from a connection whose hello waits")
         elif info is None:
             self._reject("unknown_peer", f"{type(msg).__name__} before hello")
@@ -255,43 +240,44 @@ class LearnerService:
             )
             self.sockets.reply(identity, Refuse(reason))
             return
-        if self._held_by_a_live_peer(identity, msg.actor_id):
-            self.deferred.add(identity)  # it asks again every 2 s; answered once the other goes quiet
-            return self._reject("duplicate_actor", f"actor id {msg.actor_id} is held by a live connection")
-        self.deferred.discard(identity)
-        for other in [i for i, a in self.actors.items() if a.actor_id == msg.actor_id and i != identity]:
-            old = self.actors.pop(other)  # the same actor, restarted: its old connection is dead
-            self.admission.forget(other)
+        if self.registry.held_elsewhere(identity, msg.actor_id):
+            self.registry.pending.append((identity, msg))  # decided once the control socket is drained
+            return
+        self._admit(identity, msg)
+
+    def _decide_pending_hellos(self) -> None:
+        """Hellos for an id another connection holds, decided after a whole poll's control messages (the
+        holder's heartbeats queued during an update included) were read: a live holder keeps its id, the new
+        connection asks again every 2 s; a quiet one (2.5 heartbeats: dead, restarted) is replaced."""
+        quiet_s = 2.5 * self.cfg.transport.heartbeat_s
+        for identity, msg in self.registry.take_pending():
+            if self.registry.live_holder(identity, msg.actor_id, quiet_s):
+                self.registry.defer(identity)
+                self._reject("duplicate_actor", f"actor id {msg.actor_id} is held by a live connection")
+            else:
+                self._admit(identity, msg)
+
+    def _admit(self, identity: bytes, msg: Hello) -> None:
+        was_known = identity in self.actors
+        info, replaced, restarted = self.registry.admit(identity, msg)
+        for old in replaced:  # the same actor id, restarted: its old connection is dead
             logger.info("actor %d reconnected (pid %d -> %d)", msg.actor_id, old.pid, msg.pid)
-        if identity not in self.actors:
+        for other in [i for i in self.admission.in_flight if i not in self.actors]:
+            self.admission.forget(other)
+        if not was_known:
             logger.info("actor %d joined from %s (pid %d)", msg.actor_id, msg.host, msg.pid)
-        self.actors[identity] = ActorInfo(msg.actor_id, msg.host, msg.pid, num_actors=msg.num_actors)
         self.admission.forget(identity)  # a (re)joining actor holds no grant
         next_batch = -1
         if msg.num_actors == self.resumed_num_actors:  # the same prompt shards as the checkpointed run
             next_batch = self.resume_batch.pop(msg.actor_id, -1)
-        previous = self.incarnations.get(msg.actor_id)
-        if next_batch < 0 and previous not in (None, (msg.host, msg.pid)):
+        if next_batch < 0 and restarted:
             # A restarted actor continues after the newest batch its predecessor delivered (which it would
             # otherwise generate again from its first one): nothing trained twice, nothing undelivered skipped.
             next_batch = self.next_batch.get(msg.actor_id, -1)
-        self.incarnations[msg.actor_id] = (msg.host, msg.pid)
         if next_batch >= 0:
-            logger.info("actor %d continues at batch %d (from the checkpoint)", msg.actor_id, next_batch)
-        welcome = Welcome(self.learner.policy_version, self.run_id, self.config_hash, next_batch)
+            logger.info("actor %d continues at batch %d", msg.actor_id, next_batch)
+        welcome = Welcome(self.learner.policy_version, self.run_id, self.config_hash, next_batch, info.token)
         self.sockets.reply(identity, welcome)
-
-    def _held_by_a_live_peer(self, identity: bytes, actor_id: int) -> bool:
-        """Whether another connection holds ``actor_id`` and was heard from lately (2.5 heartbeats): a hello that
-        reuses a live actor's id must not kick it off; a restarted actor's old connection falls quiet."""
-        quiet_s = 2.5 * self.cfg.transport.heartbeat_s
-        return any(
-            a.actor_id == actor_id
-            and i != identity
-            and not a.gone
-            and time.monotonic() - a.last_seen < quiet_s
-            for i, a in self.actors.items()
-        )
 
     def handle_experience(self, frames: list[bytes]) -> None:
         try:
@@ -300,15 +286,15 @@ class LearnerService:
             return self._reject(e.reason, str(e))
         if not isinstance(msg, ExperienceBatch):
             return self._reject("bad_type", f"{type(msg).__name__} on the experience channel")
-        senders = [(i, a) for i, a in self.actors.items() if a.actor_id == msg.actor_id]
-        if not senders:  # nothing that said hello (with the config hash, and the key under CURVE) sent it
+        found = self.registry.sender(msg.actor_id, msg.token)
+        if found is None:  # not from an admission of this learner run: a stranger, or a dead predecessor's
             return self._reject(
-                "unknown_actor", f"experience from actor {msg.actor_id}, which never said hello"
+                "unknown_sender", f"experience of actor {msg.actor_id} without its admission token"
             )
-        for identity, info in senders:
-            info.gen_tokens_per_s = msg.gen_tokens_per_s
-            self._seen(info)
-            self.admission.received(identity, len(msg.sequences))
+        identity, info = found
+        info.gen_tokens_per_s = msg.gen_tokens_per_s
+        self._seen(info)
+        self.admission.received(identity, len(msg.sequences))
         if msg.policy_version > self.learner.policy_version:  # sampled for an earlier run of this learner
             self._reject("future_version", f"v{msg.policy_version} > learner v{self.learner.policy_version}")
         else:
@@ -343,6 +329,7 @@ class LearnerService:
                 self.handle_control(identity, frames)
             else:
                 self.handle_experience(frames)
+        self._decide_pending_hellos()
 
     # -- updating ------------------------------------------------------------------------------------------
 

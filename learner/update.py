@@ -157,8 +157,9 @@ def ppo_objective(
     mask, n, weights, norm = mb["mask"], mb["num_tokens"], mb["weights"], mb["normaliser"]
     proximal = mx.stop_gradient(new_logprobs) if w.proximal_in_step else mb["proximal"]
     ratio = (sequence_ratio if w.policy_ratio == "sequence" else token_ratio)(new_logprobs, proximal, mask)
+    sequence_level = w.policy_ratio == "sequence"
     is_weights, kept = importance_weights(
-        proximal, mb["behaviour"], mask, w.is_correction, w.is_cap, w.is_low, w.is_high
+        proximal, mb["behaviour"], mask, w.is_correction, w.is_cap, w.is_low, w.is_high, sequence_level
     )
     loss = policy_loss(ratio, mb["advantages"], is_weights, weights, norm, w.clip)
     stats = policy_stats(ratio, mb["advantages"], is_weights, kept, mask, n, w.clip)

@@ -19,9 +19,16 @@ FIXTURES_BEFORE_ADDED_FIELDS = Path(__file__).parent / "fixtures" / "protocol_v2
 
 def samples() -> dict[str, p.Message]:
     return {
-        "hello": p.Hello(actor_id=3, config_hash="0123456789abcdef", host="mac-mini", pid=4242, num_actors=4),
+        "hello": p.Hello(
+            actor_id=3,
+            config_hash="0123456789abcdef",
+            host="mac-mini",
+            pid=4242,
+            num_actors=4,
+            incarnation="inc-1",
+        ),
         "welcome": p.Welcome(
-            policy_version=7, run_id="run-abc", config_hash="0123456789abcdef", next_batch=12
+            policy_version=7, run_id="run-abc", config_hash="0123456789abcdef", next_batch=12, token="tok-9"
         ),
         "refuse": p.Refuse(reason="config hash mismatch"),
         "experience": p.ExperienceBatch(
@@ -33,6 +40,7 @@ def samples() -> dict[str, p.Message]:
             behaviour_logprobs=np.array([-0.5, -1.25, -2.0], np.float32),
             ref_logprobs=np.array([-0.75, -1.0, -2.5], np.float32),
             gen_tokens_per_s=123.5,
+            token="tok-9",
         ),
         "weights": p.Weights(
             policy_version=5,

@@ -52,9 +52,10 @@ def test_messages_from_before_fields_were_added_decode_with_the_defaults(name):
     old = p.decode(unpack_frames((FIXTURES_BEFORE_ADDED_FIELDS / f"{name}.bin").read_bytes()))
     sample = samples()[name]
     defaults = {
-        "hello": {"num_actors": 0},
-        "welcome": {"config_hash": "", "next_batch": -1},
+        "hello": {"num_actors": 0, "incarnation": ""},
+        "welcome": {"config_hash": "", "next_batch": -1, "token": ""},
         "weights": {"run_id": ""},
+        "experience": {"token": ""},
     }
     assert_same(old, dataclasses.replace(sample, **defaults.get(name, {})))
 

@@ -148,3 +148,20 @@ def test_no_signal_reaches_a_process_outside():
     finally:
         victim.kill()
         victim.wait()
+
+
+@needs_os_isolation
+def test_the_code_cannot_read_the_tests_answers_or_the_run(tmp_path):
+    """With the whole root bound read-only the code could read examples/data/code.jsonl (the hidden tests'
+    expected values) and a run's CURVE secrets: only the system, the Python installation and the guard are seen."""
+    from tests.test_runtime import ROOT
+
+    secret = tmp_path / "secret.key_secret"
+    secret.write_text("hush")
+    data = ROOT / "examples" / "data" / "code.jsonl"
+    probe = (
+        "import os\n"
+        f"seen = [os.path.exists(p) for p in ({str(data)!r}, {str(secret)!r}, os.path.expanduser('~/.ssh'))]\n"
+        "def add(a, b):\n    return a + b if not any(seen) else 0\n"
+    )
+    assert run_python_tests(probe, ADD_TESTS, LIMITS).passed  # passes only where nothing of that was visible
