@@ -98,7 +98,15 @@ class ProcessScorer:
     def _child(self) -> subprocess.Popen | None:
         if self.child is not None and self.child.poll() is None:
             return self.child
-        command = [sys.executable, "-m", "actors.reward_process", self.spec, repr(self.timeout_s)]
+        self.close()  # a child that died: its pipes closed, whatever it started killed
+        command = [
+            sys.executable,
+            "-m",
+            "actors.reward_process",
+            self.spec,
+            repr(self.timeout_s),
+            str(os.getpid()),
+        ]
         # The child imports what this process can: the same sys.path (a user's folder added at run time too).
         path = os.pathsep.join(p or os.getcwd() for p in sys.path)
         self.child = subprocess.Popen(
@@ -108,6 +116,7 @@ class ProcessScorer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            errors="replace",  # a plugin printing bytes that are not UTF-8 must not stop the output pump
             start_new_session=True,  # its own process group: a kill takes whatever it started too
         )
         self.output.follow(self.child.stderr, self.spec)
@@ -125,7 +134,8 @@ class ProcessScorer:
             os.killpg(self.child.pid, signal.SIGKILL)
         self.child.wait()
         for stream in (self.child.stdin, self.child.stdout):
-            stream.close()
+            with contextlib.suppress(OSError):  # unflushed input to a dead child
+                stream.close()
         self.child = None
 
 
@@ -210,21 +220,21 @@ class _OutputForwarder:
         stream.close()
 
 
-def _die_with_the_actor() -> None:
+def _die_with_the_actor(actor_pid: int) -> None:
     """Linux: SIGKILL this child when the actor dies (even by SIGKILL), so a plugin hung in C is not left."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the actor died before the call took effect
-            os._exit(1)
+    if os.getppid() != actor_pid:  # the actor died before that took effect (or this is not its child)
+        os._exit(1)
 
 
-def _serve(spec: str, timeout_s: float) -> None:
+def _serve(spec: str, timeout_s: float, actor_pid: int) -> None:
     """The child: import the plugin, then score what arrives on stdin until it closes (the actor is gone)."""
     from actors.rewards import BatchedScorer, PerSampleScorer, import_function
 
-    _die_with_the_actor()
+    _die_with_the_actor(actor_pid)
     protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the plugin's prints go to stderr, which the actor forwards (rate-limited)
     sys.stdout = sys.stderr
@@ -270,4 +280,4 @@ def _json_number(value: float) -> float | None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], float(sys.argv[2]))
+    _serve(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))

@@ -82,11 +82,19 @@ def _lens(sequences) -> list[int]:
     return [s.prompt_len + s.response_len for s in sequences]
 
 
-def test_experience_from_a_peer_that_never_said_hello_is_not_trained_on(joined):
-    """Row 4: it was trained on."""
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"actor_id": 7},  # an actor that never said hello
+        {"token": ""},  # actor 0's id without its admission token (PUSH/PULL names no sender)
+        {"token": "0" * 32},  # a guessed token
+    ],
+)
+def test_experience_without_an_admission_is_not_trained_on(joined, changes):
+    """Row 4: experience from a peer that never said hello was trained on; so was one claiming a live actor's id."""
     h, _, batch = joined
-    send(h, tampered(batch, actor_id=7))
-    assert h.service.counters["reject/unknown_actor"] == 1 and h.service.buffer.depth == 0
+    send(h, tampered(batch, **changes))
+    assert h.service.counters["reject/unknown_sender"] == 1 and h.service.buffer.depth == 0
     send(h, batch)
     assert h.service.buffer.depth == len(batch.sequences)
 

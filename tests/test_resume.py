@@ -1,6 +1,7 @@
 """Crash and resume with real processes: exact resume, and actors that outlive their learner."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -162,7 +163,8 @@ def test_an_async_run_killed_and_resumed_trains_every_group_exactly_once(model_c
     )
     wait_for((broken / "checkpoints" / "step-000002").is_dir, "the first checkpoint", alive=(launcher,))
     kill_family(launcher)
-    assert not (broken / "checkpoints" / "step-000004").exists(), "killed too late to test a resume"
+    for later in (broken / "checkpoints").glob("step-00000[3-9]"):  # a fast machine got further: as if killed
+        shutil.rmtree(later)  # right after step 2 (the resume must hold from any checkpoint)
     resumed = start_tiny_launcher(
         model_cache, broken, *settings, args=("--actors", "2", "--resume", str(broken))
     )

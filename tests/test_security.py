@@ -168,11 +168,12 @@ def test_a_local_run_with_local_auth_keeps_local_processes_without_its_key_out(m
                 ActorSockets(ctx, endpoints, 2, None),
                 ActorSockets(ctx, endpoints, 2, CurveKeys.load(tmp_path / "other", "actor")),
             ]
+            forged = protocol.ExperienceBatch(0, 999, 0, (protocol.Sequence_(2, 1, 1.0, "stop"),) * 2,
+                                              np.array([1, 2, 3] * 2, np.int32), np.array([-1.0] * 2, np.float32))  # fmt: skip
             for i, s in enumerate(strangers):
                 s.request(protocol.Hello(actor_id=5 + i, config_hash=config_hash(cfg)))
-                forged = protocol.ExperienceBatch(0, 999, 0, (protocol.Sequence_(2, 1, 1.0, "stop"),),
-                                                  np.array([1, 2, 3], np.int32), np.array([-1.0], np.float32))  # fmt: skip
-                s.send_experience(forged, timeout_ms=100)
+                # Without the run's keys the connection never completes: nothing can even be queued for it.
+                assert not s.send_experience(forged, timeout_ms=2000)
             rows_then = len(metric_rows(run_dir))
             wait_until(launcher, lambda: len(metric_rows(run_dir)) >= rows_then + 3, "three more updates")
             for s in strangers:
