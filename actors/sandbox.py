@@ -162,7 +162,12 @@ def isolation() -> str:
     """'bwrap', 'sandbox-exec' or 'audit-hook' (probed once per process; a warning when only the last)."""
     if sys.platform.startswith("linux") and (bwrap := shutil.which("bwrap")):
         probe = subprocess.run(
-            [bwrap, *_bwrap_args(), "--", _python(), "-c", ""], capture_output=True, timeout=10
+            [bwrap, *_bwrap_args(), "--", _python(), "-c", ""],
+            capture_output=True,
+            timeout=60,
+            env=_environment(
+                "/tmp"
+            ),  # not the actor's LD_PRELOAD: OpenBLAS's threads in bwrap hang its setup
         )
         if probe.returncode == 0:
             return "bwrap"

@@ -102,8 +102,8 @@ def test_no_file_is_made_or_changed_outside_the_scratch_folder(tmp_path, escape)
     target, victim = tmp_path / "escaped", tmp_path / "victim"
     victim.write_text("untouched")
     code = escape.format(target=str(target), victim=str(victim))
-    result = run_python_tests(code + "def add(a, b):\n    return a + b\n", ADD_TESTS, LIMITS)
-    assert not result.passed
+    result = run_python_tests(code + "def add(a, b):\n    return 0\n", ADD_TESTS, LIMITS)
+    assert not result.passed  # an escape earns nothing, and it leaves nothing:
     assert not target.exists() and victim.read_text() == "untouched"
     assert "user.pwned" not in os.listxattr(victim)
 
