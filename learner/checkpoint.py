@@ -18,6 +18,7 @@ newest ``keep`` are kept. ``<run_dir>/adapters`` always holds the latest policy 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -107,8 +108,12 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_checkpoint(tmp, learner, lora, buffered or [], {"step": step, **extra})
-    except BaseException:  # a full disk, say: the half-written folder goes, the previous checkpoints stay
+    except (
+        BaseException
+    ) as e:  # a full disk, say: the half-written folder goes, the previous checkpoints stay
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, RuntimeError):  # MLX's writers say "[write] Unable to write ..." without an errno
+            raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}") from e
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

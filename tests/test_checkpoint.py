@@ -97,10 +97,14 @@ def test_bf16_master_weights_survive_a_checkpoint(model_cache, tmp_path):
         assert state.dtype in (mx.float32, mx.uint64)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "remove", "break the state"])
-@pytest.mark.parametrize(
-    "name", ["adapters.safetensors", "trainable.safetensors", "optimizer.safetensors", "buffer.npz"]
-)
+DAMAGES = [
+    (name, damage)
+    for name in ("adapters.safetensors", "trainable.safetensors", "optimizer.safetensors", "buffer.npz")
+    for damage in ("truncate", "flip a byte", "remove")
+] + [(STATE_FILE, "break the state")]
+
+
+@pytest.mark.parametrize(("name", "damage"), DAMAGES)
 def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(
     model_cache, tmp_path, caplog, name, damage
 ):
@@ -155,6 +159,6 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_whole(model_cac
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "write failed: File too large" in out.stdout
+    assert "write failed:" in out.stdout
     assert "left: ['step-000001']" in out.stdout  # no half-written folder
     assert "latest: step-000001 None" in out.stdout

@@ -86,7 +86,9 @@ def test_shell_network_and_process_calls_end_the_child(code, blocked):
 def test_files_stay_in_the_scratch_folder(tmp_path):
     outside = tmp_path / "escaped.txt"
     result = run_python_tests(f"open({str(outside)!r}, 'w').write('x')\n", "", LIMITS)
-    assert result.blocked.startswith("open for writing") and not outside.exists()
+    assert (
+        not result.passed and not outside.exists()
+    )  # blocked by the hook, or not there in bubblewrap's view
     # Inside it anything goes, even a read-only folder tree: it is removed all the same.
     inside = "import os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\nos.chmod('a', 0o500)\n"
     result = run_python_tests(inside, "", LIMITS)

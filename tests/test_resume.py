@@ -198,7 +198,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_the_last_checkpoint_wh
                                        args=("--actors", "1", "--max-updates", "50", "--run-dir", str(run_dir)))  # fmt: skip
         log = finish(launcher, tmp_path / "log", 300)
         assert launcher.returncode != 0, log[-3000:]
-        assert "No space left on device" in log and "resume with --resume from step-000002" in log
+        assert "cannot write the run's files" in log and "resume with --resume from step-000002" in log
         assert "learner-0 exited with code 4" in log
         checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert checkpoints == ["step-000002"]  # no half-written .tmp folder left behind
