@@ -205,3 +205,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def render_faults(result: dict) -> list[str]:
+    """BENCHMARKS.md's block: what was done to the run and what happened."""
+    once = result["exactly_once"]
+    sandbox = result["sandbox"]["tests"]
+    rows = [
+        ["hostile messages from peers that never said hello", f"{result['garbage_total']} sent",
+         f"{result['rejects_total']} counted under reject/*; learner memory {result['learner_rss_growth_mb']:+.0f} MiB"],
+        ["SIGKILL of an actor, restarted by the launcher", f"{result['actor_kills']}",
+         "each rejoined and continued after its newest delivered batch"],
+        ["SIGKILL of every process, then --resume", "1", f"resume exit {result['resume_returncode']}"],
+        ["groups trained (the whole run)", f"{once['groups']}",
+         f"{once['trained_twice']} trained twice, {once['batches_skipped']} batches skipped"],
+        ["sandbox escapes and reward hacks (tests/test_sandbox.py)", f"{sum(sandbox.values())}",
+         f"{sandbox.get('passed', 0)} contained, {sandbox.get('failed', 0)} not, {sandbox.get('skipped', 0)} skipped"],
+    ]  # fmt: skip
+    lines = ["| what was done | how many | what happened |", "|---|---:|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(result["garbage_sent"].items()))
+    counted = ", ".join(f"`{k}` {v}" for k, v in sorted(result["rejects_counted"].items()))
+    return [*lines, "", f"Sent: {kinds}.", "", f"Counted: {counted}; {result['updates']} updates in all."]

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the repository's packages
     sys.path.insert(0, str(ROOT))
 
+from bench.faults import render_faults  # noqa: E402
 from bench.learning_curves import render_learning  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -313,6 +314,7 @@ BENCHMARKS = [
     Benchmark("soak", "soak.json", f"{BLAS} bench/soak.py --minutes 3", render_soak),
     Benchmark("refill", "refill.json", f"{BLAS} bench/refill.py", render_refill),
     Benchmark("learning", "learning.json", "python bench/learning.py --peer mlx-lm-lora", render_learning),
+    Benchmark("faults", "faults.json", f"{BLAS} bench/faults.py", render_faults),
     Benchmark(
         "snapshot-transfer",
         "snapshot_transfer.json",
