@@ -26,6 +26,7 @@ FIELD_MAP: dict[str, tuple[str, ...]] = {
     "gamma": ("ppo.gamma",),
     "lam": ("ppo.lam",),
     "clip_epsilon": ("ppo.clip_coef",),
+    "clip_high": ("ppo.clip_high",),
     "ppo_epochs": ("ppo.update_epochs",),
     "num_minibatches": ("ppo.num_minibatches",),
     "algorithm": ("ppo.algorithm",),
@@ -40,9 +41,12 @@ FIELD_MAP: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class PPOConfig:
-    """Training settings for ``PPOTrainer`` (defaults: the bundled SmolLM2-135M-Instruct, GRPO).
+    """Training settings for ``PPOTrainer`` (defaults: the bundled SmolLM2-135M-Instruct, DAPO).
 
+    The defaults are DAPO's (GRPO with dynamic sampling and clip-higher, no KL term, learning rate 1e-3), the
+    best of our configurations on every task of the learning benchmark (BENCHMARKS.md, "Learning").
     ``batch_size`` counts sampled sequences per update (``group_size`` completions of each prompt).
+    ``dynamic_sampling`` applies to the critic-free algorithms (grpo, rloo) and is left out with ``ppo``.
     ``lora_dropout`` defaults to 0, not the description's 0.1: with dropout the learner's log-probs of a
     sequence differ from the sampler's, which PPO's importance ratio reads as policy change.
     """
@@ -51,11 +55,15 @@ class PPOConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     batch_size: int = 16
-    learning_rate: float = 2e-4
-    kl_coef: float = 0.05
+    learning_rate: float = 1e-3
+    kl_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
     clip_epsilon: float = 0.2
+    clip_high: float = 0.28
+    """The ratio's upper clip, 1 + clip_high (DAPO's clip-higher); 0: clip_epsilon on both sides."""
+    dynamic_sampling: bool = True
+    """DAPO's dynamic sampling: groups whose completions all score alike are dropped and refilled."""
     ppo_epochs: int = 1
     num_minibatches: int = 1
     algorithm: str = "grpo"
@@ -79,6 +87,8 @@ class PPOConfig:
         for name, targets in FIELD_MAP.items():
             value = getattr(self, name)
             out += [f"{target}={json.dumps(value)}" for target in targets]
+        if self.algorithm != "ppo":  # dynamic sampling needs group baselines (config validation says so)
+            out.append(f"ppo.dynamic_sampling={json.dumps(self.dynamic_sampling)}")
         out += [f"{key}={json.dumps(value)}" for key, value in self.extra.items()]
         minibatch = self.batch_size // max(self.num_minibatches, 1)
         if "ppo.micro_batch_size" not in self.extra and minibatch > 0:  # a divisor, at most 8 (memory)

@@ -83,6 +83,14 @@ def test_bad_settings_are_listed_at_once_before_any_process_starts(tmp_path):
     assert "learning_rate" in str(err.value) and "group_size" in str(err.value)
 
 
+def test_the_defaults_are_dapo_and_every_algorithm_validates_with_them():
+    dapo = PPOConfig().to_config().ppo
+    assert (dapo.algorithm, dapo.dynamic_sampling, dapo.clip_high, dapo.kl_coef) == ("grpo", True, 0.28, 0.0)
+    for algorithm in ("ppo", "grpo", "rloo"):  # dynamic sampling is left out where it cannot apply
+        ppo = PPOConfig(algorithm=algorithm).to_config().ppo
+        assert ppo.dynamic_sampling == (algorithm != "ppo") and ppo.learning_rate == 1e-3
+
+
 def module_level_reward(prompt: str, completion: str) -> float:
     return float(len(completion) < 10)
 
