@@ -115,7 +115,9 @@ def hostile_messages(rng: random.Random, n: int) -> list[tuple[str, str, list[by
     return out
 
 
-def send_garbage(endpoints: dict, n: int) -> Counter:
+def send_garbage(endpoints: dict, n: int) -> tuple[Counter, zmq.Context]:
+    """Send ``n`` hostile messages; the sockets stay open (returned context) until the learner has read them:
+    it reads experience only while its buffer has room, and a closed socket drops what it still holds."""
     rng, sent = random.Random(0), Counter()
     ctx = zmq.Context()
     pusher, dealer = ctx.socket(zmq.PUSH), ctx.socket(zmq.DEALER)
@@ -124,9 +126,26 @@ def send_garbage(endpoints: dict, n: int) -> Counter:
     for kind, channel, frames in hostile_messages(rng, n):
         (dealer if channel == "control" else pusher).send_multipart(frames)
         sent[kind] += 1
-    time.sleep(1.0)  # let the last frames leave before the sockets close
-    ctx.destroy(linger=1000)
-    return sent
+    return sent, ctx
+
+
+def rejects_since(before: dict, run_dir: Path) -> dict:
+    after = rows(run_dir)[-1]
+    return {
+        k: after[k] - before.get(k, 0)
+        for k in after
+        if k.startswith("reject/") and after[k] - before.get(k, 0)
+    }
+
+
+def settle(condition, seconds: float) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)  # polling files the run writes
+    return True
 
 
 def kill_actor(launcher: subprocess.Popen, run_dir: Path) -> None:
@@ -172,16 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     learner = next(p for p in family(launcher) if "learner" in p.cmdline())
     rss_before = learner.memory_info().rss
     before = {k: v for k, v in rows(args.run_dir)[-1].items() if k.startswith("reject/")}
-    sent = send_garbage(endpoints_of(launcher), args.garbage)
+    sent, hostile = send_garbage(endpoints_of(launcher), args.garbage)
+    settle(lambda: sum(rejects_since(before, args.run_dir).values()) >= args.garbage, 300)
+    hostile.destroy(linger=0)
     done = len(rows(args.run_dir))
     wait(lambda: len(rows(args.run_dir)) >= done + 3, "updates after the garbage")
-    after = rows(args.run_dir)[-1]
     rss_growth_mb = (learner.memory_info().rss - rss_before) / 2**20
-    counted = {
-        k: after[k] - before.get(k, 0)
-        for k in after
-        if k.startswith("reject/") and after[k] - before.get(k, 0)
-    }
+    counted = rejects_since(before, args.run_dir)
     for _ in range(args.kills):
         kill_actor(launcher, args.run_dir)
     for proc in [psutil.Process(launcher.pid), *family(launcher)]:
