@@ -115,9 +115,10 @@ def hostile_messages(rng: random.Random, n: int) -> list[tuple[str, str, list[by
     return out
 
 
-def send_garbage(endpoints: dict, n: int) -> tuple[Counter, zmq.Context]:
-    """Send ``n`` hostile messages; the sockets stay open (returned context) until the learner has read them:
-    it reads experience only while its buffer has room, and a closed socket drops what it still holds."""
+def send_garbage(endpoints: dict, n: int) -> tuple[Counter, zmq.Context, zmq.Socket]:
+    """Send ``n`` hostile messages; the sockets stay open (returned: the context and the control socket, whose
+    replies must be read) until the learner has read them: it reads experience only while its buffer has room,
+    and a closed socket drops what it still holds."""
     rng, sent = random.Random(0), Counter()
     ctx = zmq.Context()
     pusher, dealer = ctx.socket(zmq.PUSH), ctx.socket(zmq.DEALER)
@@ -126,7 +127,13 @@ def send_garbage(endpoints: dict, n: int) -> tuple[Counter, zmq.Context]:
     for kind, channel, frames in hostile_messages(rng, n):
         (dealer if channel == "control" else pusher).send_multipart(frames)
         sent[kind] += 1
-    return sent, ctx
+    return sent, ctx, dealer
+
+
+def drain(sock: zmq.Socket) -> None:
+    """Read and discard what the learner answered (refusals): unread replies stall the hostile connection."""
+    while sock.poll(0):
+        sock.recv_multipart()
 
 
 def rejects_since(before: dict, run_dir: Path) -> dict:
@@ -191,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     learner = next(p for p in family(launcher) if "learner" in p.cmdline())
     rss_before = learner.memory_info().rss
     before = {k: v for k, v in rows(args.run_dir)[-1].items() if k.startswith("reject/")}
-    sent, hostile = send_garbage(endpoints_of(launcher), args.garbage)
-    settle(lambda: sum(rejects_since(before, args.run_dir).values()) >= args.garbage, 300)
+    sent, hostile, replies = send_garbage(endpoints_of(launcher), args.garbage)
+    counted_all = settle(
+        lambda: drain(replies) or sum(rejects_since(before, args.run_dir).values()) >= args.garbage, 120
+    )
     hostile.destroy(linger=0)
     done = len(rows(args.run_dir))
     wait(lambda: len(rows(args.run_dir)) >= done + 3, "updates after the garbage")
@@ -200,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     counted = rejects_since(before, args.run_dir)
     for _ in range(args.kills):
         kill_actor(launcher, args.run_dir)
+    dropped_before_kill = rows(args.run_dir)[-1].get("lag/dropped", 0)  # a resumed learner counts from 0
     for proc in [psutil.Process(launcher.pid), *family(launcher)]:
         proc.kill()
     wait(lambda: launcher.poll() is not None, "the kill")
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     resumed.wait(timeout=120)
     result = run_record(argv) | {
         "garbage_sent": dict(sent), "garbage_total": sum(sent.values()), "rejects_counted": counted,
+        "counted_within_120_s": counted_all, "lag_dropped_sequences": dropped_before_kill + rows(args.run_dir)[-1].get("lag/dropped", 0),
         "rejects_total": sum(counted.values()), "learner_rss_growth_mb": rss_growth_mb,
         "actor_kills": args.kills, "resume_returncode": resumed.returncode, "updates": rows(args.run_dir)[-1]["step"],
         "exactly_once": audit(args.run_dir), "sandbox": sandbox_escapes(),
@@ -234,7 +245,8 @@ def render_faults(result: dict) -> list[str]:
          "each rejoined and continued after its newest delivered batch"],
         ["SIGKILL of every process, then --resume", "1", f"resume exit {result['resume_returncode']}"],
         ["groups trained (the whole run)", f"{once['groups']}",
-         f"{once['trained_twice']} trained twice, {once['batches_skipped']} batches skipped"],
+         f"{once['trained_twice']} trained twice, {once['batches_skipped']} batches not trained"
+         f" ({result.get('lag_dropped_sequences', 0)} sequences dropped by the lag bound, counted)"],
         ["sandbox escapes and reward hacks (tests/test_sandbox.py)", f"{sum(sandbox.values())}",
          f"{sandbox.get('passed', 0)} contained, {sandbox.get('failed', 0)} not, {sandbox.get('skipped', 0)} skipped"],
     ]  # fmt: skip
@@ -242,4 +254,6 @@ def render_faults(result: dict) -> list[str]:
     lines += [f"| {' | '.join(r)} |" for r in rows]
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(result["garbage_sent"].items()))
     counted = ", ".join(f"`{k}` {v}" for k, v in sorted(result["rejects_counted"].items()))
+    if not result.get("counted_within_120_s", True):
+        counted += " (not every message was counted within 120 s)"
     return [*lines, "", f"Sent: {kinds}.", "", f"Counted: {counted}; {result['updates']} updates in all."]
