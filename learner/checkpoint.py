@@ -8,7 +8,8 @@ A checkpoint ``<run_dir>/checkpoints/step-NNNNNN/`` holds
 - ``optimizer.safetensors``: Adam's moments and step count,
 - ``buffer.npz``: the experience accepted but not trained yet (restored into the buffer on resume),
 - ``learner_state.json``: policy version, update count, KL coefficient, each actor's next batch (after its newest
-  received one; its prompt cursor and sampling seeds follow from it) and the resolved config it ran with. The learner's random draws
+  received one; its prompt cursor and sampling seeds follow from it), the drop and reject counters (a resumed run
+  counts on) and the resolved config it ran with. The learner's random draws
   follow from (run seed, policy version) alone (``PPOLearner._reseed``), so there is no RNG state to save.
 
 It is written into a temporary folder and renamed into place, so a crash never leaves a half checkpoint; the

@@ -389,6 +389,7 @@ class LearnerService:
             keep=self.cfg.run.keep_checkpoints,
             buffered=list(self.buffer.groups),
             actor_next_batch={str(k): v for k, v in sorted(self.next_batch.items())},
+            counters={"service": dict(self.counters), "buffer": dict(self.buffer.counters)},
             num_actors=self.expected_actors,
             config=config_to_dict(self.cfg),
         )
@@ -400,6 +401,9 @@ class LearnerService:
         self.step_count = self.resumed_step = int(state["step"])
         self.resume_batch = {int(k): int(v) for k, v in state.get("actor_next_batch", {}).items()}
         self.next_batch = dict(self.resume_batch)
+        counters = state.get("counters", {})  # drops and rejects keep counting across the restart
+        self.counters.update({str(k): int(v) for k, v in counters.get("service", {}).items()})
+        self.buffer.counters.update({str(k): int(v) for k, v in counters.get("buffer", {}).items()})
         self.resumed_num_actors = int(state.get("num_actors", 0))
         if self.metrics is not None:
             self.metrics.drop_after(self.step_count)  # rows of updates the crash lost are done again

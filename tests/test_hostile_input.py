@@ -123,6 +123,21 @@ def replies(h, dealer, rounds: int = 30) -> list[protocol.Message]:
     return out
 
 
+def test_drops_and_rejects_keep_counting_after_a_resume(joined, model_cache, tmp_path):
+    """A resumed learner used to count from 0: the drops before the crash vanished from its metrics."""
+    h, _, batch = joined
+    ref = np.full(batch.behaviour_logprobs.shape, -1.0, np.float32)
+    ref[0] = np.nan
+    send(h, tampered(batch, ref_logprobs=ref))
+    h.service.handle_experience([b"not a message"])
+    service, buffer = dict(h.service.counters), dict(h.service.buffer.counters)
+    assert service and buffer["reject/bad_logprobs"] == h.cfg.ppo.group_size
+    folder = h.service.save_checkpoint()
+    with harness_with(model_cache, tmp_path / "resumed") as again:
+        again.service.resume(folder)
+        assert dict(again.service.counters) == service and dict(again.service.buffer.counters) == buffer
+
+
 def test_a_refusal_never_tells_the_learners_config_hash(joined):
     """Row 5: the hash read from a Refuse let a stranger say a valid hello."""
     h, _, _ = joined
