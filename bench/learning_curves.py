@@ -93,12 +93,16 @@ def summarise(results: Path) -> dict:
         grid = np.arange(GRID_S, budget + 1e-9, GRID_S)
         summary = {name: _system_summary(rs, results, grid) for name, rs in sorted(systems.items())}
         entry = {"budget_s": budget, "grid_s": grid.tolist(), "systems": summary}
-        if PEER in summary:
-            target = summary[PEER]["final_mean"]
-            entry["peer_final"] = target
-            entry["time_to_peer_final_s"] = {
-                name: first_reaching(grid, np.array(s["curve_mean"]), target) for name, s in summary.items()
-            }
+        if PEER in summary:  # the target (its final), and its best (its final can be below its start)
+            for key, target in (
+                ("final", summary[PEER]["final_mean"]),
+                ("best", float(np.nanmax(summary[PEER]["curve_mean"]))),
+            ):
+                entry[f"peer_{key}"] = target
+                entry[f"time_to_peer_{key}_s"] = {
+                    name: first_reaching(grid, np.array(s["curve_mean"]), target)
+                    for name, s in summary.items()
+                }
         tasks[task] = entry
     return {"window_s": WINDOW_S, "tasks": tasks}
 
@@ -160,7 +164,11 @@ def render_learning(result: dict) -> list[str]:
         peer = entry.get("peer_final")
         lines += [
             f"**{task}** ({budget:.0f} s per run"
-            + (f"; the peer's reward at the budget {peer:.3f})" if peer is not None else ")"),
+            + (
+                f"; the peer's reward at the budget {peer:.3f}, its best {entry['peer_best']:.3f})"
+                if peer is not None
+                else ")"
+            ),
             "",
         ]
         header = [
@@ -170,14 +178,15 @@ def render_learning(result: dict) -> list[str]:
             "at the budget",
             "updates per run",
             "reached the peer's final",
+            "reached the peer's best",
         ]
         rows = []
         for name, s in sorted(entry["systems"].items(), key=lambda kv: -kv[1]["final_mean"]):
-            reached = entry.get("time_to_peer_final_s", {}).get(name) if peer is not None else None
+            reached = [entry.get(f"time_to_peer_{k}_s", {}).get(name) for k in ("final", "best")]
             rows.append([
                 name, str(len(s["seeds"])), f"{s['start_mean']:.3f}", f"{s['final_mean']:.3f} ± {s['final_std']:.3f}",
-                f"{np.mean(s['updates_per_seed']):.1f}", _seconds(reached, budget) if peer is not None else "",
+                f"{np.mean(s['updates_per_seed']):.1f}", *(_seconds(r, budget) if peer is not None else "" for r in reached),
             ])  # fmt: skip
-        rule = "|".join(["---", "---:", "---:", "---:", "---:", "---:"])
+        rule = "|".join(["---", "---:", "---:", "---:", "---:", "---:", "---:"])
         lines += [f"| {' | '.join(header)} |", f"|{rule}|", *(f"| {' | '.join(r)} |" for r in rows), ""]
     return lines[:-1]

@@ -35,7 +35,7 @@ def test_a_trailing_window_curve_by_hand():
 def test_seeds_bands_and_the_time_to_the_peers_final_reward(tmp_path):
     write_run(tmp_path, "ours", 0, [(5, [0.2]), (15, [0.6]), (25, [0.8]), (35, [0.8])])
     write_run(tmp_path, "ours", 1, [(5, [0.4]), (15, [0.4]), (25, [0.6]), (35, [0.9, float("nan")])])
-    write_run(tmp_path, "mlx-lm-lora", 0, [(8, [0.2]), (30, [0.5]), (38, [0.5])])
+    write_run(tmp_path, "mlx-lm-lora", 0, [(8, [0.2]), (30, [0.7]), (38, [0.2])])
     summary = summarise(tmp_path)
     entry = summary["tasks"]["length"]
     assert entry["grid_s"] == [10.0, 20.0, 30.0, 40.0]
@@ -45,8 +45,10 @@ def test_seeds_bands_and_the_time_to_the_peers_final_reward(tmp_path):
         [np.mean([0.2, 0.6, 0.8, 0.8]), np.mean([0.4, 0.4, 0.6, 0.9])]
     )
     assert ours["curve_lo"][0] == 0.2 and ours["curve_hi"][0] == 0.4
-    assert entry["peer_final"] == pytest.approx(0.4)  # mean of 0.2, 0.5, 0.5 in the last 60 s
+    assert entry["peer_final"] == pytest.approx(1.1 / 3)  # mean of 0.2, 0.7, 0.2 in the last 60 s
     assert entry["time_to_peer_final_s"]["ours"] == 20.0  # seed mean (0.4 + 0.4) / 2 at 20 s
+    assert entry["peer_best"] == pytest.approx(0.45)  # its curve: 0.2, 0.2, 0.45, 0.367
+    assert entry["time_to_peer_best_s"] == {"ours": 30.0, "mlx-lm-lora": 30.0}
     table = "\n".join(render_learning(summary))
     assert "| ours | 2 |" in table and "20 s (0.50 of the budget)" in table
 
