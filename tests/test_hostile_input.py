@@ -4,6 +4,7 @@ a stall, or training on the bad data. Real sockets (inproc), a real learner and 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import numpy as np
@@ -121,6 +122,17 @@ def replies(h, dealer, rounds: int = 30) -> list[protocol.Message]:
         while dealer.poll(0):
             out.append(protocol.decode(dealer.recv_multipart()))
     return out
+
+
+def test_a_flood_of_bad_frames_is_counted_exactly_and_logged_a_few_times(joined, caplog):
+    """Row 14: 10,000 bad frames wrote 10,000 warning lines; each is still counted, the log says so once."""
+    h, _, _ = joined
+    with caplog.at_level(logging.WARNING, logger="learner.service"):
+        for _ in range(5000):
+            h.service.handle_experience([b"not a message"])
+    assert h.service.counters["reject/bad_frames"] == 5000
+    lines = [r for r in caplog.records if "rejected a message" in r.getMessage()]
+    assert 1 <= len(lines) <= 2
 
 
 def test_drops_and_rejects_keep_counting_after_a_resume(joined, model_cache, tmp_path):
