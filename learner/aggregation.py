@@ -52,5 +52,5 @@ def overlong_penalty(
 
 
 def default_overlong_buffer(max_new_tokens: int) -> int:
-    """The overlong buffer when ``ppo.overlong_buffer`` is 0: a quarter of the budget (DAPO: 4k of 20k)."""
+    """The overlong buffer when ``ppo.overlong_buffer`` is 0: a quarter of the budget (DAPO: 4,096 of 20,480)."""
     return max(max_new_tokens // 4, 1)

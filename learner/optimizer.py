@@ -1,7 +1,7 @@
 """The learner's optimizer: bias-corrected Adam, the learning-rate schedule, float32 master weights.
 
 - MLX's ``optim.Adam`` defaults to ``bias_correction=False``: its first steps are then 3-6x the configured rate
-  (``lr * (1 - b2^t)^0.5 / (1 - b1^t)`` relative to bias-corrected Adam: 3.2x at step 1, 6.5x at step 14). Every
+  (``lr * (1 - b1^t) / (1 - b2^t)^0.5`` relative to bias-corrected Adam: 3.2x at step 1, 6.5x at step 14). Every
   optimizer here is built with the correction (Kingma & Ba 2015, Algorithm 1).
 - ``learning_rate_at``: linear warm-up, then constant, linear or cosine decay to ``min_lr_ratio`` of the peak.
 - ``MasterWeights``: a model whose trainable weights are bf16/fp16 (full fine-tuning on Metal/CUDA) would round

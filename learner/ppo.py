@@ -68,7 +68,7 @@ def importance_weights(
 ) -> tuple[mx.array, mx.array]:
     """Per-token off-policy weights from ``w = pi_proximal / pi_behaviour``: ``[B, T]`` -> ``(weights, kept)``.
 
-    - ``truncate``: ``min(w, cap)`` (truncated IS, as in IMPALA's V-trace and AReaL), every token kept;
+    - ``truncate``: ``min(w, cap)`` (truncated IS, as in IMPALA's V-trace and verl's TIS; AReaL drops tokens past the cap), every token kept;
     - ``token_mask``: ``w`` where ``low <= w <= high``, else 0 (IcePop, Ling team 2025: tokens whose sampler and
       trainer disagree too much are left out rather than reweighted);
     - ``sequence_mask``: a sequence whose geometric-mean ``w`` (``exp(mean_t log w)``, length-neutral) is outside

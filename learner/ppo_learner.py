@@ -83,11 +83,16 @@ class PPOLearner:
         # Called after every shard of a micro-batch: an update can outlast the actors' patience (minutes on a CPU), and
         # the service heartbeats from here so that they do not take a busy learner for a gone one.
         self.on_progress: Callable[[], None] = lambda: None
-        # One gradient step per update and no critic (whose old values GAE needs first): the step's own forward
-        # is the proximal policy, and the no-grad pass over the policy is skipped (as verl does on-policy).
-        single_step = cfg.update_epochs == 1 and cfg.num_minibatches == 1 and cfg.is_critic_free
+        # One gradient step per update, no critic (whose old values GAE needs first) and no KL in the reward (its
+        # k1 needs the proximal log-probs before the step): the step's own forward is the proximal policy, and
+        # the no-grad pass over the policy is skipped (as verl does on-policy).
+        single_step = (
+            cfg.update_epochs == 1 and cfg.num_minibatches == 1 and cfg.is_critic_free and cfg.kl_coef == 0
+        )
         if proximal_in_step and not single_step:
-            raise ValueError("proximal_in_step needs a critic-free update of one epoch and one minibatch")
+            raise ValueError(
+                "proximal_in_step needs a critic-free update of one epoch and one minibatch, and kl_coef = 0"
+            )
         self.proximal_in_step = single_step if proximal_in_step is None else proximal_in_step
         # The shards of each micro-batch run on this many threads at once (CPU: MLX's elementwise ops are
         # single-threaded per stream, learner/shards.py); one thread runs everything in the caller.

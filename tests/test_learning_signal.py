@@ -45,6 +45,18 @@ def test_a_group_of_equal_scores_gets_no_score_advantage_whatever_kl_coef(model_
     assert np.abs(arrays["advantages"]).max() <= kl_coef * np.abs(k1).sum(axis=1).max() + 1e-6
 
 
+def test_the_reward_kl_of_off_policy_samples_is_the_current_policys(model_cache):
+    """k1 in the reward is log pi_prox - log pi_ref. With one gradient step the learner skips its no-grad pass,
+    and k1 was then taken from the behaviour log-probs: for samples of an older policy, that policy's KL."""
+    learner, loaded = make_learner(model_cache, value_kind=None, algorithm="grpo", group_size=4, kl_coef=0.5)
+    exp = sample_experience(learner, loaded.tokenizer)
+    exp.scores[:] = 1.0
+    fresh, _ = learner.prepare(exp)
+    exp.behaviour_logprobs = [lp - 0.3 for lp in exp.behaviour_logprobs]  # as if sampled by an older policy
+    stale, _ = learner.prepare(exp)
+    np.testing.assert_allclose(stale["advantages"], fresh["advantages"], atol=1e-5)
+
+
 def _reference(learner: PPOLearner, exp) -> np.ndarray:
     """The reference log-probs the learner computes (adapters off), padded like its arrays."""
     from learner.update import collate

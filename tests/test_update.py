@@ -149,11 +149,13 @@ def test_compiled_step_matches_eager(model_cache):
 
 
 def test_single_step_update_takes_the_proximal_policy_from_its_own_forward(model_cache):
-    """GRPO with one epoch and one minibatch skips the no-grad policy pass; the update is the same."""
-    grpo = dict(algorithm="grpo", group_size=2)
+    """GRPO with one epoch and one minibatch skips the no-grad policy pass; the update is the same. Not with a KL
+    in the reward: its k1 needs the proximal log-probs before the step."""
+    grpo = dict(algorithm="grpo", group_size=2, kl_coef=0.0, kl_loss_coef=0.05)
     in_step, loaded = make_learner(model_cache, value_kind=None, **grpo)
     two_pass, _ = make_learner(model_cache, value_kind=None, proximal_in_step=False, **grpo)
     assert in_step.proximal_in_step and not two_pass.proximal_in_step
+    assert not make_learner(model_cache, value_kind=None, **(grpo | {"kl_coef": 0.05}))[0].proximal_in_step
     exp = sample_experience(in_step, loaded.tokenizer)
     s1, s2 = in_step.update(exp), two_pass.update(exp)
     for key in (
