@@ -157,6 +157,10 @@ def k3(log_ratio: mx.array) -> mx.array:
     return mx.exp(-log_ratio) - 1.0 + log_ratio
 
 
+K3_LOSS_CAP = 10.0
+"""The largest per-token k3 of the KL loss (verl clamps ``low_var_kl`` to [-10, 10]; k3 is never negative)."""
+
+
 def reference_kl_loss(
     new_logprobs: mx.array,
     ref_logprobs: mx.array,
@@ -169,8 +173,12 @@ def reference_kl_loss(
     Per token ``k2`` or ``k3`` of ``r = new - ref`` on tokens sampled from the policy (docs/algorithms.md:
     k2's gradient is the exact KL gradient, k3's the reverse KL's; k1 has none). Unlike a KL penalty in the
     reward it is not cancelled by group normalisation: every sample that drifts from the reference pays.
+    k3 is capped at ``K3_LOSS_CAP`` as in verl (``low_var_kl``): ``exp(-r)`` of a token far below the reference
+    would otherwise dominate the loss (r = -5: 142) with a gradient to match.
     """
     per_token = {"k2": k2, "k3": k3}[estimator](new_logprobs - ref_logprobs)
+    if estimator == "k3":
+        per_token = mx.minimum(per_token, K3_LOSS_CAP)
     return masked_sum_over(per_token, weights, normaliser)
 
 

@@ -141,9 +141,21 @@ def test_reference_kl_loss_by_hand(estimator):
         for t in range(5):
             if mask[b, t]:
                 r = new[b, t] - ref[b, t]  # log pi / ref
-                total += 0.5 * r * r if estimator == "k2" else math.exp(-r) - 1.0 + r
+                total += 0.5 * r * r if estimator == "k2" else min(math.exp(-r) - 1.0 + r, 10.0)
                 count += 1
     loss = reference_kl_loss(mx.array(new), mx.array(ref), mx.array(mask), estimator=estimator)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
     same = reference_kl_loss(mx.array(new), mx.array(new), mx.array(mask), estimator=estimator)
     assert same.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_k3_loss_of_a_token_far_below_the_reference_is_capped_without_gradient():
+    from learner.ppo import reference_kl_loss
+
+    ref, ones = mx.array([[-1.0, -1.0]]), mx.ones((1, 2))
+    loss, grad = mx.value_and_grad(lambda new: reference_kl_loss(new, ref, ones, estimator="k3"))(
+        mx.array([[-6.0, -1.1]])
+    )  # r = -5: k3 = e^5 - 6 = 142 uncapped
+    r = -0.1
+    assert loss.item() == pytest.approx((10.0 + math.exp(-r) - 1 + r) / 2, rel=1e-5)
+    assert grad[0, 0].item() == 0.0 and grad[0, 1].item() != 0.0
