@@ -83,7 +83,8 @@ def _system_summary(records: list[dict], results: Path, grid: np.ndarray) -> dic
 
 def summarise(results: Path) -> dict:
     """Per task and system: curves, reward at the budget, and time to reach the peer's final reward."""
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    runs = sorted(results.glob("*-s[0-9]*.json"))  # run records, not a summary.json beside them
+    records = [json.loads(p.read_text()) for p in runs]
     by_task: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         by_task[record["task"]][record["system"]].append(record)

@@ -36,6 +36,7 @@ def test_seeds_bands_and_the_time_to_the_peers_final_reward(tmp_path):
     write_run(tmp_path, "ours", 0, [(5, [0.2]), (15, [0.6]), (25, [0.8]), (35, [0.8])])
     write_run(tmp_path, "ours", 1, [(5, [0.4]), (15, [0.4]), (25, [0.6]), (35, [0.9, float("nan")])])
     write_run(tmp_path, "mlx-lm-lora", 0, [(8, [0.2]), (30, [0.7]), (38, [0.2])])
+    (tmp_path / "summary.json").write_text("{}")  # a summary beside the runs is no run
     summary = summarise(tmp_path)
     entry = summary["tasks"]["length"]
     assert entry["grid_s"] == [10.0, 20.0, 30.0, 40.0]
