@@ -59,12 +59,19 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-def wait(condition, what: str, seconds: float = 300) -> None:
+def settle(condition, seconds: float) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(what)
+            return False
         time.sleep(0.2)  # polling files the run writes
+    return True
+
+
+def wait(condition, what: str, seconds: float = 300) -> None:
+    if not settle(condition, seconds):
+        raise TimeoutError(what)
 
 
 def family(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -143,16 +150,6 @@ def rejects_since(before: dict, run_dir: Path) -> dict:
         for k in after
         if k.startswith("reject/") and after[k] - before.get(k, 0)
     }
-
-
-def settle(condition, seconds: float) -> bool:
-    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)  # polling files the run writes
-    return True
 
 
 def kill_actor(launcher: subprocess.Popen, run_dir: Path) -> None:
