@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from common.blas import reexec_with_fast_blas
+from common.exit_codes import ExitCode
 from remote_run import BASE_PORT as REMOTE_BASE_PORT
 
 logger = logging.getLogger("launch")
@@ -178,7 +179,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
         task = resolve_task(cfg)
     except (ConfigError, TaskSetupError) as e:
         logger.error("%s", e)
-        return 2
+        return ExitCode.BAD_SETUP
     if not args.prompts:
         logger.warning("no --prompts: evaluating on the training prompts, which are not held out")
     texts = task.prompts[: args.limit] if args.limit else task.prompts
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
     except ConfigError as e:
         logger.error("%s", e)
-        return 2
+        return ExitCode.BAD_SETUP
     if command in ("learner", "actor"):
         watch_parent(args.parent_pid)
         if args.stdin_lifeline:
@@ -260,13 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             endpoints = endpoints_of(args)
         except ValueError as e:
             logger.error("%s", e)
-            return 2
+            return ExitCode.BAD_SETUP
     if command == "learner":
         from learner.process import run_learner
 
         if problem := unprotected_bind(endpoints, cfg.transport.keys_dir):
             logger.error("%s", problem)
-            return 2
+            return ExitCode.BAD_SETUP
         return run_learner(cfg, endpoints, Path(cfg.run.run_dir), resume=args.resume)
     if command == "actor":
         from actors.actor import run_actor
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "--resume runs on this machine: for a run over several machines start its learner with "
             "'launch.py learner --resume --config RUN_DIR/config.toml ...' and its actors as before"
         )
-        return 2
+        return ExitCode.BAD_SETUP
     if args.hostfile:
         return launch_over_ssh(cfg, args)
     if args.one_process:
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             history = run_one_process(cfg, args.actors)
         except TaskSetupError as e:
             logger.error("%s", e)
-            return 2
+            return ExitCode.BAD_SETUP
         return 0 if len(history) == cfg.run.max_updates else 1
     resume = args.resume_dir is not None
     return launch_local_run(cfg, args.actors, args.learners, Path(__file__).resolve(), resume)
@@ -307,7 +308,7 @@ def launch_over_ssh(cfg, args: argparse.Namespace) -> int:
         hosts = read_hostfile(args.hostfile)
     except ValueError as e:
         logger.error("%s", e)
-        return 2
+        return ExitCode.BAD_SETUP
     run_dir = str(Path(cfg.run.run_dir).resolve())  # the same absolute path on every machine
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=run_dir))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -356,7 +357,7 @@ def watch_parent(parent_pid: int) -> None:
         while True:
             if os.getppid() != parent_pid:
                 logging.getLogger("launch").error("launcher (pid %d) is gone; exiting", parent_pid)
-                os._exit(4)
+                os._exit(ExitCode.WRITE_FAILED)
             time.sleep(1.0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -378,7 +379,7 @@ def watch_stdin(grace_s: float = 30.0) -> None:
         logging.getLogger("launch").warning("the launcher's connection closed; stopping")
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace_s)
-        os._exit(4)
+        os._exit(ExitCode.WRITE_FAILED)
 
     threading.Thread(target=watch, name="stdin-lifeline", daemon=True).start()
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from common.config import EXIT_BAD_SETUP
+from common.exit_codes import ExitCode
 
 logger = logging.getLogger("launch")
 
@@ -96,7 +96,7 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path, resu
     if problems := task_problems(cfg):  # once here, not in every actor after the model loads
         for problem in problems:
             logger.error("%s", problem)
-        return 2
+        return ExitCode.BAD_SETUP
     if num_learners > 1 and cfg.run.backend != "ring":
         logger.error(
             "--learners %d on one machine uses the ring backend; start %s ranks with mlx.launch and "
@@ -105,10 +105,10 @@ def launch_local_run(cfg, num_actors: int, num_learners: int, script: Path, resu
             cfg.run.backend,
             cfg.run.backend,
         )
-        return 2
+        return ExitCode.BAD_SETUP
     if num_learners < 1 or num_actors < num_learners:
         logger.error("need --learners >= 1 and at least one actor per learner rank (--actors >= --learners)")
-        return 2
+        return ExitCode.BAD_SETUP
     run_dir = Path(cfg.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = with_local_keys(cfg, run_dir)
@@ -178,7 +178,7 @@ def supervise(
         for name, proc in procs.items():
             if proc.poll() in (None, 0) or state["stopping"] or name in due:
                 continue
-            if name in restarters and restarts[name] < max_restarts and proc.returncode != EXIT_BAD_SETUP:
+            if name in restarters and restarts[name] < max_restarts and proc.returncode != ExitCode.BAD_SETUP:
                 restarts[name] += 1
                 delay = min(2.0 ** (restarts[name] - 1), 30.0)
                 logger.warning(

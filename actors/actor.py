@@ -20,8 +20,9 @@ from actors.rewards import encode_prompts, load_reward
 from actors.sampler import SamplingParams, generate_completions
 from actors.tasks import PromptSampler, Task
 from common import protocol
-from common.config import EXIT_BAD_SETUP, Config, config_hash
+from common.config import Config, config_hash
 from common.cpu_ops import use_fast_cpu_ops
+from common.exit_codes import ExitCode
 from common.logs import RateLimitFilter
 from common.protocol import (
     ExperienceBatch,
@@ -463,7 +464,7 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
         task, loaded = prepare_actor(cfg)
     except (TaskSetupError, ValueError) as e:
         logger.error("%s", e)
-        return EXIT_BAD_SETUP
+        return ExitCode.BAD_SETUP
     with zmq_context() as ctx:
         sockets = ActorSockets(
             ctx,
@@ -477,7 +478,7 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
         except ValueError as e:  # no usable prompt
             logger.error("%s", e)
             sockets.close()
-            return EXIT_BAD_SETUP
+            return ExitCode.BAD_SETUP
         try:
             worker.connect()
             while True:
@@ -485,7 +486,7 @@ def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints) -> int:
         except ActorStopped as stop:
             if stop.refused:
                 logger.error("the learner refused this actor: %s", stop)
-                return 3
+                return ExitCode.REFUSED
             logger.info("stopping: %s", stop)
             return 0
         finally:

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXIT_BAD_SETUP = 2
-"""Exit code of a process that cannot work with its settings or prompts: restarting it would not help."""
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found."""

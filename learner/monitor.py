@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from common.exit_codes import ExitCode
 from learner.metrics import format_duration
 
 logger = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def run_monitor(run_dir: Path, refresh_s: float = 2.0, once: bool = False, out: 
     """
     if not run_dir.is_dir():
         logger.error("no run directory %s: give the --run-dir of a started run", run_dir)
-        return 2
+        return ExitCode.BAD_SETUP
     tail = MetricsTail(run_dir / "metrics.jsonl")
     tty = out.isatty()
     if tty and not once:

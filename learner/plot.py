@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from common.exit_codes import ExitCode
 from learner.monitor import actor_token_keys, read_rows
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def run_plot(run_dir: Path, out_dir: Path | None = None) -> int:
         paths = write_plots(run_dir, out_dir)
     except (FileNotFoundError, ValueError, ImportError) as err:
         logger.error("%s", err)
-        return 2
+        return ExitCode.BAD_SETUP
     for path in paths:
         logger.info("wrote %s", path)
     return 0

@@ -8,11 +8,11 @@ import signal
 from pathlib import Path
 
 from common.config import Config
+from common.exit_codes import ExitCode
 from common.transport import Endpoints, LearnerSockets, curve_keys, zmq_context
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_FLUSH_MS = 2000
-EXIT_WRITE_FAILED = 4
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 """The learner could not write its metrics or a checkpoint (a full disk): restarting it would not help."""  # how long the final shutdown may take to reach actors once the sockets close
 
@@ -65,7 +65,7 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         logger.error("nothing to resume: no checkpoint in %s", run_dir / "checkpoints")
-        return 2
+        return ExitCode.BAD_SETUP
     group = init_group(
         cfg.run.backend,
         timeout_s=cfg.run.collective_timeout_s,
@@ -89,7 +89,7 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
                 service.publish_weights()
             except ValueError as e:
                 logger.error("%s", e)
-                return 2
+                return ExitCode.BAD_SETUP
             logger.info(
                 "learner ready at %s (policy v%d, %d compute thread(s))",
                 endpoints.control,
@@ -114,7 +114,7 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
                 )
                 service.shutdown("learner stopped: cannot write its files")
                 shutdown_sent = True
-                return EXIT_WRITE_FAILED
+                return ExitCode.WRITE_FAILED
             service.shutdown("run finished" if service.finished else "learner stopped")
             shutdown_sent = True
         finally:

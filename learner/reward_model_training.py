@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from common.config import Config
+from common.exit_codes import ExitCode
 from common.reward_model import RewardModel, build_reward_model, save_reward_model
 from learner.optimizer import make_adam
 
@@ -184,7 +185,7 @@ def main(argv: list[str]) -> int:
         train_reward_model(cfg, args.pairs, args.out, args.epochs, args.lr, args.batch_size)
     except (ConfigError, OSError, ValueError) as e:
         logger.error("%s", e)
-        return 2
+        return ExitCode.BAD_SETUP
     return 0
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from common.config import ModelConfig
 from common.models import LoadedModel, load_model
+from common.transport import zmq_context
+from tests.helpers import Harness, small_config
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,12 @@ def tiny(model_cache: Path) -> LoadedModel:
 def smollm() -> LoadedModel:
     """The bundled SmolLM2-135M-Instruct, converted into the user's cache once per machine."""
     return load_model(ModelConfig(name="default"))
+
+
+@pytest.fixture
+def harness(model_cache, tmp_path):
+    """An in-process learner over the small config (10 updates); make actors with ``harness.actor(i)``."""
+    with zmq_context() as ctx:
+        h = Harness(small_config(model_cache, tmp_path, "run.max_updates=10"), ctx)
+        yield h
+        h.close()

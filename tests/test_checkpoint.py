@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from common.config import LoraConfig
 from learner.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.test_update import LORA, make_learner, sample_experience
+from tests.helpers import LORA, make_learner, sample_experience
 
 SETTINGS = dict(batch_size=8, num_minibatches=2, micro_batch_size=4, update_epochs=2, kl_target=0.1)
 
@@ -130,7 +130,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(
 FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
-from tests.test_checkpoint import LORA, make_learner
+from tests.helpers import LORA, make_learner
 from learner.checkpoint import checkpoint_problem, latest_checkpoint, save_checkpoint
 
 run = Path(sys.argv[1])
@@ -152,7 +152,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_whole(model_cac
     import subprocess
     import sys
 
-    from tests.test_runtime import ROOT
+    from tests.helpers import ROOT
 
     out = subprocess.run(
         [sys.executable, "-c", FULL_DISK, str(tmp_path / "run"), str(model_cache)],

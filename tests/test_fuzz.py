@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import protocol
+from tests.helpers import harness_with
 from tests.protocol_samples import samples
-from tests.test_runtime import harness_with
 
 GOLDEN = {name: [bytes(f) for f in protocol.encode(msg)] for name, msg in samples().items()}
 MESSAGE_TYPES = tuple(type(m) for m in samples().values())

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from common import protocol
 from learner.update import Experience
-from tests.test_runtime import harness_with
+from tests.helpers import harness_with
 
 
 def send(h, batch: protocol.ExperienceBatch) -> None:

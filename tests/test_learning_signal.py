@@ -18,7 +18,7 @@ from learner import advantages as adv
 from learner.models import build_policy_and_value
 from learner.ppo import k2, k3
 from learner.ppo_learner import PPOLearner
-from tests.test_update import make_learner, sample_experience
+from tests.helpers import make_learner, sample_experience
 
 
 def trained(learner: PPOLearner) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from bench.netns import Hosts, namespaces_unavailable
 from common.blas import env_with_fast_blas
 from common.config import config_to_toml, load_config
 from common.transport import make_keys
-from tests.test_runtime import SMALL
+from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,7 @@ from common.config import ModelConfig
 from learner.advantages import group_advantages, masked_moments
 from learner.aggregation import loss_weights, overlong_penalty
 from learner.ppo import Clip, importance_weights, policy_loss, sequence_ratio, token_ratio
-from tests.test_runtime import harness_with
-from tests.test_update import make_learner, sample_experience
+from tests.helpers import harness_with, make_learner, sample_experience
 
 
 def arr(x) -> mx.array:

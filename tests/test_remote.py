@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.test_runtime import metric_rows, start_tiny_launcher, wait_until
+from tests.helpers import metric_rows, start_tiny_launcher, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

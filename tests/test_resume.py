@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 
 from common.transport import free_tcp_ports
-from tests.test_runtime import ROOT, SMALL, finish, metric_rows, start_tiny_launcher
+from tests.helpers import ROOT, SMALL, finish, metric_rows, start_tiny_launcher
 
 ON_POLICY = ("ppo.max_policy_lag=0", "run.seed=3", "run.checkpoint_every=2")
 

@@ -154,7 +154,7 @@ def test_no_signal_reaches_a_process_outside():
 def test_the_code_cannot_read_the_tests_answers_or_the_run(tmp_path):
     """With the whole root bound read-only the code could read examples/data/code.jsonl (the hidden tests'
     expected values) and a run's CURVE secrets: only the system, the Python installation and the guard are seen."""
-    from tests.test_runtime import ROOT
+    from tests.helpers import ROOT
 
     secret = tmp_path / "secret.key_secret"
     secret.write_text("hush")

@@ -26,7 +26,7 @@ from common.transport import (
 )
 from learner.process import build_learner
 from learner.service import LearnerService
-from tests.test_runtime import small_config
+from tests.helpers import small_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def test_a_local_run_with_local_auth_keeps_local_processes_without_its_key_out(m
 
     from common import protocol
     from common.config import config_hash
-    from tests.test_runtime import finish, metric_rows, start_tiny_launcher, wait_until
+    from tests.helpers import finish, metric_rows, start_tiny_launcher, wait_until
 
     run_dir = tmp_path / "run"
     launcher = start_tiny_launcher(model_cache, run_dir, "transport.local_auth=true")

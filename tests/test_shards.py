@@ -12,7 +12,7 @@ import pytest
 
 from common.lora import adapter_weights
 from learner.shards import ShardPool, auto_threads, split_rows
-from tests.test_update import make_learner, sample_experience
+from tests.helpers import make_learner, sample_experience
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def test_a_process_whose_learner_used_threads_exits_cleanly(model_cache, tmp_pat
     script.write_text(
         "import sys; from pathlib import Path\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tests.test_update import make_learner, sample_experience\n"
+        "from tests.helpers import make_learner, sample_experience\n"
         f"learner, loaded = make_learner(Path({str(model_cache)!r}), compute_threads=2, compile_step=True)\n"
         "learner.update(sample_experience(learner, loaded.tokenizer))\n"
         "print('updated')\n"

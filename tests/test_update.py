@@ -3,61 +3,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from actors.sampler import SamplingParams, generate_completions
-from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
 from common.lora import adapter_weights
-from common.models import load_model
-from learner.models import build_policy_and_value
-from learner.ppo_learner import PPOLearner
 from learner.update import Experience, collate
-
-LORA = LoraConfig(rank=4, alpha=8.0)
-
-
-def make_learner(
-    model_cache, value_kind="separate", seed=0, proximal_in_step=None, compile_step=False, **overrides
-):
-    loaded = load_model(ModelConfig(name="tiny", cache_dir=str(model_cache)))
-    mx.random.seed(seed)
-    container = build_policy_and_value(loaded.model, LORA, value_kind=value_kind)
-    # Non-zero B matrices so that the adapters matter from the first step.
-    mx.random.seed(seed + 1)
-    container.policy.load_weights(
-        [
-            (k, mx.random.normal(v.shape) * 0.05)
-            for k, v in adapter_weights(container.policy).items()
-            if k.endswith("lora_b")
-        ],
-        strict=False,
-    )
-    settings = dict(batch_size=8, num_minibatches=1, micro_batch_size=8, update_epochs=1, learning_rate=1e-3)
-    settings.update(overrides)
-    cfg = PPOUpdateConfig(**settings)
-    learner = PPOLearner(container, cfg, 1.0, compile_step=compile_step, proximal_in_step=proximal_in_step)
-    return learner, loaded
-
-
-def sample_experience(learner, tokenizer, n=8, seed=0, max_new=6):
-    prompts = [[1] + tokenizer.encode(f"question {i}") for i in range(n)]
-    completions = generate_completions(
-        learner.container.policy,
-        prompts,
-        SamplingParams(max_new_tokens=max_new),
-        set(),
-        seeds=[seed * 100 + i for i in range(n)],
-    )
-    target = tokenizer.encode("a")[0]
-    scores = np.array(
-        [np.mean([t == target for t in c.response_ids]) + 0.1 * i for i, c in enumerate(completions)],
-        np.float32,
-    )
-    return Experience(
-        [c.prompt_ids for c in completions],
-        [c.response_ids for c in completions],
-        [c.logprobs for c in completions],
-        scores,
-        np.zeros(n, np.int64),
-    )
+from tests.helpers import make_learner, sample_experience
 
 
 def test_collate_pads_and_positions():

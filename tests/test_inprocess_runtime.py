@@ -1,12 +1,9 @@
-"""The actor/learner runtime over real ZeroMQ sockets: one-process mode, joins, refusals, back-pressure, bad input."""
+"""The actor/learner runtime in one process over real ZeroMQ sockets: one-process mode, joins, refusals,
+back-pressure, bad input, snapshots."""
 
 import json
 import math
-import re
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,63 +12,23 @@ import zmq
 from actors.actor import ActorStopped, ActorWorker
 from actors.tasks import get_task
 from common import protocol
-from common.config import load_config
 from common.lora import attach_lora
 from common.models import load_model
 from common.transport import ActorSockets, Endpoints, LearnerSockets, free_tcp_ports, zmq_context
 from learner.process import build_learner
 from learner.service import LearnerService
 from local_run import run_one_process
-
-ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "sampling.batch_size=8",
-    "sampling.max_new_tokens=8",
-    "ppo.batch_size=8",
-    "ppo.group_size=2",
-    "ppo.num_minibatches=1",
-    "ppo.micro_batch_size=8",
-    "ppo.update_epochs=1",
-    "ppo.learning_rate=1e-3",
-    "lora.rank=4",
-    'run.task="letters"',
-    "run.checkpoint_every=2",
-    "transport.startup_timeout_s=60",
-]
-REQUIRED_KEYS = {
-    "step",
-    "policy_version",
-    "time_s",
-    "perf/samples_per_s",
-    "perf/gen_tokens_per_s",
-    "perf/train_tokens_per_s",
-    "perf/learner_busy_frac",
-    "lag/mean",
-    "lag/max",
-    "lag/dropped",
-    "buffer/depth",
-    "sync/ms",
-    "sync/bytes",
-    "rollout/score_mean",
-    "loss/policy",
-    "loss/value",
-    "policy/approx_kl",
-    "kl/ref_mean",
-    "memory/peak_gb",
-}
-
-
-def small_config(model_cache, run_dir, *extra):
-    return load_config(
-        None,
-        [
-            *SMALL,
-            'model.name="tiny"',
-            f'model.cache_dir="{model_cache}"',
-            f'run.run_dir="{run_dir}"',
-            *extra,
-        ],
-    )
+from tests.helpers import (
+    REQUIRED_KEYS,
+    bind_when_free,
+    harness_with,
+    one_update,
+    same_weights,
+    small_config,
+    tiny_experience,
+    until_granted,
+    until_version,
+)
 
 
 def test_one_process_end_to_end(model_cache, tmp_path):
@@ -90,65 +47,6 @@ def test_actors_can_decode_a_few_rows_at_a_time(model_cache, tmp_path):
     history = run_one_process(cfg, num_actors=1, timeout_s=300)
     assert [m["policy_version"] for m in history] == [1, 2]
     assert history[-1]["rollout/response_len_mean"] > 0
-
-
-class Harness:
-    """A learner service and actor workers in this process over inproc sockets, stepped by the test."""
-
-    def __init__(self, cfg, ctx):
-        self.cfg, self.ctx, self.endpoints = cfg, ctx, Endpoints.inproc()
-        self.learner_sockets = LearnerSockets(ctx, self.endpoints, cfg.transport.experience_hwm)
-        self.service = LearnerService(cfg, self.learner_sockets, build_learner(cfg), Path(cfg.run.run_dir))
-        self.service.publish_weights()
-        self.sockets = [self.learner_sockets]
-
-    def actor(self, actor_id, cfg=None):
-        cfg = cfg or self.cfg
-        loaded = load_model(cfg.model)
-        if not cfg.ppo.full_finetune:
-            attach_lora(loaded.model, cfg.lora)
-        sockets = ActorSockets(self.ctx, self.endpoints, cfg.transport.experience_hwm)
-        self.sockets.append(sockets)
-        return ActorWorker(cfg, actor_id, 2, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
-
-    def join(self, worker, rounds=200):
-        for _ in range(rounds):
-            if worker.poll_connect(0):
-                return
-            self.service.poll(10)
-        raise AssertionError("actor did not join")
-
-    def close(self):
-        for s in self.sockets:
-            s.close()
-
-
-@contextmanager
-def harness_with(model_cache, tmp_path, *settings):
-    """A harness over the small config plus ``settings``, closed on exit."""
-    with zmq_context() as ctx:
-        h = Harness(small_config(model_cache, tmp_path, *settings), ctx)
-        try:
-            yield h
-        finally:
-            h.close()
-
-
-def until_granted(h: Harness, worker, rounds: int = 100) -> None:
-    """Step learner and actor until the actor holds a rollout grant."""
-    for _ in range(rounds):
-        h.service.poll(5)
-        if worker.poll_grant(0):
-            return
-    raise AssertionError("no grant")
-
-
-@pytest.fixture
-def harness(model_cache, tmp_path):
-    with zmq_context() as ctx:
-        h = Harness(small_config(model_cache, tmp_path, "run.max_updates=10"), ctx)
-        yield h
-        h.close()
 
 
 def test_late_joiner_gets_the_current_snapshot(harness):
@@ -215,52 +113,6 @@ def test_back_pressure_blocks_actors_and_bounds_memory():
         learner.close()
 
 
-def launch_tiny_run(
-    model_cache, run_dir, actors: int, learners: int, updates: int
-) -> subprocess.CompletedProcess:
-    """``launch.py`` as a user runs it, with the tiny model and the small settings."""
-    cmd = [sys.executable, str(ROOT / "launch.py"), "--actors", str(actors), "--learners", str(learners)]
-    cmd += ["--model", "tiny", "--max-updates", str(updates), "--run-dir", str(run_dir)]
-    for item in [*SMALL, f'model.cache_dir="{model_cache}"']:
-        cmd += ["--set", item]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def test_multi_process_launch(model_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    out = launch_tiny_run(model_cache, run_dir, actors=2, learners=1, updates=3)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["policy_version"] for r in rows] == [1, 2, 3]
-    assert set(rows[-1]) >= REQUIRED_KEYS
-    # Per-actor stats from heartbeats (an actor slow to start on a loaded machine may join after the last update).
-    reporting = {
-        k.split("/")[1] for k in rows[-1] if k.startswith("actor/") and k.endswith("/blocked_send_s")
-    }
-    assert reporting and all(f"actor/{a}/wait_weights_s" in rows[-1] for a in reporting)
-    assert all(f"actor/{a}/policy_version" in rows[-1] for a in reporting)
-    assert "actor 0 joined" in out.stderr or "actor 1 joined" in out.stderr
-    assert "running policy v1" in out.stderr  # actors apply the published versions
-    assert re.search(r"update 3(/3)? v3", out.stderr)
-
-
-def test_free_ports_are_distinct():
-    assert len(set(free_tcp_ports(count=3))) == 3
-
-
-def test_two_learner_ranks_complete_updates(model_cache, tmp_path):
-    """--learners 2: two ranks over mlx.distributed's ring on loopback, each with its own actor."""
-    run_dir = tmp_path / "run"
-    out = launch_tiny_run(model_cache, run_dir, actors=2, learners=2, updates=2)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "learner rank 0 of 2" in out.stderr and "learner rank 1 of 2" in out.stderr
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["policy_version"] for r in rows] == [1, 2]  # rank 0 alone writes metrics
-    # Averaged gradients keep the ranks identical: both actors (one per rank) run the same v2 adapters.
-    checksums = set(re.findall(r"\[actor-\d\].*running policy v2 \(checksum (\w+)\)", out.stderr))
-    assert len(checksums) == 1, out.stderr[-3000:]
-
-
 def test_actor_drops_a_batch_that_went_stale_while_blocked(harness):
     worker = harness.actor(0)
     harness.join(worker)
@@ -315,16 +167,6 @@ def test_one_process_run_with_reference_on_actors(model_cache, tmp_path):
     history = run_one_process(cfg, num_actors=1, timeout_s=300)
     assert [m["policy_version"] for m in history] == [1, 2]
     assert all(math.isfinite(m["kl/ref_mean"]) for m in history)
-
-
-@pytest.mark.parametrize(
-    "cores,actors,learners,expected",
-    [(16, 4, 1, (8, 2)), (16, 8, 1, (8, 1)), (16, 4, 2, (4, 2)), (2, 2, 1, (1, 1)), (1, 3, 1, (1, 1))],
-)
-def test_learners_get_half_the_cores_and_actors_share_the_rest(cores, actors, learners, expected):
-    from local_run import split_threads
-
-    assert split_threads(cores, actors, learners) == expected
 
 
 def test_actors_generate_only_what_the_learner_can_train_in_time(harness):
@@ -401,22 +243,6 @@ def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers
         assert not worker.learner_silent and "the learner answers again" in caplog.text
 
 
-def tiny_experience():
-    """8 random sequences of 6 prompt + 5 response tokens of the tiny model's vocabulary, seeded."""
-    import numpy as np
-
-    from learner.update import Experience
-
-    rng = np.random.default_rng(0)
-    return Experience(
-        [rng.integers(3, 250, 6).tolist() for _ in range(8)],
-        [rng.integers(3, 250, 5).tolist() for _ in range(8)],
-        [np.full(5, -5.0, np.float32) for _ in range(8)],
-        rng.normal(size=8).astype(np.float32),
-        np.zeros(8),
-    )
-
-
 def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
     """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on between micro-batches."""
     with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=1") as h:
@@ -453,85 +279,6 @@ def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
     worker.stats.stale_dropped += 8
     until_granted(harness, worker)  # the next request reports the 8 dropped sequences: they will never arrive
     assert harness.service.admission.outstanding == 8 and worker.granted == 1
-
-
-def test_a_bad_hostfile_lists_its_problems(tmp_path):
-    from remote_run import read_hostfile
-
-    path = tmp_path / "hosts.json"
-    path.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"]}, {"ips": []}]))
-    with pytest.raises(ValueError) as err:
-        read_hostfile(path)
-    text = str(err.value)
-    assert "host 0 (a): 'role' is learner or actors" in text and "host 1: needs 'ssh'" in text
-    assert "0 hosts with role learner" in text
-
-
-def start_tiny_launcher(model_cache, run_dir: Path, *settings: str, args: tuple = ()) -> subprocess.Popen:
-    """``launch.py`` on the tiny model: by default 2 actors and a run long enough to be stopped by the test;
-    ``args`` replaces those arguments (and ``--run-dir``).
-
-    The run's log goes to ``<run_dir>.log`` (a pipe nobody reads while the test waits would fill up and block
-    every process of the run); ``finish`` returns it.
-    """
-    cmd = [sys.executable, str(ROOT / "launch.py"), "--model", "tiny"]
-    cmd += list(args) or ["--actors", "2", "--max-updates", "100000", "--run-dir", str(run_dir)]
-    for item in [*SMALL, f'model.cache_dir="{model_cache}"', *settings]:
-        cmd += ["--set", item]
-    with open(f"{run_dir}.log", "a") as log:
-        return subprocess.Popen(cmd, stderr=log)
-
-
-def finish(launcher: subprocess.Popen, run_dir: Path, timeout_s: float = 120) -> str:
-    """Wait for the launcher to exit; its log."""
-    launcher.wait(timeout=timeout_s)
-    return Path(f"{run_dir}.log").read_text()
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_until(launcher: subprocess.Popen, condition, what: str, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert launcher.poll() is None and time.monotonic() < deadline, what
-        time.sleep(0.2)  # polling a file the learner writes
-
-
-def test_ctrl_c_checkpoints_and_leaves_no_process_behind(model_cache, tmp_path):
-    import signal
-
-    import psutil
-
-    run_dir = tmp_path / "run"
-    launcher = start_tiny_launcher(model_cache, run_dir, "run.checkpoint_every=100000")
-    wait_until(launcher, lambda: len(metric_rows(run_dir)) >= 2, "the run did not get going")
-    family = psutil.Process(launcher.pid).children(recursive=True)
-    assert len(family) >= 3  # learner + 2 actors
-    launcher.send_signal(signal.SIGINT)
-    stderr = finish(launcher, run_dir)
-    assert launcher.returncode == 0, stderr[-3000:]
-    steps = [row["step"] for row in metric_rows(run_dir)]
-    assert (
-        run_dir / "checkpoints" / f"step-{steps[-1]:06d}"
-    ).is_dir()  # the final checkpoint, not a periodic one
-    gone, alive = psutil.wait_procs(family, timeout=10)
-    assert not alive, [p.pid for p in alive]
-
-
-def bind_when_free(ctx, endpoints, seconds: float = 30.0) -> LearnerSockets:
-    """Bind a learner's addresses as soon as the closed previous sockets have released them (ZeroMQ closes
-    sockets in its I/O thread, so an immediate rebind can still find the port taken)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return LearnerSockets(ctx, endpoints, 2)
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # polling for the port, with a deadline
 
 
 def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tmp_path):
@@ -573,75 +320,12 @@ def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tm
                     s.close()
 
 
-def test_a_killed_actor_is_restarted_rejoins_and_nothing_is_trained_twice(model_cache, tmp_path):
-    """SIGKILL an actor mid-run: the launcher restarts it, it rejoins with a new pid and continues after the newest
-    batch its predecessor delivered, and no group is trained twice. Every wait is on a condition (no race between
-    the restart delay and the learner's silence timeout: which one comes first does not matter)."""
-    import signal
-
-    import psutil
-
-    run_dir = tmp_path / "run"
-    launcher = start_tiny_launcher(model_cache, run_dir)
-
-    def log() -> str:
-        return Path(f"{run_dir}.log").read_text()
-
-    def trained() -> list[tuple[int, int, int]]:
-        return [tuple(g) for row in metric_rows(run_dir) for g in row.get("trained/groups", [])]
-
-    try:
-        wait_until(launcher, lambda: any(a == 1 for a, _, _ in trained()), "actor 1's experience trained")
-        family = psutil.Process(launcher.pid).children(recursive=True)
-        victim = next(p for p in family if "--actor-id 1 " in " ".join(p.cmdline()) + " ")
-        victim.send_signal(signal.SIGKILL)
-        continued = re.compile(r"actor 1 continues at batch (\d+)")
-        wait_until(launcher, lambda: continued.search(log()), "the restarted actor to rejoin")
-        first_new = int(continued.search(log()).group(1))
-        wait_until(
-            launcher,
-            lambda: any(a == 1 and b >= first_new for a, b, _ in trained()),
-            "its new batches trained",
-        )
-    finally:
-        launcher.send_signal(signal.SIGINT)
-        stderr = finish(launcher, run_dir)
-    assert launcher.returncode == 0, stderr[-3000:]
-    assert "actor-1 exited with code -9; restarting it in 1 s (restart 1 of at most 3)" in stderr
-    pids = re.findall(r"actor 1 joined from \S+ \(pid (\d+)\)", stderr)
-    assert len(set(pids)) == 2 and int(pids[0]) == victim.pid, pids
-    groups = trained()
-    assert len(groups) == len(set(groups)), "a group was trained twice"
-    assert first_new >= 1
-
-
-@pytest.mark.parametrize(
-    ("setting", "message"),
-    [
-        ('run.task="nope"', "unknown task 'nope': built-in tasks are"),
-        ("sampling.max_prompt_tokens=1020", "max_new_tokens = 1028 > the model's context of 1024 tokens"),
-    ],
-)
-def test_a_run_that_cannot_work_stops_with_the_reason_and_no_restarts(
-    model_cache, tmp_path, setting, message
-):
-    run_dir = tmp_path / "run"
-    launcher = start_tiny_launcher(model_cache, run_dir, setting)
-    log = finish(launcher, run_dir, timeout_s=300)
-    assert launcher.returncode == 2, log[-3000:]
-    assert message in log and "restarting it" not in log
-
-
 def test_metrics_also_reach_tensorboard_when_asked(model_cache, tmp_path):
     pytest.importorskip("tensorboardX")
     cfg = small_config(model_cache, tmp_path, "run.max_updates=2", 'run.metrics_sinks=["tensorboard"]')
     assert len(run_one_process(cfg)) == 2
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
-
-
-def failing_reward(prompt: str, completion: str) -> float:
-    raise RuntimeError("reward service down")
 
 
 def test_a_reward_that_always_fails_is_reported_though_no_update_comes(harness, caplog):
@@ -652,7 +336,7 @@ def test_a_reward_that_always_fails_is_reported_though_no_update_comes(harness, 
     caplog.set_level(logging.ERROR, logger="learner.service")
     worker = harness.actor(0)
     harness.join(worker)
-    worker.scorer = load_reward("tests.test_runtime:failing_reward", worker.task)
+    worker.scorer = load_reward("tests.helpers:failing_reward", worker.task)
     for _ in range(3):
         frames = [bytes(f) for f in protocol.encode(worker.generate_batch())]
         harness.service.handle_experience(frames)
@@ -690,32 +374,6 @@ def test_full_fine_tuning_syncs_every_weight_to_the_actors(model_cache, tmp_path
                 service.publish_weights()
         finally:
             sockets.close()
-
-
-def until_version(h: Harness, worker, version: int, on_round=lambda: None) -> None:
-    """Step learner and actor until the actor runs snapshot ``version`` (as a grant of it would make it)."""
-    worker.grant_version = version
-    for _ in range(2000):
-        h.service.poll(1)
-        worker.poll_grant(0)  # asks for the snapshot it lacks, takes chunks, asks for more
-        on_round()
-        if worker.policy_version == version:
-            return
-    raise AssertionError(f"snapshot v{version} did not arrive")
-
-
-def same_weights(worker, h: Harness) -> bool:
-    import numpy as np
-    from mlx.utils import tree_flatten
-
-    ours = dict(tree_flatten(worker.model.parameters()))
-    theirs = dict(tree_flatten(h.service.learner.container.policy.parameters()))
-    return ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
-
-
-def one_update(h: Harness) -> None:
-    h.service.learner.update(tiny_experience())
-    h.service.publish_weights()  # the announcement goes out over PUB
 
 
 def test_full_weights_travel_in_chunks_and_arrive_whole(model_cache, tmp_path):
