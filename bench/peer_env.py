@@ -43,16 +43,23 @@ def venv_python(env_dir: Path) -> Path:
     return env_dir / "Scripts" / "python.exe" if os.name == "nt" else env_dir / "bin" / "python"
 
 
-def _works(python: Path) -> bool:
-    """Whether ``python`` exists, has the pinned versions and imports mlx-lm-lora's GRPO trainer."""
+def _works(python: Path, tries: int = 2) -> bool:
+    """Whether ``python`` exists, has the pinned versions and imports mlx-lm-lora's GRPO trainer.
+
+    A failed check is tried again once: on a loaded machine the import alone can outlast the timeout, and a
+    wrong "broken" verdict would delete a good environment."""
     if not python.exists():
         return False
     pins = [MLX_VERSION, MLX_LM_VERSION, MLX_LM_LORA_VERSION]
-    try:
-        done = subprocess.run([str(python), "-c", _CHECK, *pins], capture_output=True, timeout=300)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+    for attempt in range(1, tries + 1):
+        try:
+            done = subprocess.run([str(python), "-c", _CHECK, *pins], capture_output=True, timeout=300)
+            if done.returncode == 0:
+                return True
+            logger.warning("peer env check %d of %d failed: %s", attempt, tries, done.stderr.decode()[-500:])
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("peer env check %d of %d failed: %s", attempt, tries, e)
+    return False
 
 
 def _pip(python: Path, *args: str) -> None:
@@ -77,6 +84,10 @@ def ensure_peer_python(root: Path) -> Path:
     if _works(python):
         logger.info("peer env: reusing %s", env_dir)
         return python
+    if env_dir.is_symlink():  # someone else's environment: never delete what the link points to
+        raise RuntimeError(
+            f"{env_dir} is a link to an environment that fails the check; fix or remove the link"
+        )
     if env_dir.exists():
         logger.warning("peer env: %s is missing packages or has other versions; rebuilding it", env_dir)
         shutil.rmtree(env_dir)
