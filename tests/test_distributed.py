@@ -20,10 +20,10 @@ from common.blas import env_with_fast_blas
 from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
 from common.lora import adapter_weights
 from common.models import load_model
+from launcher.local import child_env, learner_rank_env
 from learner.models import build_policy_and_value
 from learner.ppo_learner import PPOLearner
 from learner.update import Experience
-from local_run import child_env, learner_rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQUENCES, PROMPT = 8, 5

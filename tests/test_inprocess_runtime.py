@@ -15,9 +15,9 @@ from common import protocol
 from common.lora import attach_lora
 from common.models import load_model
 from common.transport import ActorSockets, Endpoints, LearnerSockets, free_tcp_ports, zmq_context
+from launcher.one_process import run_one_process
 from learner.process import build_learner
 from learner.service import LearnerService
-from local_run import run_one_process
 from tests.helpers import (
     REQUIRED_KEYS,
     bind_when_free,

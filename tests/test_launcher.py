@@ -58,13 +58,13 @@ def test_two_learner_ranks_complete_updates(model_cache, tmp_path):
     [(16, 4, 1, (8, 2)), (16, 8, 1, (8, 1)), (16, 4, 2, (4, 2)), (2, 2, 1, (1, 1)), (1, 3, 1, (1, 1))],
 )
 def test_learners_get_half_the_cores_and_actors_share_the_rest(cores, actors, learners, expected):
-    from local_run import split_threads
+    from launcher.local import split_threads
 
     assert split_threads(cores, actors, learners) == expected
 
 
 def test_a_bad_hostfile_lists_its_problems(tmp_path):
-    from remote_run import read_hostfile
+    from launcher.remote import read_hostfile
 
     path = tmp_path / "hosts.json"
     path.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"]}, {"ips": []}]))

@@ -17,6 +17,7 @@ learner needs ``transport.keys_dir`` (a folder present on every machine); the le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shlex
@@ -24,11 +25,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_run import supervise
+from common.exit_codes import ExitCode
+from launcher.defaults import BASE_PORT, RING_PORT
+from launcher.supervision import supervise
 
-logger = logging.getLogger("launch")
-BASE_PORT = 5555
-RING_PORT = 5600  # mlx.distributed ring between learner ranks on different hosts
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,43 @@ def _start(ssh: list[str], host: Host, command: list[str]) -> subprocess.Popen:
     return subprocess.Popen(remote, stdin=subprocess.PIPE, start_new_session=True)
 
 
+def copy_run_files(ssh: list[str], hosts: list[Host], cfg_toml: str, run_dir: str) -> None:
+    """The resolved config to every host, and the learner ranks' ring hostfile to each learner host."""
+    learners = [h for h in hosts if h.role == "learner"]
+    ring_text = json.dumps([[f"{h.ip}:{RING_PORT}"] for h in learners])
+    for host in {h.ssh: h for h in hosts}.values():
+        _copy(ssh, host, cfg_toml, f"{run_dir}/config.toml")
+        if len(learners) > 1 and host.role == "learner":
+            _copy(ssh, host, ring_text, f"{run_dir}/ring_hostfile.json")
+
+
+def start_learner_ranks(
+    ssh: list[str], learners: list[Host], bases: list[str], launch: list[str], run_dir: str
+) -> dict[str, subprocess.Popen]:
+    """One learner rank per learner host, bound to ``bases[rank]`` (ring variables when there are several)."""
+    config, ring, procs = f"{run_dir}/config.toml", f"{run_dir}/ring_hostfile.json", {}
+    for rank, (host, base) in enumerate(zip(learners, bases, strict=True)):
+        ranks = ["env", f"MLX_RANK={rank}", f"MLX_HOSTFILE={ring}"] if len(learners) > 1 else []
+        command = [*ranks, *launch, "learner", "--config", config, "--bind", base, "--rank", str(rank)]
+        procs[f"learner-{rank}"] = _start(ssh, host, command)
+    return procs
+
+
+def start_remote_actors(
+    ssh: list[str], hosts: list[Host], bases: list[str], launch: list[str], run_dir: str
+) -> dict[str, subprocess.Popen]:
+    """Each host's actors; actor ``i`` connects to learner rank ``i % len(bases)``."""
+    total, actor_id, procs = sum(h.actors for h in hosts), 0, {}
+    for host in hosts:
+        for _ in range(host.actors):
+            command = [*launch, "actor", "--config", f"{run_dir}/config.toml"]
+            command += ["--connect", bases[actor_id % len(bases)]]
+            command += ["--actor-id", str(actor_id), "--num-actors", str(total)]
+            procs[f"actor-{actor_id}"] = _start(ssh, host, command)
+            actor_id += 1
+    return procs
+
+
 def launch_remote_run(
     cfg_toml: str,
     run_dir: str,
@@ -101,27 +139,12 @@ def launch_remote_run(
     """
     learners = [h for h in hosts if h.role == "learner"]
     bases = [f"tcp://{h.ip}:{base_port}" for h in learners]
-    config, ring = f"{run_dir}/config.toml", f"{run_dir}/ring_hostfile.json"
-    ring_text = json.dumps([[f"{h.ip}:{RING_PORT}"] for h in learners])
-    for host in {h.ssh: h for h in hosts}.values():
-        _copy(ssh, host, cfg_toml, config)
-        if len(learners) > 1 and host.role == "learner":
-            _copy(ssh, host, ring_text, ring)
+    copy_run_files(ssh, hosts, cfg_toml, run_dir)
     launch = [python, f"{remote_dir}/launch.py"]
-    procs = {}
-    for rank, (host, base) in enumerate(zip(learners, bases, strict=True)):
-        ranks = ["env", f"MLX_RANK={rank}", f"MLX_HOSTFILE={ring}"] if len(learners) > 1 else []
-        command = [*ranks, *launch, "learner", "--config", config, "--bind", base, "--rank", str(rank)]
-        procs[f"learner-{rank}"] = _start(ssh, host, command)
-    total = sum(h.actors for h in hosts)
-    actor_id = 0
-    for host in hosts:
-        for _ in range(host.actors):
-            command = [*launch, "actor", "--config", config, "--connect", bases[actor_id % len(bases)]]
-            command += ["--actor-id", str(actor_id), "--num-actors", str(total)]
-            procs[f"actor-{actor_id}"] = _start(ssh, host, command)
-            actor_id += 1
+    procs = start_learner_ranks(ssh, learners, bases, launch, run_dir)
+    procs.update(start_remote_actors(ssh, hosts, bases, launch, run_dir))
     where = ", ".join(f"{h.ssh} at {b}" for h, b in zip(learners, bases, strict=True))
+    total = sum(h.actors for h in hosts)
     logger.info(
         "run %s: %d learner rank(s) on %s; %d actor(s) on %d host(s)",
         run_dir,
@@ -131,3 +154,23 @@ def launch_remote_run(
         len(hosts),
     )
     return supervise(procs)
+
+
+def launch_over_ssh(
+    cfg, hostfile: str, ssh_command: str, remote_dir: str, python: str, base_port: int
+) -> int:
+    """``--hostfile``: the run's processes on the listed machines; the run directory is made absolute (the
+    same path on every machine) and its config written here too."""
+    from common.config import config_to_toml
+
+    try:
+        hosts = read_hostfile(hostfile)
+    except ValueError as e:
+        logger.error("%s", e)
+        return ExitCode.BAD_SETUP
+    run_dir = str(Path(cfg.run.run_dir).resolve())
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=run_dir))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    text = config_to_toml(cfg)
+    (Path(run_dir) / "config.toml").write_text(text)
+    return launch_remote_run(text, run_dir, hosts, shlex.split(ssh_command), remote_dir, python, base_port)
