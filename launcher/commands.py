@@ -15,14 +15,14 @@ logger = logging.getLogger(__name__)
 
 
 def monitor(args: argparse.Namespace) -> int:
-    from learner.monitor import run_monitor
+    from tools.monitor import run_monitor
 
     setup_logging("tools")
     return run_monitor(Path(args.run_dir), refresh_s=args.refresh, once=args.once)
 
 
 def plot(args: argparse.Namespace) -> int:
-    from learner.plot import run_plot
+    from tools.plot import run_plot
 
     setup_logging("tools")
     return run_plot(Path(args.run_dir), Path(args.out) if args.out else None)
@@ -30,9 +30,9 @@ def plot(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``eval``: a run's (or any) adapters on held-out prompts; results into RUN_DIR/eval/<adapters>."""
-    from actors.evaluate import evaluate_policy
     from actors.tasks import TaskSetupError, resolve_task
     from common.config import ConfigError, load_config
+    from tools.evaluate import evaluate_policy
 
     setup_logging("tools")
     run_dir = Path(args.run_dir)
@@ -55,7 +55,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def train_reward_model(argv: list[str]) -> int:
     """``train-rm``: its own command line (argparse cannot pass '--x' through a subcommand)."""
-    from learner.reward_model_training import main
+    from tools.reward_model_training import main
 
     setup_logging("train-rm")
     return main(argv)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import config_to_toml
-from learner.monitor import MetricsTail
 from mlx_ppo.config import PPOConfig
+from tools.metrics_file import MetricsTail
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +144,8 @@ class PPOTrainer:
 
     def evaluate(self, prompts: Sequence[str]) -> dict[str, Any]:
         """Mean reward and KL to the base model of one sampled completion per prompt (and the samples)."""
-        from actors.evaluate import evaluate_policy
         from actors.tasks import resolve_task
+        from tools.evaluate import evaluate_policy
 
         out_dir = self.run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def test_the_first_adam_step_moves_no_weight_by_more_than_the_learning_rate(mode
 
 def test_reward_model_training_uses_bias_corrected_adam(model_cache):
     from common.reward_model import build_reward_model
-    from learner.reward_model_training import _optimizer_step
+    from tools.reward_model_training import _optimizer_step
 
     mx.random.seed(0)
     model = build_reward_model(

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from learner.metrics import MetricsWriter, format_duration, format_update_line
-from learner.monitor import SPARK, MetricsTail, elapsed_s, render_frame, run_monitor, sparkline
-from learner.plot import run_plot, write_plots
+from tools.metrics_file import MetricsTail
+from tools.monitor import SPARK, elapsed_s, render_frame, run_monitor, sparkline
+from tools.plot import run_plot, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = {

@@ -14,7 +14,7 @@ from actors.rewards import load_reward
 from actors.tasks import get_task
 from common.config import LoraConfig, ModelConfig, load_config
 from common.reward_model import RM_CONFIG, build_reward_model, load_reward_model, save_reward_model
-from learner.reward_model_training import (
+from tools.reward_model_training import (
     bradley_terry_loss,
     evaluate_pairs,
     load_pairs,

@@ -175,7 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    """``launch.py train-rm``: 0 when trained and saved, 2 for a bad config, pairs file or setting."""
+    """``launch.py train-rm``: ``OK`` when trained and saved, ``BAD_SETUP`` for a bad config, pairs file or setting."""
     from common.config import ConfigError, load_config
 
     args = parse_args(argv)
@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, OSError, ValueError) as e:
         logger.error("%s", e)
         return ExitCode.BAD_SETUP
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

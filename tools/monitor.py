@@ -7,7 +7,6 @@ one and a run directory copied off another machine, and can never slow or break 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any, Final, TextIO
 
 from common.exit_codes import ExitCode
 from learner.metrics import format_duration
+from tools.metrics_file import MetricsTail
 
 logger = logging.getLogger(__name__)
 
@@ -32,54 +32,6 @@ ALIVE_FACTOR: Final = 3.0
 ALIVE_SLACK_S: Final = 10.0
 INTERVAL_WINDOW: Final = 10
 """Updates the interval (and so the ETA) is averaged over: recent enough to follow a change of pace."""
-
-
-class MetricsTail:
-    """Reads ``metrics.jsonl`` as it grows, only the new bytes each time.
-
-    A partially written last line is left for the next read. A file replaced by a resumed learner (which drops
-    the rows of lost updates) or truncated is read again from the start.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: list[dict[str, Any]] = []
-        self._offset = 0
-        self._inode: int | None = None
-
-    def read(self) -> list[dict[str, Any]]:
-        """All complete rows so far (an empty list while the file does not exist yet)."""
-        try:
-            st = self.path.stat()
-            if st.st_ino != self._inode or st.st_size < self._offset:
-                self.rows, self._offset, self._inode = [], 0, st.st_ino
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return self.rows
-        head, newline, _partial = data.rpartition(b"\n")
-        if newline:
-            self._offset += len(head) + 1
-            self.rows.extend(_parse_lines(head))
-        return self.rows
-
-
-def _parse_lines(data: bytes) -> list[dict[str, Any]]:
-    rows = []
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a row cut by a crash mid-write and then appended to: skip it, keep the rest
-            logger.debug("skipping a malformed metrics row: %r", line[:80])
-    return rows
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a ``metrics.jsonl`` (a partial last line is left out)."""
-    return MetricsTail(path).read()
 
 
 def load_config(run_dir: Path) -> dict[str, Any]:
@@ -296,7 +248,8 @@ def _paint(out: TextIO, frame: str, tty: bool) -> None:
 
 
 def run_monitor(run_dir: Path, refresh_s: float = 2.0, once: bool = False, out: TextIO = sys.stdout) -> int:
-    """Show a run's progress until it finishes (or Ctrl-C); returns the exit code, 2 if there is no such run.
+    """Show a run's progress until it finishes (or Ctrl-C); returns the exit code
+    (``BAD_SETUP`` if there is no such run).
 
     Waits for ``metrics.jsonl`` while the run starts. Not on a terminal (``out`` piped to a file), a new block
     is written only when a new update arrives, so logs do not fill with identical frames.
@@ -317,7 +270,7 @@ def run_monitor(run_dir: Path, refresh_s: float = 2.0, once: bool = False, out: 
                 _paint(out, render_frame(rows, config, age_s=age, source=str(run_dir)), tty)
                 shown = len(rows)
             if once or is_finished(rows, config):
-                return 0
+                return ExitCode.OK
             time.sleep(refresh_s)  # a display refresh, not coordination: nothing waits on it
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK

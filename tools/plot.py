@@ -1,4 +1,4 @@
-"""PNG charts of a run's ``metrics.jsonl`` against the update step (``python launch.py plot RUN_DIR``).
+"""PNG charts of a run's ``metrics.jsonl`` against the update step (``mlx-ppo plot RUN_DIR``).
 
 matplotlib is optional (the ``plot`` extra) and imported only here, inside ``write_plots``: training never
 needs it. The charts are drawn with ``matplotlib.figure.Figure`` (Agg, no pyplot), so nothing opens a window
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from common.exit_codes import ExitCode
-from learner.monitor import actor_token_keys, read_rows
+from tools.metrics_file import read_rows
+from tools.monitor import actor_token_keys
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def write_plots(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def run_plot(run_dir: Path, out_dir: Path | None = None) -> int:
-    """``launch.py plot``: write the charts and log where they are; 2 with the reason when it cannot."""
+    """``mlx-ppo plot``: write the charts and log where they are; ``BAD_SETUP`` with the reason when it cannot."""
     try:
         paths = write_plots(run_dir, out_dir)
     except (FileNotFoundError, ValueError, ImportError) as err:
@@ -139,4 +140,4 @@ def run_plot(run_dir: Path, out_dir: Path | None = None) -> int:
         return ExitCode.BAD_SETUP
     for path in paths:
         logger.info("wrote %s", path)
-    return 0
+    return ExitCode.OK
