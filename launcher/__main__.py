@@ -9,4 +9,4 @@ reexec_with_fast_blas(["-m", "launcher", *sys.argv[1:]])
 
 from launcher.cli import main  # noqa: E402  (after the re-exec)
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m launcher"))

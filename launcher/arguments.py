@@ -153,8 +153,10 @@ def add_eval_parser(sub) -> None:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_run_args(parser)
     sub = parser.add_subparsers(dest="command")
     add_run_args(sub.add_parser("run", help="learner(s) and actors on this machine (the default)"))
@@ -163,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
+    """``prog``: the program name help and errors show (default: the script's file name)."""
+    return build_parser(prog).parse_args(argv)
 
 
 def config_shortcuts(args: argparse.Namespace) -> list[str]:

@@ -21,13 +21,16 @@ TOOLS = {"monitor": commands.monitor, "plot": commands.plot, "eval": commands.ev
 """Subcommands that start no run: they work on a run directory or make files for one."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The launcher's entry point; returns the exit code (``common.exit_codes.ExitCode`` or a child's)."""
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The launcher's entry point; returns the exit code (``common.exit_codes.ExitCode`` or a child's).
+
+    ``prog``: the program name that help shows (default: the script's file name).
+    """
     reexec_with_fast_blas()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-rm"]:  # its own options (argparse cannot pass '--x' through a subcommand)
         return commands.train_reward_model(argv[1:])
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     command = args.command or "run"
     if command in TOOLS:
         return TOOLS[command](args)

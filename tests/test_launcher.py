@@ -153,3 +153,30 @@ def test_a_run_that_cannot_work_stops_with_the_reason_and_no_restarts(
     log = finish(launcher, run_dir, timeout_s=300)
     assert launcher.returncode == 2, log[-3000:]
     assert message in log and "restarting it" not in log
+
+
+def test_the_console_script_resolves_and_every_entry_point_shows_the_same_help():
+    """``mlx-ppo`` (pyproject's console script), ``python -m launcher`` and ``python launch.py`` are one CLI."""
+    import importlib
+    import subprocess
+    import sys
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    module, _, function = project["project"]["scripts"]["mlx-ppo"].partition(":")
+    from launcher.cli import main
+
+    assert getattr(importlib.import_module(module), function) is main
+    setuptools = project["tool"]["setuptools"]
+    assert all((root / name / "__init__.py").is_file() for name in setuptools["packages"])
+    assert {"launcher", "tools"} <= set(setuptools["packages"]) and setuptools["py-modules"] == ["launch"]
+    helps = []
+    for command in (["-m", "launcher"], [str(root / "launch.py")]):
+        out = subprocess.run(
+            [sys.executable, *command, "--help"], cwd=root, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "monitor RUN_DIR" in out.stdout and "--hostfile" in out.stdout
+        helps.append(out.stdout[out.stdout.index("Start a training run") :])  # usage names the program
+    assert helps[0] == helps[1]
