@@ -1,7 +1,7 @@
 """Evaluation of a policy on held-out prompts: mean reward, KL to the reference, sample completions.
 
 Runs in one process with the actor's own parts (sampler, reward, reference pass), on a run's saved adapters or
-on any adapter folder: ``python launch.py eval RUN_DIR --prompts held_out.jsonl``. Results go to
+on any adapter folder: ``mlx-ppo eval RUN_DIR --prompts held_out.jsonl``. Results go to
 ``<out_dir>/eval.json`` (numbers) and ``<out_dir>/samples.jsonl`` (every prompt, completion, reward, KL).
 """
 
@@ -66,6 +66,31 @@ def _load_policy(cfg: Config, adapters: str | Path | None):
     return loaded
 
 
+def evaluate_batch(
+    loaded, cfg: Config, start: int, batch: list[list[int]], texts: Sequence[str], score: BatchScorer
+) -> list[dict[str, Any]]:
+    """One batch of prompt ids (``batch``, the prompts from index ``start``): each prompt with its sampled
+    completion, reward, KL to the base model and length."""
+    stop_ids = set(loaded.tokenizer.eos_token_ids)
+    params = SamplingParams.from_config(cfg.sampling)
+    seeds = [sequence_seed(cfg.run.seed, EVAL_SEED, start, k) for k in range(len(batch))]
+    completions = generate_completions(loaded.model, batch, params, stop_ids, seeds)
+    responses = [c.response_ids for c in completions]
+    ref = reference_logprobs(loaded.model, batch, responses, params.temperature)
+    decoded = [loaded.tokenizer.decode([t for t in r if t not in stop_ids]) for r in responses]
+    rewards = score(list(texts[start : start + len(batch)]), decoded)
+    return [
+        {
+            "prompt": texts[start + i],
+            "completion": decoded[i],
+            "reward": float(rewards[i]),
+            "kl": sequence_kl(c.logprobs, ref[i]),
+            "tokens": len(c.response_ids),
+        }
+        for i, c in enumerate(completions)
+    ]
+
+
 def evaluate_policy(
     cfg: Config,
     prompts: Sequence[str],
@@ -80,27 +105,10 @@ def evaluate_policy(
     """
     loaded = _load_policy(cfg, adapters)
     ids, texts = encode_prompts(loaded.tokenizer, prompts, cfg.sampling.max_prompt_tokens)
-    stop_ids = set(loaded.tokenizer.eos_token_ids)
-    params = SamplingParams.from_config(cfg.sampling)
     samples = []
     for start in range(0, len(ids), cfg.sampling.batch_size):
         batch = ids[start : start + cfg.sampling.batch_size]
-        seeds = [sequence_seed(cfg.run.seed, EVAL_SEED, start, k) for k in range(len(batch))]
-        completions = generate_completions(loaded.model, batch, params, stop_ids, seeds)
-        responses = [c.response_ids for c in completions]
-        ref = reference_logprobs(loaded.model, batch, responses, params.temperature)
-        decoded = [loaded.tokenizer.decode([t for t in r if t not in stop_ids]) for r in responses]
-        rewards = score(list(texts[start : start + len(batch)]), decoded)
-        for i, c in enumerate(completions):
-            samples.append(
-                {
-                    "prompt": texts[start + i],
-                    "completion": decoded[i],
-                    "reward": float(rewards[i]),
-                    "kl": sequence_kl(c.logprobs, ref[i]),
-                    "tokens": len(c.response_ids),
-                }
-            )
+        samples += evaluate_batch(loaded, cfg, start, batch, texts, score)
     summary = summarize(
         [s["reward"] for s in samples], [s["kl"] for s in samples], [s["tokens"] for s in samples]
     )
