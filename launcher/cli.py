@@ -11,9 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from common.blas import reexec_with_fast_blas
+from common.config import ConfigError
 from common.exit_codes import ExitCode
-from launcher import commands
-from launcher.arguments import parse_args
+from common.logs import setup_logging
+from launcher import commands, roles
+from launcher.arguments import parse_args, resolve_config
+from launcher.local import launch_local_run
+from launcher.one_process import run_one_process
+from launcher.remote import launch_over_ssh
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +31,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     ``prog``: the program name that help shows (default: the script's file name).
     """
-    reexec_with_fast_blas()
+    reexec_with_fast_blas()  # nothing imported so far loads MLX or a BLAS
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-rm"]:  # its own options (argparse cannot pass '--x' through a subcommand)
         return commands.train_reward_model(argv[1:])
@@ -48,11 +53,6 @@ def process_role(command: str, args: argparse.Namespace) -> str:
 
 def run_with_config(command: str, args: argparse.Namespace) -> int:
     """``run``, ``learner`` and ``actor``: resolve the config, then start the run or be one of its processes."""
-    from common.config import ConfigError
-    from common.logs import setup_logging
-    from launcher import roles
-    from launcher.arguments import resolve_config
-
     setup_logging(process_role(command, args))
     try:
         cfg = resolve_config(args)
@@ -68,9 +68,6 @@ def run_with_config(command: str, args: argparse.Namespace) -> int:
 
 def start_run(cfg, args: argparse.Namespace) -> int:
     """``run``: the whole run, over SSH (``--hostfile``), in this process (``--one-process``) or local processes."""
-    from launcher.local import launch_local_run
-    from launcher.remote import launch_over_ssh
-
     if args.resume_dir and (args.hostfile or args.one_process):
         logger.error(
             "--resume runs on this machine: for a run over several machines start its learner with "
@@ -89,7 +86,6 @@ def start_run(cfg, args: argparse.Namespace) -> int:
 def one_process_run(cfg, num_actors: int) -> int:
     """``--one-process``: OK when the run made all its updates."""
     from actors.tasks import TaskSetupError
-    from launcher.one_process import run_one_process
 
     try:
         history = run_one_process(cfg, num_actors)
