@@ -14,7 +14,7 @@ from common.lora import adapter_weights
 from learner.shards import ShardPool, auto_threads, split_rows
 from tests.helpers import make_learner, sample_experience
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_split_rows_keeps_order_and_never_makes_empty_pieces():

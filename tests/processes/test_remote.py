@@ -11,7 +11,7 @@ import psutil
 
 from tests.helpers import metric_rows, start_tiny_launcher, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def three_free_ports() -> int:

@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,32 +20,16 @@ from bench.netns import Hosts, namespaces_unavailable
 from common.blas import env_with_fast_blas
 from common.config import config_to_toml, load_config
 from common.transport import make_keys
-from tests.helpers import SMALL
+from tests.helpers import SMALL, metric_rows, poll_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.skipif(namespaces_unavailable() is not None, reason=str(namespaces_unavailable()))
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait_for(condition, seconds: float, what: str, procs: dict) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        dead = {k: p.returncode for k, p in procs.items() if k != "outsider" and p.poll() is not None}
-        assert not dead, f"{dead} exited while waiting for {what}"
-        time.sleep(0.2)  # polling a file another process writes; nothing to hand-shake with
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _sent(run_dir: Path, actor: int) -> float:
-    rows = _rows(run_dir)
+    rows = metric_rows(run_dir)
     return rows[-1].get(f"actor/{actor}/batches_sent", 0.0) if rows else 0.0
 
 
@@ -91,15 +74,16 @@ def test_a_run_across_hosts_survives_a_link_cut_and_refuses_outsiders(model_cach
             "outsider", [*cmd, "--actor-id", "7", "--num-actors", "2"], tmp_path / "x.log"
         )
 
-        _wait_for(
-            lambda: _sent(run_dir, 0) >= 1 and _sent(run_dir, 1) >= 1, 240, "both actors' batches", procs
+        insiders = [p for name, p in procs.items() if name != "outsider"]  # the outsider is meant to exit
+        poll_until(
+            lambda: _sent(run_dir, 0) >= 1 and _sent(run_dir, 1) >= 1, "both actors' batches", 240, insiders
         )
         hosts.set_link("a", up=False)
-        cut_at = len(_rows(run_dir))
-        _wait_for(lambda: len(_rows(run_dir)) >= cut_at + 4, 240, "updates without actor a", procs)
+        cut_at = len(metric_rows(run_dir))
+        poll_until(lambda: len(metric_rows(run_dir)) >= cut_at + 4, "updates without actor a", 240, insiders)
         sent_while_cut = _sent(run_dir, 0)
         hosts.set_link("a", up=True)
-        _wait_for(lambda: _sent(run_dir, 0) > sent_while_cut, 240, "actor a to resume", procs)
+        poll_until(lambda: _sent(run_dir, 0) > sent_while_cut, "actor a to resume", 240, insiders)
 
         procs["learner"].terminate()  # SIGTERM: checkpoint, tell the actors to stop
         codes = {name: p.wait(timeout=120) for name, p in procs.items()}
@@ -108,7 +92,7 @@ def test_a_run_across_hosts_survives_a_link_cut_and_refuses_outsiders(model_cach
         assert codes["outsider"] != 0  # never admitted: it gave up after startup_timeout_s
         assert "refused a CURVE client" in learner_log
         assert "actor 0 joined" in learner_log and "actor 1 joined" in learner_log
-        assert _rows(run_dir)[-1]["reject/curve_denied"] >= 1
+        assert metric_rows(run_dir)[-1]["reject/curve_denied"] >= 1
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -143,7 +127,7 @@ def test_launch_with_a_hostfile_starts_the_run_on_its_hosts(model_cache, tmp_pat
             cmd += ["--set", item]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_fast_blas())
         assert out.returncode == 0, out.stderr[-3000:]
-        rows = _rows(run_dir)
+        rows = metric_rows(run_dir)
         assert [r["policy_version"] for r in rows] == [1, 2, 3]
         assert (
             f"learner rank(s) on {hosts.ns['learner']} at tcp://{hosts.address['learner']}:5555" in out.stderr
@@ -180,6 +164,6 @@ def test_a_hostfile_with_two_learner_hosts_trains_as_two_ranks(model_cache, tmp_
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_fast_blas())
         assert out.returncode == 0, out.stderr[-3000:]
         assert "learner rank 0 of 2" in out.stderr and "learner rank 1 of 2" in out.stderr
-        assert [r["policy_version"] for r in _rows(run_dir)] == [1, 2]  # rank 0 writes the metrics
+        assert [r["policy_version"] for r in metric_rows(run_dir)] == [1, 2]  # rank 0 writes the metrics
     finally:
         hosts.close()

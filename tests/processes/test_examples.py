@@ -16,7 +16,7 @@ from examples.code_generation import CodeGenerationTrainer, code_reward, extract
 from examples.dialogue import DialogueTrainer, dialogue_reward
 from examples.summarization import SummarizationTrainer, summary_reward
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIMITS = SandboxLimits(wall_s=3.0, cpu_s=1, memory_mb=256, output_kb=64)
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"

@@ -28,7 +28,7 @@ from learner.process import build_learner
 from learner.service import LearnerService
 from tests.helpers import small_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_launch_keys_writes_key_pairs_with_private_secrets(tmp_path):

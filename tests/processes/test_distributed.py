@@ -25,7 +25,7 @@ from learner.models import build_policy_and_value
 from learner.ppo_learner import PPOLearner
 from learner.update import Experience
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEQUENCES, PROMPT = 8, 5
 RESPONSE_LENGTHS = [12, 11, 12, 10, 2, 3, 2, 1]  # rank 0 gets the long answers, rank 1 the short ones
 
@@ -91,7 +91,7 @@ def test_two_ranks_equal_one_rank_on_the_union_of_their_batches(model_cache, tmp
     before = trained_weights(single)
     single_stats = single.update(dp_experience())
     expected = trained_weights(single)
-    code = f"from tests.test_distributed import rank_main; rank_main({str(tmp_path)!r}, {str(model_cache)!r})"
+    code = f"from tests.processes.test_distributed import rank_main; rank_main({str(tmp_path)!r}, {str(model_cache)!r})"
     procs = []
     for rank in range(2):
         env = child_env(1, learner_rank_env(tmp_path, "127.0.0.1", rank, 2))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"common": {"actors", "learner", "launch"}, "actors": {"learner"}, "learner": {"actors"}}
 
 

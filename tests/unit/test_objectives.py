@@ -282,7 +282,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_still_trains_on_full_b
     with harness_with(model_cache, tmp_path, *settings) as h:
         worker = h.actor(0)
         h.join(worker)
-        worker.scorer = load_reward("tests.test_objectives:alike_when_describing", worker.task)
+        worker.scorer = load_reward("tests.unit.test_objectives:alike_when_describing", worker.task)
         trained = []
         for _ in range(2000):
             if h.service.step_count >= 3:

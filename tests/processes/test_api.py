@@ -13,7 +13,7 @@ from common.config import ConfigError
 from mlx_ppo import PPOConfig, PPOTrainer
 from mlx_ppo.trainer import MetricsFollower, reward_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["say hello", "name a colour", "count to three", "describe the sea"]
 
 
@@ -96,7 +96,7 @@ def module_level_reward(prompt: str, completion: str) -> float:
 
 
 def test_rewards_reach_actors_by_name_and_closures_are_refused():
-    assert reward_spec(module_level_reward) == ("tests.test_api:module_level_reward", "")
+    assert reward_spec(module_level_reward) == ("tests.processes.test_api:module_level_reward", "")
     assert reward_spec("rm:/models/rm") == ("rm:/models/rm", "")
     with pytest.raises(TypeError, match="cannot reach the actor processes"):
         reward_spec(lambda p, c: 0.0)

@@ -4,24 +4,15 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from common.transport import free_tcp_ports
-from tests.helpers import ROOT, SMALL, finish, metric_rows, start_tiny_launcher
+from tests.helpers import ROOT, SMALL, finish, metric_rows, poll_until, start_tiny_launcher
 
 ON_POLICY = ("ppo.max_policy_lag=0", "run.seed=3", "run.checkpoint_every=2")
-
-
-def wait_for(condition, what: str, seconds: float = 180, alive: tuple = ()) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        assert all(p.poll() is None for p in alive), f"{what}: a process exited early"
-        time.sleep(0.01)  # polling files the processes write
 
 
 def adapters(run_dir: Path, step: int) -> dict[str, np.ndarray]:
@@ -56,7 +47,7 @@ def test_four_updates_straight_equal_two_then_a_kill_then_resume_for_two_more(mo
         model_cache, broken, *settings, args=("--actors", "1", "--run-dir", str(broken))
     )
     checkpoint = broken / "checkpoints" / "step-000002"
-    wait_for(checkpoint.is_dir, "the first checkpoint", alive=(launcher,))
+    poll_until(checkpoint.is_dir, "the first checkpoint", interval=0.01, alive=(launcher,))
     kill_family(launcher)  # SIGKILL: no final checkpoint, no goodbye
     checkpoints = sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert checkpoints == ["step-000002"], "killed too late to test a resume"
@@ -114,10 +105,20 @@ def test_an_actor_outlives_its_learner_and_continues_with_the_resumed_one(model_
         stderr=logs["actor"],
     )
     try:
-        wait_for((run_dir / "checkpoints" / "step-000002").is_dir, "a checkpoint", alive=(learner, actor))
+        poll_until(
+            (run_dir / "checkpoints" / "step-000002").is_dir,
+            "a checkpoint",
+            interval=0.01,
+            alive=(learner, actor),
+        )
         learner.kill()
         learner.wait()
-        wait_for(lambda: "the learner went silent" in log("actor"), "the actor to notice", alive=(actor,))
+        poll_until(
+            lambda: "the learner went silent" in log("actor"),
+            "the actor to notice",
+            interval=0.01,
+            alive=(actor,),
+        )
         learner = subprocess.Popen(
             process_command("learner", run_dir, model_cache, address, "--resume"), stderr=logs["learner2"]
         )
@@ -161,7 +162,12 @@ def test_an_async_run_killed_and_resumed_trains_every_group_exactly_once(model_c
     launcher = start_tiny_launcher(
         model_cache, broken, *settings, args=("--actors", "2", "--run-dir", str(broken))
     )
-    wait_for((broken / "checkpoints" / "step-000002").is_dir, "the first checkpoint", alive=(launcher,))
+    poll_until(
+        (broken / "checkpoints" / "step-000002").is_dir,
+        "the first checkpoint",
+        interval=0.01,
+        alive=(launcher,),
+    )
     kill_family(launcher)
     for later in (broken / "checkpoints").glob("step-00000[3-9]"):  # a fast machine got further: as if killed
         shutil.rmtree(later)  # right after step 2 (the resume must hold from any checkpoint)

@@ -162,7 +162,7 @@ def test_the_console_script_resolves_and_every_entry_point_shows_the_same_help()
     import sys
     import tomllib
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     project = tomllib.loads((root / "pyproject.toml").read_text())
     module, _, function = project["project"]["scripts"]["mlx-ppo"].partition(":")
     from launcher.cli import main

@@ -22,7 +22,7 @@ from tools.reward_model_training import (
     train_reward_model,
 )
 
-PAIRS = Path(__file__).resolve().parent.parent / "examples" / "data" / "preference_pairs.jsonl"
+PAIRS = Path(__file__).resolve().parents[2] / "examples" / "data" / "preference_pairs.jsonl"
 
 
 def test_bradley_terry_loss_matches_a_plain_loop():
@@ -94,7 +94,7 @@ def test_train_rm_command_line(model_cache, tmp_path):
     small.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:8]))
     argv = ["--model", "tiny", "--pairs", str(small), "--out", str(tmp_path / "rm"), "--epochs", "1"]
     argv += ["--batch-size", "4", "--lr", "1e-3", "--set", f'model.cache_dir="{model_cache}"']
-    launch = [sys.executable, str(Path(__file__).resolve().parent.parent / "launch.py"), "train-rm"]
+    launch = [sys.executable, str(Path(__file__).resolve().parents[2] / "launch.py"), "train-rm"]
     out = subprocess.run([*launch, *argv], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]  # as the README says: python launch.py train-rm ...
     assert (tmp_path / "rm" / RM_CONFIG).is_file() and (
