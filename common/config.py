@@ -60,11 +60,8 @@ class LoraConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 1.0
-    """Sampling temperature (> 0 for training; behaviour log-probs are taken under it)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; log-probs are of the truncated, renormalised distribution."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off); log-probs are of the truncated distribution."""
+    """Sampling temperature (> 0 for training; behaviour log-probs are taken under it). Sampling draws from the
+    whole tempered distribution: no top-k / top-p, whose truncated support the learner's ratio cannot see."""
     max_new_tokens: int = 64
     """Response length limit; a response stops earlier at the end-of-sequence token."""
     max_prompt_tokens: int = 256
@@ -74,8 +71,6 @@ class SamplingConfig:
     max_rows: int = 0
     """At most this many of them decode at once (bounds the KV cache); finished rows are refilled with the
     batch's waiting prompts once half are free. 0: the whole batch at once."""
-    seed: int = 0
-    """Base seed; each sequence's randomness is derived from it and the sequence's own id."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +281,14 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+REMOVED = {
+    "sampling.top_k": ": removed, sampling draws from the whole tempered distribution (delete the line)",
+    "sampling.top_p": ": removed, sampling draws from the whole tempered distribution (delete the line)",
+    "sampling.seed": ": removed, it was read by nothing; run.seed seeds every sequence (delete the line)",
+}
+"""Settings that existed once: a config naming one is refused with what became of it."""
+
+
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
@@ -371,7 +374,8 @@ def build_config(layers: Iterable[Mapping[str, Mapping[str, Any]]]) -> Config:
         kwargs = {}
         for key, value in values.items():
             if key not in types_:
-                problems.append(f"unknown setting {section}.{key} (known: {', '.join(types_)})")
+                removed = REMOVED.get(f"{section}.{key}", "")
+                problems.append(f"unknown setting {section}.{key}{removed} (known: {', '.join(types_)})")
                 continue
             coerced = _coerce(value, types_[key], f"{section}.{key}", problems)
             if coerced is not None:

@@ -32,21 +32,12 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             f"sampling.temperature={s.temperature} must be > 0 (behaviour log-probs need a distribution)"
         )
-    if not 0.0 < s.top_p <= 1.0:
-        p.append(f"sampling.top_p={s.top_p} must be in (0, 1]")
-    if s.top_k < 0:
-        p.append(f"sampling.top_k={s.top_k} must be >= 0 (0 = off)")
     if s.max_new_tokens < 1:
         p.append(f"sampling.max_new_tokens={s.max_new_tokens} must be >= 1")
     if s.max_prompt_tokens < 1:
         p.append(f"sampling.max_prompt_tokens={s.max_prompt_tokens} must be >= 1")
     if s.batch_size < 1:
         p.append(f"sampling.batch_size={s.batch_size} must be >= 1")
-    if s.top_k > 0 or 0 < s.top_p < 1.0:
-        p.append(
-            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}: training needs the full tempered distribution "
-            "(the learner's ratio would see tokens outside a truncated support); use top_k=0, top_p=1"
-        )
     return p + validate_ppo(cfg.ppo) + validate_run(cfg)
 
 

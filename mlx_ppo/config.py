@@ -79,7 +79,7 @@ class PPOConfig:
     run_dir: str = ""
     """Where the run's config, metrics, logs and checkpoints go ('' : runs/api-<time>)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Any other setting of the config tree, e.g. ``{"ppo.max_policy_lag": 1, "sampling.top_p": 0.9}``."""
+    """Any other setting of the config tree, e.g. ``{"ppo.max_policy_lag": 1, "sampling.max_rows": 8}``."""
 
     def overrides(self) -> list[str]:
         """The settings as ``section.key=value`` overrides (TOML values)."""
