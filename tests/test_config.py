@@ -37,7 +37,9 @@ def test_zero_seed_is_honoured():
 
 def test_every_problem_is_listed_at_once(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[sampling]\ntemperature = 0\nmax_new_tokens = 0\nbatch_size = "many"\n[nonsense]\nx = 1\n')
+    path.write_text(
+        '[sampling]\ntemperature = 0\nmax_new_tokens = 0\nbatch_size = "many"\n[nonsense]\nx = 1\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path, ["lora.rank=0", "lora.colour=3"])
     text = str(err.value)
@@ -45,7 +47,9 @@ def test_every_problem_is_listed_at_once(tmp_path):
         assert fragment in text
     # Type errors stop construction before range checks; fix them and the range problems are all listed.
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["sampling.temperature=0", "sampling.max_new_tokens=0", "lora.rank=0", "model.dtype=int8"])
+        load_config(
+            None, ["sampling.temperature=0", "sampling.max_new_tokens=0", "lora.rank=0", "model.dtype=int8"]
+        )
     assert len(err.value.problems) == 4
 
 
