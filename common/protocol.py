@@ -27,8 +27,8 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 
+from common.wire import DTYPES as DTYPES  # re-exported: the wire dtypes, where callers look for them
 from common.wire import (
-    DTYPES,
     HEADER,
     MAGIC,
     WIRE_REQUIRED,
@@ -45,8 +45,6 @@ from common.wire import (
     wire_dtype,
     within,
 )
-
-__all__ = ["DTYPES", "MAGIC", "ProtocolError"]  # the wire's names that callers take from here
 
 PROTOCOL_VERSION: Final = 2  # v2: Weights as one flat buffer
 DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
