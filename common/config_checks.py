@@ -9,6 +9,7 @@ import dataclasses
 import ipaddress
 import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,8 @@ def validate_transport(cfg: Config) -> list[str]:
     for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s", "learner_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
-    if not t.keys_dir and not is_loopback(t.host):
-        p.append(
-            f"transport.host={t.host!r} is reachable from other machines: it needs ZeroMQ CURVE keys; make them "
-            "with 'python launch.py keys DIR', copy DIR to every machine and set transport.keys_dir=DIR"
-        )
+    if exposed_hosts([t.host], t.keys_dir):
+        p.append(f"transport.host={t.host!r} is reachable from other machines: {KEYS_ADVICE}")
     return p
 
 
@@ -157,6 +155,17 @@ def validate_sources(prompts: str, reward: str) -> list[str]:
             f"run.reward={reward!r}: use module:function (e.g. my_rewards:score), rm:PATH, or '' (the task's)"
         )
     return p
+
+
+KEYS_ADVICE = (
+    "it needs ZeroMQ CURVE keys; make them with 'python launch.py keys DIR', copy DIR to every machine and set "
+    "transport.keys_dir=DIR"
+)
+
+
+def exposed_hosts(hosts: Iterable[str], keys_dir: str) -> list[str]:
+    """The ``hosts`` a learner would bind reachable from other machines with no CURVE keys (``keys_dir`` '')."""
+    return [] if keys_dir else sorted({h for h in hosts if not is_loopback(h)})
 
 
 def is_loopback(host: str) -> bool:
