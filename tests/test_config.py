@@ -1,4 +1,5 @@
 import dataclasses
+import typing
 
 import pytest
 
@@ -103,3 +104,27 @@ def test_non_finite_numbers_are_refused(setting):
     """Attack table row 11 (issue 15): NaN and Inf were accepted; the run then stalled blaming the reward."""
     with pytest.raises(ConfigError, match="is not a finite number"):
         load_config(None, [setting])
+
+
+def _modes() -> list[tuple[str, tuple[str, ...]]]:
+    """Every setting typed as a Literal, with its allowed values."""
+    out = []
+    for section in dataclasses.fields(Config):
+        for name, kind in typing.get_type_hints(type(getattr(Config(), section.name))).items():
+            if typing.get_origin(kind) is typing.Literal:
+                out.append((f"{section.name}.{name}", typing.get_args(kind)))
+    return out
+
+
+@pytest.mark.parametrize(("setting", "allowed"), _modes())
+def test_every_mode_takes_its_typed_values_and_refuses_others(setting, allowed):
+    assert len(_modes()) >= 12
+    for value in allowed:
+        section, key = setting.split(".")
+        extra = ["ppo.algorithm=grpo"] if setting in ("ppo.advantage_norm", "ppo.policy_ratio") else []
+        extra += ["ppo.loss_aggregation=seq_mean_token_mean"] if setting == "ppo.policy_ratio" else []
+        cfg = load_config(None, [*extra, f'{setting}="{value}"'])
+        assert getattr(getattr(cfg, section), key) == value
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f'{setting}="nonsense"'])
+    assert f"{setting}='nonsense'" in str(err.value)
