@@ -27,24 +27,9 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 
+from common import wire
 from common.wire import DTYPES as DTYPES  # re-exported: the wire dtypes, where callers look for them
-from common.wire import (
-    HEADER,
-    MAGIC,
-    WIRE_REQUIRED,
-    ProtocolError,
-    array_meta,
-    check,
-    field_default,
-    frame,
-    read,
-    read_arrays,
-    read_body,
-    read_fields,
-    read_header,
-    wire_dtype,
-    within,
-)
+from common.wire import ProtocolError, check, read_fields
 
 PROTOCOL_VERSION: Final = 2  # v2: Weights as one flat buffer
 DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
@@ -75,12 +60,12 @@ class MsgType(IntEnum):
 class Hello:
     """Actor -> learner over DEALER/ROUTER: who I am and what I run."""
 
-    actor_id: int = field(metadata=within(0, MAX_ACTORS - 1))
+    actor_id: int = field(metadata=wire.within(0, MAX_ACTORS - 1))
     config_hash: str
-    protocol_version: int = field(default=PROTOCOL_VERSION, metadata=WIRE_REQUIRED)
+    protocol_version: int = field(default=PROTOCOL_VERSION, metadata=wire.WIRE_REQUIRED)
     host: str = ""
     pid: int = 0
-    num_actors: int = field(default=0, metadata=within(0, MAX_ACTORS))
+    num_actors: int = field(default=0, metadata=wire.within(0, MAX_ACTORS))
     """Actors in this actor's run (the learner reports the ones that never start); 0: unknown."""
     incarnation: str = ""
     """Random per actor process: tells a restarted actor from the same one saying hello again."""
@@ -133,8 +118,8 @@ class ExperienceBatch:
     """
 
     actor_id: int
-    batch_id: int = field(metadata=within(0))
-    policy_version: int = field(metadata=within(0))
+    batch_id: int = field(metadata=wire.within(0))
+    policy_version: int = field(metadata=wire.within(0))
     sequences: tuple[Sequence_, ...]
     tokens: np.ndarray
     behaviour_logprobs: np.ndarray
@@ -162,7 +147,7 @@ class Weights:
     """1-D, every tensor's elements back to back."""
     run_id: str = ""
     """The publishing learner run's id (actors take snapshots of the run that welcomed them only)."""
-    chunk_size: int = field(default=0, metadata=within(0))
+    chunk_size: int = field(default=0, metadata=wire.within(0))
     """0: ``flat`` holds the snapshot. Else this is an announcement with an empty ``flat``: the snapshot is
     fetched as ``WeightsChunk``s of ``chunk_size`` elements (the last one shorter), a few at a time."""
 
@@ -200,7 +185,7 @@ class WeightsChunk:
     (the flat buffer, in its wire dtype)."""
 
     policy_version: int
-    index: int = field(metadata=within(0))
+    index: int = field(metadata=wire.within(0))
     dtype: str
     data: np.ndarray
 
@@ -231,8 +216,8 @@ class RolloutRequest:
     """
 
     actor_id: int
-    sequences: int = field(metadata=within(1, MAX_BATCH_SEQUENCES))
-    returned: int = field(default=0, metadata=within(0, MAX_BATCH_SEQUENCES))
+    sequences: int = field(metadata=wire.within(1, MAX_BATCH_SEQUENCES))
+    returned: int = field(default=0, metadata=wire.within(0, MAX_BATCH_SEQUENCES))
 
 
 @dataclass(frozen=True)
@@ -262,15 +247,15 @@ whose headers carry the codes, check it)."""
 
 
 def header_for(msg_type: MsgType) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg_type))
+    return wire.HEADER.pack(wire.MAGIC, PROTOCOL_VERSION, int(msg_type))
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
     """``[header, body, *array frames]`` for ``msg``."""
-    msg_type = _TYPES[type(msg)]
     body, arrays = _to_body(msg)
-    body["arrays"] = [array_meta(name, a, dt) for name, a, dt in arrays]
-    return [header_for(msg_type), msgpack.packb(body, use_bin_type=True), *(frame(a) for _, a, _ in arrays)]
+    body["arrays"] = [wire.array_meta(name, a, dt) for name, a, dt in arrays]
+    header = header_for(_TYPES[type(msg)])
+    return [header, msgpack.packb(body, use_bin_type=True), *(wire.frame(a) for _, a, _ in arrays)]
 
 
 def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, str | None]]]:
@@ -291,7 +276,7 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
 
 def decode_header(frame: bytes) -> MsgType:
     """Validate the header frame alone (magic, version, type); raises ProtocolError."""
-    type_code = read_header(frame, PROTOCOL_VERSION)
+    type_code = wire.read_header(frame, PROTOCOL_VERSION)
     try:
         return MsgType(type_code)
     except ValueError:
@@ -304,9 +289,9 @@ def decode(frames: Sequence[bytes | memoryview], max_bytes: int = DEFAULT_MAX_ME
     total = sum(len(f) for f in frames)
     check(total <= max_bytes, "too_large", f"{total} bytes > limit {max_bytes}")
     msg_type = decode_header(bytes(frames[0]))
-    body = read_body(frames[1])
+    body = wire.read_body(frames[1])
     try:
-        arrays = read_arrays(body.pop("arrays", []), frames[2:])
+        arrays = wire.read_arrays(body.pop("arrays", []), frames[2:])
         build = _BUILDERS.get(msg_type)
         return build(body, arrays) if build else _CLASSES[msg_type](**read_fields(_CLASSES[msg_type], body))
     except ProtocolError:
@@ -325,7 +310,7 @@ def _sequence(entry: Any) -> Sequence_:
     check(lengths_ok, "bad_lengths", f"prompt_len={prompt_len!r} response_len={response_len!r}")
     check(isinstance(score, int | float) and not isinstance(score, bool), "bad_fields", f"score {score!r}")
     has_index = len(entry) > 4 and isinstance(entry[4], int)
-    prompt_index = entry[4] if has_index else field_default(Sequence_, "prompt_index")
+    prompt_index = entry[4] if has_index else wire.field_default(Sequence_, "prompt_index")
     check(prompt_index >= 0, "bad_fields", f"prompt index {prompt_index}")
     return Sequence_(prompt_len, response_len, float(score), str(reason), prompt_index)
 
@@ -347,7 +332,7 @@ def _experience_arrays(arrays: dict[str, np.ndarray], sequences: list[Sequence_]
 
 
 def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBatch:
-    raw = read(body, "sequences", list)
+    raw = wire.read(body, "sequences", list)
     check(len(raw) <= MAX_BATCH_SEQUENCES, "bad_lengths", f"{len(raw)} sequences > {MAX_BATCH_SEQUENCES}")
     sequences = [_sequence(s) for s in raw]
     given = _experience_arrays(arrays, sequences)
@@ -355,7 +340,7 @@ def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBa
 
 
 def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
-    names, shapes = read(body, "names", list), read(body, "shapes", list)
+    names, shapes = wire.read(body, "names", list), wire.read(body, "shapes", list)
     check(set(arrays) == {"flat"}, "bad_arrays", f"weights carry arrays {sorted(arrays)}, expected ['flat']")
     flat = arrays["flat"]
     names_ok = len(names) == len(shapes) and all(isinstance(n, str) for n in names)
@@ -363,7 +348,12 @@ def _build_weights(body: dict, arrays: dict[str, np.ndarray]) -> Weights:
     shapes_ok = all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes)
     check(shapes_ok, "bad_shape", f"shapes {shapes!r:.80}")
     shapes = tuple(tuple(s) for s in shapes)
-    given = {"names": tuple(names), "shapes": shapes, "dtype": wire_dtype(flat), "flat": flat.reshape(-1)}
+    given = {
+        "names": tuple(names),
+        "shapes": shapes,
+        "dtype": wire.wire_dtype(flat),
+        "flat": flat.reshape(-1),
+    }
     msg = Weights(**read_fields(Weights, body, **given))
     total = sum(msg.sizes())
     announced = msg.chunk_size > 0 and flat.size == 0  # the elements come as chunks
@@ -377,7 +367,7 @@ def _build_chunk(body: dict, arrays: dict[str, np.ndarray]) -> WeightsChunk:
     check(set(arrays) == {"data"}, "bad_arrays", f"a chunk carries {sorted(arrays)}, expected ['data']")
     data = arrays["data"]
     check(data.ndim == 1, "bad_shape", f"chunk data of shape {data.shape}")
-    return WeightsChunk(**read_fields(WeightsChunk, body, dtype=wire_dtype(data), data=data))
+    return WeightsChunk(**read_fields(WeightsChunk, body, dtype=wire.wire_dtype(data), data=data))
 
 
 def _build_hello(body: dict, _: dict) -> Hello:
