@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError
+from common.config import Config, ConfigError
 from mlx_ppo import PPOConfig, PPOTrainer
+from mlx_ppo.config import API_PRESET, FIELD_MAP
 from mlx_ppo.trainer import MetricsFollower, reward_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,18 @@ def test_the_defaults_are_dapo_and_every_algorithm_validates_with_them():
     for algorithm in ("ppo", "grpo", "rloo"):  # dynamic sampling is left out where it cannot apply
         ppo = PPOConfig(algorithm=algorithm).to_config().ppo
         assert ppo.dynamic_sampling == (algorithm != "ppo") and ppo.learning_rate == 1e-3
+
+
+def test_each_default_is_the_config_trees_unless_the_preset_says_otherwise():
+    tree, api = Config(), PPOConfig()
+    for name, targets in FIELD_MAP.items():
+        for target in targets:
+            section, key = target.split(".")
+            expected = API_PRESET.get(section, {}).get(key, getattr(getattr(tree, section), key))
+            assert getattr(api, name) == expected, (name, target)
+    resolved = api.to_config()
+    for section, values in API_PRESET.items():
+        assert {k: getattr(getattr(resolved, section), k) for k in values} == values
 
 
 def module_level_reward(prompt: str, completion: str) -> float:

@@ -1,4 +1,5 @@
 import dataclasses
+import typing
 
 import pytest
 
@@ -32,12 +33,14 @@ def test_precedence_defaults_then_file_then_overrides(tmp_path):
 
 
 def test_zero_seed_is_honoured():
-    assert load_config(None, ["sampling.seed=0", "run.seed=0"]).sampling.seed == 0
+    assert load_config(None, ["run.seed=0"]).run.seed == 0
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[sampling]\ntemperature = 0\ntop_p = 1.5\nbatch_size = "many"\n[nonsense]\nx = 1\n')
+    path.write_text(
+        '[sampling]\ntemperature = 0\nmax_new_tokens = 0\nbatch_size = "many"\n[nonsense]\nx = 1\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path, ["lora.rank=0", "lora.colour=3"])
     text = str(err.value)
@@ -45,8 +48,23 @@ def test_every_problem_is_listed_at_once(tmp_path):
         assert fragment in text
     # Type errors stop construction before range checks; fix them and the range problems are all listed.
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["sampling.temperature=0", "sampling.top_p=1.5", "lora.rank=0", "model.dtype=int8"])
+        load_config(
+            None, ["sampling.temperature=0", "sampling.max_new_tokens=0", "lora.rank=0", "model.dtype=int8"]
+        )
     assert len(err.value.problems) == 4
+
+
+def test_a_removed_setting_is_named_with_what_became_of_it(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text("[sampling]\ntop_k = 0\ntop_p = 1.0\nseed = 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "unknown setting sampling.top_k",
+        "unknown setting sampling.top_p",
+        "unknown setting sampling.seed",
+    ]
+    assert "removed" in str(err.value) and "delete the line" in str(err.value)
 
 
 def test_malformed_override_and_missing_file(tmp_path):
@@ -86,3 +104,27 @@ def test_non_finite_numbers_are_refused(setting):
     """Attack table row 11 (issue 15): NaN and Inf were accepted; the run then stalled blaming the reward."""
     with pytest.raises(ConfigError, match="is not a finite number"):
         load_config(None, [setting])
+
+
+def _modes() -> list[tuple[str, tuple[str, ...]]]:
+    """Every setting typed as a Literal, with its allowed values."""
+    out = []
+    for section in dataclasses.fields(Config):
+        for name, kind in typing.get_type_hints(type(getattr(Config(), section.name))).items():
+            if typing.get_origin(kind) is typing.Literal:
+                out.append((f"{section.name}.{name}", typing.get_args(kind)))
+    return out
+
+
+@pytest.mark.parametrize(("setting", "allowed"), _modes())
+def test_every_mode_takes_its_typed_values_and_refuses_others(setting, allowed):
+    assert len(_modes()) >= 12
+    for value in allowed:
+        section, key = setting.split(".")
+        extra = ["ppo.algorithm=grpo"] if setting in ("ppo.advantage_norm", "ppo.policy_ratio") else []
+        extra += ["ppo.loss_aggregation=seq_mean_token_mean"] if setting == "ppo.policy_ratio" else []
+        cfg = load_config(None, [*extra, f'{setting}="{value}"'])
+        assert getattr(getattr(cfg, section), key) == value
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f'{setting}="nonsense"'])
+    assert f"{setting}='nonsense'" in str(err.value)
