@@ -6,13 +6,12 @@ A mode's allowed values are its ``Literal`` type in ``common.options``; ``mode_p
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 import typing
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from common.network import exposed_without_keys, needs_keys_message
 from common.options import Config, PPOUpdateConfig
 
 WHY_REFUSED = {
@@ -126,8 +125,8 @@ def validate_transport(cfg: Config) -> list[str]:
     for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s", "learner_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
-    if exposed_hosts([t.host], t.keys_dir):
-        p.append(f"transport.host={t.host!r} is reachable from other machines: {KEYS_ADVICE}")
+    if exposed_without_keys([t.host], t.keys_dir):
+        p.append(needs_keys_message(f"transport.host={t.host!r} is reachable from other machines"))
     return p
 
 
@@ -155,27 +154,6 @@ def validate_sources(prompts: str, reward: str) -> list[str]:
             f"run.reward={reward!r}: use module:function (e.g. my_rewards:score), rm:PATH, or '' (the task's)"
         )
     return p
-
-
-KEYS_ADVICE = (
-    "it needs ZeroMQ CURVE keys; make them with 'python launch.py keys DIR', copy DIR to every machine and set "
-    "transport.keys_dir=DIR"
-)
-
-
-def exposed_hosts(hosts: Iterable[str], keys_dir: str) -> list[str]:
-    """The ``hosts`` a learner would bind reachable from other machines with no CURVE keys (``keys_dir`` '')."""
-    return [] if keys_dir else sorted({h for h in hosts if not is_loopback(h)})
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or address) keeps sockets on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def validate_ppo(u: PPOUpdateConfig) -> list[str]:
