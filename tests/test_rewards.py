@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from actors.builtin_tasks import TASKS, TaskSetupError, format_reward, sentiment_reward
 from actors.rewards import load_prompt_records, load_prompts, load_reward, task_problems
-from actors.tasks import TASKS, TaskSetupError, format_reward, get_task, resolve_task, sentiment_reward
+from actors.tasks import get_task, resolve_task
 from common.config import ConfigError, load_config
 
 PLUGIN = """
