@@ -1,15 +1,11 @@
 """The task an actor runs, by name: a built-in task (``actors/builtin_tasks.py``) with its prompts and reward
-replaced by ``run.prompts`` / ``run.reward`` when set (``actors/rewards.py`` reads those); and the deterministic
-prompt sampler.
-"""
+replaced by ``run.prompts`` / ``run.reward`` when set (``actors/rewards.py`` reads those)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from actors.builtin_tasks import TASKS, Task, TaskSetupError
 from actors.rewards import load_prompt_records, load_reward
@@ -19,7 +15,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptSampler", "Task", "TaskSetupError", "get_task", "resolve_task"]
+__all__ = ["Task", "TaskSetupError", "get_task", "resolve_task"]
 
 
 def get_task(name: str) -> Task:
@@ -48,17 +44,3 @@ def resolve_task(cfg: Config) -> Task:
         cfg.run.reward or f"of task {task.name}",
     )
     return dataclasses.replace(task, scorer=scorer)
-
-
-class PromptSampler:
-    """Deterministic, sharded prompt order: actor ``i`` of ``n`` takes every n-th prompt of a seeded shuffle."""
-
-    def __init__(self, num_prompts: int, actor_id: int, num_actors: int, seed: int):
-        order = np.random.default_rng(seed).permutation(num_prompts)
-        self.indices = order[actor_id::num_actors] if num_prompts >= num_actors else order
-        self.cursor = 0
-
-    def next_indices(self, count: int) -> list[int]:
-        out = [int(self.indices[(self.cursor + i) % len(self.indices)]) for i in range(count)]
-        self.cursor += count
-        return out
