@@ -18,11 +18,13 @@ from actors.tasks import Task, TaskSetupError, resolve_task
 from actors.weights_client import WeightsClient
 from common.config import Config
 from common.exit_codes import ExitCode
+from common.logs import RateLimitFilter
 from common.models import LoadedModel, load_policy
 from common.protocol import ExperienceBatch, Refuse, RolloutGrant, Shutdown, Weights, WeightsChunk, Welcome
 from common.transport import ActorSockets, Endpoints, curve_keys, zmq_context
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RateLimitFilter())  # what the learner (or an impostor) sends must not flood the log
 
 __all__ = ["Actor", "ActorStopped", "Outbox", "prepare_actor", "run_actor"]
 

@@ -9,11 +9,13 @@ import time
 import mlx.nn as nn
 
 from common import protocol
+from common.logs import RateLimitFilter
 from common.protocol import Weights, WeightsChunk
 from common.transport import ActorSockets
 from common.weights import AdapterSync, SnapshotAssembly, read_shared
 
 logger = logging.getLogger(__name__)
+logger.addFilter(RateLimitFilter())  # what the learner (or an impostor) sends must not flood the log
 
 
 class WeightsClient:
