@@ -41,12 +41,11 @@ class Outbox:
         self.held = batch
 
     def send(self, timeout_ms: int) -> bool:
-        """Send the held batch, waiting up to ``timeout_ms``; whether it went (or nothing was held)."""
-        if self.held is not None and not self.sockets.send_experience(self.held, timeout_ms=timeout_ms):
+        """Send the held batch, waiting up to ``timeout_ms``; whether it went."""
+        if not self.sockets.send_experience(self.held, timeout_ms=timeout_ms):
             return False
-        if self.held is not None:
-            self.stats.batches_sent += 1
         self.held = None
+        self.stats.batches_sent += 1
         return True
 
     def drop_if_stale(self, policy_version: int) -> None:
