@@ -76,6 +76,13 @@ def small_config(model_cache, run_dir, *extra):
     )
 
 
+def build_actor(cfg, sockets, actor_id=0, num_actors=1, task=None) -> Actor:
+    """An actor on ``sockets`` with its policy set up as an actor process sets it up (``task``: the config's)."""
+    loaded = load_policy(cfg.model, cfg.lora, cfg.ppo.full_finetune)
+    task = task or get_task(cfg.run.task)
+    return Actor(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
+
+
 class Harness:
     """A learner service and actors in this process over inproc sockets, stepped by the test."""
 
@@ -88,10 +95,9 @@ class Harness:
 
     def actor(self, actor_id, cfg=None):
         cfg = cfg or self.cfg
-        loaded = load_policy(cfg.model, cfg.lora, cfg.ppo.full_finetune)
         sockets = ActorSockets(self.ctx, self.endpoints, cfg.transport.experience_hwm)
         self.sockets.append(sockets)
-        return Actor(cfg, actor_id, 2, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+        return build_actor(cfg, sockets, actor_id, num_actors=2)
 
     def join(self, actor, rounds=200):
         for _ in range(rounds):

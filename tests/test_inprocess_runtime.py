@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from actors.actor import Actor, ActorStopped
+from actors.actor import ActorStopped
 from actors.tasks import get_task
 from common import protocol
-from common.models import load_model, load_policy
+from common.models import load_model
 from common.transport import ActorSockets, Endpoints, LearnerSockets, free_tcp_ports, zmq_context
 from learner.process import build_learner
 from learner.service import LearnerService
@@ -20,6 +20,7 @@ from local_run import run_one_process
 from tests.helpers import (
     REQUIRED_KEYS,
     bind_when_free,
+    build_actor,
     harness_with,
     one_update,
     same_weights,
@@ -300,9 +301,8 @@ def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tm
         old = LearnerService(cfg, first, build_learner(cfg), tmp_path / "old")
         old.learner.policy_version = 5
         old.publish_weights()
-        loaded = load_policy(cfg.model, cfg.lora)
         actor_sockets = ActorSockets(ctx, endpoints, 2)
-        worker = Actor(cfg, 0, 1, actor_sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+        worker = build_actor(cfg, actor_sockets)
         second = None
         try:
             for _ in range(500):

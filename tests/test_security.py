@@ -10,10 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.actor import Actor
-from actors.tasks import get_task
 from common.config import ConfigError, load_config
-from common.models import load_policy
 from common.transport import (
     ActorSockets,
     CurveKeys,
@@ -25,7 +22,7 @@ from common.transport import (
 )
 from learner.process import build_learner
 from learner.service import LearnerService
-from tests.helpers import small_config
+from tests.helpers import build_actor, small_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,10 +56,8 @@ def test_missing_keys_say_how_to_make_them(tmp_path):
 
 
 def _actor(cfg, ctx, endpoints, keys):
-    loaded = load_policy(cfg.model, cfg.lora)
     sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm, keys)
-    worker = Actor(cfg, 0, 1, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
-    return worker, sockets
+    return build_actor(cfg, sockets), sockets
 
 
 def _joins(service, worker, seconds):
