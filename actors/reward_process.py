@@ -232,14 +232,14 @@ def _die_with_the_actor(actor_pid: int) -> None:
 
 def _serve(spec: str, timeout_s: float, actor_pid: int) -> None:
     """The child: import the plugin, then score what arrives on stdin until it closes (the actor is gone)."""
-    from actors.rewards import BatchedScorer, PerSampleScorer, import_function
+    from actors.scoring import BatchedScorer, PerSampleScorer, import_function
 
     _die_with_the_actor(actor_pid)
     protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the plugin's prints go to stderr, which the actor forwards (rate-limited)
     sys.stdout = sys.stderr
     said = _Said()  # what the scorers log (a failure, a timeout) travels back with the score
-    for name in ("actors.rewards", "actors.tasks"):
+    for name in ("actors.scoring",):
         logging.getLogger(name).addHandler(said)
         logging.getLogger(name).propagate = False  # said once, in the actor's log
     fn = import_function(spec)

@@ -1,4 +1,4 @@
-"""Prompts and rewards chosen by configuration (``run.prompts``, ``run.reward``), and batch scorers.
+"""Prompts and rewards chosen by configuration (``run.prompts``, ``run.reward``), each reward as a batch scorer.
 
 Prompts: '' (the task's own), a ``.jsonl`` file (an object a line with a "prompt" string; every other field is an
 *extra* of that prompt), a ``.txt`` file (a prompt a line, blank lines skipped), or ``hf:NAME[:SPLIT[:FIELD]]``
@@ -11,22 +11,20 @@ the prompts (None where a prompt lacks it), as TRL passes dataset columns. A fun
 names (or all, with ``**kwargs``), so a plain ``(prompt, completion)`` function works with any prompt file.
 
 Every reward is used through a ``Scorer``: ``(prompts, completions) -> list[float]`` for a whole batch, NaN where
-the reward raised, ran past its time limit or gave a non-finite number (logged; the learner drops that group).
+the reward raised, ran past its time limit or gave a non-finite number (``actors/scoring.py``; the learner drops
+that group).
 A ``module:function`` plugin runs in a child process that is killed when it hangs (``actors/reward_process.py``).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.tasks import TASKS, RewardFn, Scorer, Task, TaskSetupError, _time_limit, safe_score
+from actors.builtin_tasks import TASKS, Scorer, Task, TaskSetupError
+from actors.scoring import BatchedScorer, PerSampleScorer, import_function
 
 if TYPE_CHECKING:
     from common.config import Config, ModelConfig
@@ -181,88 +179,6 @@ def load_reward(
     from actors.reward_process import ProcessScorer
 
     return ProcessScorer(spec, task.extras, timeout_s, batched=getattr(fn, "batched", False) is True)
-
-
-def import_function(spec: str) -> Callable[..., Any]:
-    """The function ``module:function`` names; a clear TaskSetupError when it cannot be had."""
-    module_name, _, name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # a user module may fail to import in any way
-        raise TaskSetupError(
-            f"run.reward={spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); the actors must be "
-            "able to import it: install it, keep it in this repository, or put its folder on PYTHONPATH"
-        ) from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise TaskSetupError(f"run.reward={spec!r}: {module_name} has no function {name!r}")
-    return fn
-
-
-def _extra_names(fn: Callable[..., Any]) -> set[str] | None:
-    """The extras ``fn`` takes by name beyond its first two arguments; None: all (it has ``**kwargs``)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # some builtins have no signature: give them nothing extra
-        return set()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def _finite(value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return value if math.isfinite(value) else math.nan
-
-
-class PerSampleScorer:
-    """Scores a batch one sample at a time through ``safe_score`` (its time limit, NaN on failure)."""
-
-    def __init__(self, fn: RewardFn, extras: Mapping[str, Mapping[str, Any]], timeout_s: float):
-        self.fn, self.extras, self.timeout_s, self.names = fn, extras, timeout_s, _extra_names(fn)
-
-    def _kwargs(self, prompt: str) -> dict[str, Any]:
-        fields = self.extras.get(prompt, {})
-        return {k: v for k, v in fields.items() if self.names is None or k in self.names}
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        scores = []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            kwargs = self._kwargs(prompt)
-            reward = (lambda p, c, kw=kwargs: self.fn(p, c, **kw)) if kwargs else self.fn
-            scores.append(safe_score(reward, prompt, completion, self.timeout_s))
-        return scores
-
-
-class BatchedScorer:
-    """Scores a batch in one call; the call failing, running past ``timeout_s`` x batch size or returning the
-    wrong number of scores makes the whole batch NaN (logged), a non-finite score only its own sample."""
-
-    def __init__(self, fn: Callable[..., Any], extras: Mapping[str, Mapping[str, Any]], timeout_s: float):
-        self.fn, self.extras, self.timeout_s, self.names = fn, extras, timeout_s, _extra_names(fn)
-
-    def _kwargs(self, prompts: Sequence[str]) -> dict[str, list[Any]]:
-        present = {k for p in prompts for k in self.extras.get(p, {})}
-        wanted = present if self.names is None else present & self.names
-        return {k: [self.extras.get(p, {}).get(k) for p in prompts] for k in sorted(wanted)}
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        n = len(prompts)
-        try:
-            with _time_limit(self.timeout_s * n):
-                values = list(self.fn(list(prompts), list(completions), **self._kwargs(prompts)))
-            if len(values) != n:
-                raise ValueError(f"returned {len(values)} scores for {n} completions")
-        except Exception as e:  # a user reward may fail in any way: the batch is dropped, not the actor
-            logger.warning("batched reward failed (%s: %s); %d sequences scored NaN", type(e).__name__, e, n)
-            return [math.nan] * n
-        scores = [_finite(v) for v in values]
-        if bad := sum(math.isnan(s) for s in scores):
-            logger.warning("batched reward gave %d non-finite score(s) of %d; scored NaN", bad, n)
-        return scores
 
 
 def task_problems(cfg: Config) -> list[str]:

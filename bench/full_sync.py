@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import protocol  # noqa: E402
 from common.config import LoraConfig, ModelConfig  # noqa: E402
-from common.lora import attach_lora  # noqa: E402
-from common.models import load_model  # noqa: E402
+from common.models import load_policy  # noqa: E402
 from common.weights import AdapterSync  # noqa: E402
 
 logger = logging.getLogger("bench.full_sync")
@@ -54,12 +53,10 @@ def main() -> None:
     )
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
-    config = ModelConfig(name=args.model)
-    learner_model, actor_model = load_model(config).model, load_model(config).model
-    for model in (learner_model, actor_model):
-        attach_lora(model, LoraConfig())
+    config, lora = ModelConfig(name=args.model), LoraConfig()
+    learner_model, actor_model = (load_policy(config, lora).model for _ in range(2))
     rows = {"LoRA rank 8": sync_stages(AdapterSync(learner_model), AdapterSync(actor_model))}
-    full_source, full_target = load_model(config).model, load_model(config).model
+    full_source, full_target = (load_policy(config, lora, full_finetune=True).model for _ in range(2))
     rows["every weight"] = sync_stages(
         AdapterSync(full_source, full_weights=True), AdapterSync(full_target, full_weights=True)
     )

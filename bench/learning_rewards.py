@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from actors.tasks import arithmetic_reward, format_reward, length_reward
+from actors.builtin_tasks import arithmetic_reward, format_reward, length_reward
 
 LOG_ENV = "MLX_PPO_REWARD_LOG"
 
@@ -35,14 +35,14 @@ def log_scores(scores: Sequence[float]) -> None:
 
 
 def arithmetic(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    """``actors.tasks.arithmetic_reward`` of each sample, logged."""
+    """``actors.builtin_tasks.arithmetic_reward`` of each sample, logged."""
     scores = [arithmetic_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
     log_scores(scores)
     return scores
 
 
 def length(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-    """``actors.tasks.length_reward`` of each sample, logged."""
+    """``actors.builtin_tasks.length_reward`` of each sample, logged."""
     scores = [length_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
     log_scores(scores)
     return scores
@@ -54,7 +54,7 @@ def format(
     max_words: Sequence[Any] | None = None,
     json_keys: Sequence[Any] | None = None,
 ) -> list[float]:
-    """``actors.tasks.format_reward`` of each sample with its prompt's extras (lists aligned with prompts)."""
+    """``actors.builtin_tasks.format_reward`` of each sample with its prompt's extras (lists aligned with prompts)."""
     n = len(prompts)
     max_words, json_keys = max_words or [None] * n, json_keys or [None] * n
     scores = [

@@ -77,7 +77,7 @@ def make_reward(task: str, deadline: float) -> Callable[..., list[float]]:
     """
     from mlx_lm_lora.trainer.grpo_reward_functions import get_reward_function, register_reward_function
 
-    from actors.tasks import TASKS
+    from actors.builtin_tasks import TASKS
     from bench import learning_rewards
 
     scorer = getattr(learning_rewards, task)
@@ -197,7 +197,7 @@ def train(args: argparse.Namespace, t_start: float) -> dict[str, Any]:
     from mlx.utils import tree_flatten
     from mlx_lm_lora.trainer.grpo_trainer import GRPOTrainingArgs, train_grpo
 
-    from actors.tasks import TASKS
+    from actors.builtin_tasks import TASKS
 
     deadline = t_start + args.budget_s
     beta = GRPOTrainingArgs.beta if args.beta is None else args.beta

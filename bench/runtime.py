@@ -49,12 +49,9 @@ SCALING_SETTINGS = [
 
 def _policy_model(name: str = "default"):
     from common.config import LoraConfig, ModelConfig
-    from common.lora import attach_lora
-    from common.models import load_model
+    from common.models import load_policy
 
-    loaded = load_model(ModelConfig(name=name))
-    attach_lora(loaded.model, LoraConfig())
-    return loaded.model
+    return load_policy(ModelConfig(name=name), LoraConfig()).model
 
 
 def run_receiver(endpoints_json: str, actor_id: int, model_name: str) -> None:

@@ -3,7 +3,10 @@
 Names: ``default`` (the bundled SmolLM2-135M-Instruct, converted once into the cache), ``tiny`` (a random-init
 test llama written into the cache), a local mlx-lm folder, or a Hugging Face id (``org/name``, downloaded by
 mlx-lm when a network is there). On the CPU backend floating weights run in float32: bf16/fp16 matmuls have no
-fast path there (DESIGN.md §3); elsewhere the checkpoint's own dtype is kept.
+fast path there; elsewhere the checkpoint's own dtype is kept.
+
+``load_policy`` is the one set-up of a policy that samples (an actor's, an evaluation's): the model, its LoRA
+adapters (unless every weight is trained), saved adapters if given, and the CPU fast paths.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from common.config import ModelConfig
+from common.config import LoraConfig, ModelConfig
+from common.cpu_ops import use_fast_cpu_ops
 from common.gguf_import import CONVERTER_VERSION, BundledModelMissing, bundled_gguf_path, convert_gguf
+from common.lora import attach_lora, load_adapters
 from common.tiny_model import TINY_VERSION, write_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -119,6 +124,24 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model.float32_head = True  # read by lm_head_logits and next_token_logits
     logger.info("loaded model %s (%s) as %s", cfg.name, target, dtype)
     return LoadedModel(model, tokenizer, target if isinstance(target, Path) else None, dtype)
+
+
+def load_policy(
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    full_finetune: bool = False,
+    adapters: str | Path | None = None,
+) -> LoadedModel:
+    """The policy a sampler runs: ``model_cfg``'s model with fresh LoRA adapters of ``lora_cfg`` (none with
+    ``full_finetune``: every weight is synced instead), the mlx-lm adapter folder ``adapters`` loaded into them
+    when given, and the CPU fast paths switched on (after the adapters, so the LoRA layers switch too)."""
+    loaded = load_model(model_cfg)
+    if not full_finetune:
+        attach_lora(loaded.model, lora_cfg)
+    if adapters:
+        load_adapters(loaded.model, adapters)
+    use_fast_cpu_ops(loaded.model)  # a no-op off the CPU
+    return loaded
 
 
 def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:

@@ -12,12 +12,12 @@ import mlx.core as mx
 import numpy as np
 import zmq
 
-from actors.actor import ActorWorker
+from actors.actor import Actor
 from actors.sampler import SamplingParams, generate_completions
 from actors.tasks import get_task
 from common.config import LoraConfig, ModelConfig, PPOUpdateConfig, load_config
-from common.lora import adapter_weights, attach_lora
-from common.models import load_model
+from common.lora import adapter_weights
+from common.models import load_model, load_policy
 from common.transport import ActorSockets, Endpoints, LearnerSockets, zmq_context
 from learner.models import build_policy_and_value
 from learner.ppo_learner import PPOLearner
@@ -76,8 +76,15 @@ def small_config(model_cache, run_dir, *extra):
     )
 
 
+def build_actor(cfg, sockets, actor_id=0, num_actors=1, task=None) -> Actor:
+    """An actor on ``sockets`` with its policy set up as an actor process sets it up (``task``: the config's)."""
+    loaded = load_policy(cfg.model, cfg.lora, cfg.ppo.full_finetune)
+    task = task or get_task(cfg.run.task)
+    return Actor(cfg, actor_id, num_actors, sockets, loaded.model, loaded.tokenizer, task)
+
+
 class Harness:
-    """A learner service and actor workers in this process over inproc sockets, stepped by the test."""
+    """A learner service and actors in this process over inproc sockets, stepped by the test."""
 
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx, self.endpoints = cfg, ctx, Endpoints.inproc()
@@ -88,16 +95,13 @@ class Harness:
 
     def actor(self, actor_id, cfg=None):
         cfg = cfg or self.cfg
-        loaded = load_model(cfg.model)
-        if not cfg.ppo.full_finetune:
-            attach_lora(loaded.model, cfg.lora)
         sockets = ActorSockets(self.ctx, self.endpoints, cfg.transport.experience_hwm)
         self.sockets.append(sockets)
-        return ActorWorker(cfg, actor_id, 2, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+        return build_actor(cfg, sockets, actor_id, num_actors=2)
 
-    def join(self, worker, rounds=200):
+    def join(self, actor, rounds=200):
         for _ in range(rounds):
-            if worker.poll_connect(0):
+            if actor.join(0):
                 return
             self.service.poll(10)
         raise AssertionError("actor did not join")
@@ -118,11 +122,11 @@ def harness_with(model_cache, tmp_path, *settings):
             h.close()
 
 
-def until_granted(h: Harness, worker, rounds: int = 100) -> None:
+def until_granted(h: Harness, actor, rounds: int = 100) -> None:
     """Step learner and actor until the actor holds a rollout grant."""
     for _ in range(rounds):
         h.service.poll(5)
-        if worker.poll_grant(0):
+        if actor.poll_grant(0):
             return
     raise AssertionError("no grant")
 
@@ -219,23 +223,23 @@ def failing_reward(prompt: str, completion: str) -> float:
     raise RuntimeError("reward service down")
 
 
-def until_version(h: Harness, worker, version: int, on_round=lambda: None) -> None:
+def until_version(h: Harness, actor, version: int, on_round=lambda: None) -> None:
     """Step learner and actor until the actor runs snapshot ``version`` (as a grant of it would make it)."""
-    worker.grant_version = version
+    actor.grants.version = version
     for _ in range(2000):
         h.service.poll(1)
-        worker.poll_grant(0)  # asks for the snapshot it lacks, takes chunks, asks for more
+        actor.poll_grant(0)  # asks for the snapshot it lacks, takes chunks, asks for more
         on_round()
-        if worker.policy_version == version:
+        if actor.weights.policy_version == version:
             return
     raise AssertionError(f"snapshot v{version} did not arrive")
 
 
-def same_weights(worker, h: Harness) -> bool:
+def same_weights(actor, h: Harness) -> bool:
     import numpy as np
     from mlx.utils import tree_flatten
 
-    ours = dict(tree_flatten(worker.model.parameters()))
+    ours = dict(tree_flatten(actor.rollout.model.parameters()))
     theirs = dict(tree_flatten(h.service.learner.container.policy.parameters()))
     return ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from actors.actor import sequence_seed
 from actors.reference import reference_logprobs
 from actors.rewards import encode_prompts
+from actors.rollout import sequence_seed
 from actors.sampler import SamplingParams, generate_completions
 from common.config import Config
+from common.models import load_policy
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +52,6 @@ def summarize(rewards: Sequence[float], kls: Sequence[float], lengths: Sequence[
         "eval/kl_per_token": float(np.sum(kls) / tokens),
         "eval/response_tokens": float(np.mean(lengths)) if lengths else 0.0,
     }
-
-
-def _load_policy(cfg: Config, adapters: str | Path | None):
-    from common.cpu_ops import use_fast_cpu_ops
-    from common.lora import attach_lora, load_adapters
-    from common.models import load_model
-
-    loaded = load_model(cfg.model)
-    attach_lora(loaded.model, cfg.lora)
-    if adapters:
-        load_adapters(loaded.model, adapters)
-    use_fast_cpu_ops(loaded.model)
-    return loaded
 
 
 def evaluate_batch(
@@ -103,7 +91,7 @@ def evaluate_policy(
     ``adapters``: an mlx-lm adapter folder (None: fresh adapters, i.e. the base model). Returns the summary
     numbers (``eval/...``) and, under ``"samples"``, each prompt with its completion, reward and KL.
     """
-    loaded = _load_policy(cfg, adapters)
+    loaded = load_policy(cfg.model, cfg.lora, adapters=adapters)  # eval reads adapter folders
     ids, texts = encode_prompts(loaded.tokenizer, prompts, cfg.sampling.max_prompt_tokens)
     samples = []
     for start in range(0, len(ids), cfg.sampling.batch_size):

@@ -10,11 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.actor import ActorWorker
-from actors.tasks import get_task
 from common.config import ConfigError, load_config
-from common.lora import attach_lora
-from common.models import load_model
 from common.transport import (
     ActorSockets,
     CurveKeys,
@@ -26,7 +22,7 @@ from common.transport import (
 )
 from learner.process import build_learner
 from learner.service import LearnerService
-from tests.helpers import small_config
+from tests.helpers import build_actor, small_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,18 +56,15 @@ def test_missing_keys_say_how_to_make_them(tmp_path):
 
 
 def _actor(cfg, ctx, endpoints, keys):
-    loaded = load_model(cfg.model)
-    attach_lora(loaded.model, cfg.lora)
     sockets = ActorSockets(ctx, endpoints, cfg.transport.experience_hwm, keys)
-    worker = ActorWorker(cfg, 0, 1, sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
-    return worker, sockets
+    return build_actor(cfg, sockets), sockets
 
 
 def _joins(service, worker, seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         service.poll(10)
-        if worker.poll_connect(10):
+        if worker.join(10):
             return True
     return False
 

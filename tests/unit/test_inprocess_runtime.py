@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from actors.actor import ActorStopped, ActorWorker
+from actors.actor import ActorStopped
 from actors.tasks import get_task
 from common import protocol
-from common.lora import attach_lora
 from common.models import load_model
 from common.transport import ActorSockets, Endpoints, LearnerSockets, free_tcp_ports, zmq_context
 from launcher.one_process import run_one_process
@@ -21,6 +20,7 @@ from learner.service import LearnerService
 from tests.helpers import (
     REQUIRED_KEYS,
     bind_when_free,
+    build_actor,
     harness_with,
     one_update,
     same_weights,
@@ -53,16 +53,18 @@ def test_late_joiner_gets_the_current_snapshot(harness):
     first = harness.actor(0)
     harness.join(first)
     while harness.service.step_count < 2:
-        first.step_nonblocking()
+        first.step(timeout_ms=0)  # as the one-process mode steps it
         harness.service.step(timeout_ms=10)
     late = harness.actor(1)
     harness.join(late)
-    assert late.policy_version == harness.service.learner.policy_version == 2
-    assert late.checksum == harness.service.snapshot.checksum
+    assert late.weights.policy_version == harness.service.learner.policy_version == 2
+    assert late.weights.checksum == harness.service.snapshot.checksum
     late.heartbeat(force=True)
     harness.service.poll(50)
     info = next(i for i in harness.service.actors.values() if i.actor_id == 1)
-    assert info.policy_version == 2 and info.checksum == late.checksum  # heartbeat echoes what it runs
+    assert (
+        info.policy_version == 2 and info.checksum == late.weights.checksum
+    )  # heartbeat echoes what it runs
 
 
 def test_mismatched_config_is_refused_with_a_reason(harness, model_cache, tmp_path):
@@ -113,7 +115,9 @@ def test_back_pressure_blocks_actors_and_bounds_memory():
         learner.close()
 
 
-def test_actor_drops_a_batch_that_went_stale_while_blocked(harness):
+@pytest.mark.parametrize("timeout_ms", [200, 0], ids=["process-loop", "one-process-mode"])
+def test_actor_drops_a_batch_that_went_stale_while_blocked(harness, timeout_ms):
+    """The process loop steps with 200 ms, the one-process mode with 0: both drop a batch gone stale."""
     worker = harness.actor(0)
     harness.join(worker)
     old = worker.generate_batch()  # sampled with v0
@@ -123,8 +127,12 @@ def test_actor_drops_a_batch_that_went_stale_while_blocked(harness):
     while worker.sockets.send_experience(old, timeout_ms=50):
         fill += 1  # the learner is not reading: fill the queues until sends block
         assert fill < 10
-    worker.send(old)  # blocked: sees v3 arrive, drops the v0 batch instead of waiting forever
-    assert worker.policy_version == 3 and worker.stats.stale_dropped == len(old.sequences)
+    worker.outbox.hold(old)
+    for _ in range(20):  # blocked: sees v3 arrive, drops the v0 batch instead of waiting forever
+        worker.step(timeout_ms)
+        if worker.outbox.held is None:
+            break
+    assert worker.weights.policy_version == 3 and worker.stats.stale_dropped == len(old.sequences)
 
 
 def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cache, tmp_path):
@@ -139,8 +147,8 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
         h.join(worker)
         # Adapters that change the policy: the reference must still be the base model's.
         mx.random.seed(5)
-        weights = adapter_weights(worker.model)
-        worker.model.load_weights(
+        weights = adapter_weights(worker.rollout.model)
+        worker.rollout.model.load_weights(
             [(k, mx.random.normal(v.shape) * 0.3) for k, v in weights.items()], strict=False
         )
         batch = worker.generate_batch()
@@ -182,15 +190,15 @@ def test_actors_generate_only_what_the_learner_can_train_in_time(harness):
                 w.poll_grant(0)
 
     poll_all()
-    assert [w.granted for w in workers].count(1) == 2 and harness.service.admission.outstanding == 16
-    first = next(w for w in workers if w.granted)
+    assert [w.grants.granted for w in workers].count(1) == 2 and harness.service.admission.outstanding == 16
+    first = next(w for w in workers if w.grants.granted)
     first.step()  # generate with its grant and send
     poll_all()
     assert harness.service.buffer.depth == 8
-    assert sum(w.granted for w in workers) == 1  # received but untrained still counts: no new grant
+    assert sum(w.grants.granted for w in workers) == 1  # received but untrained still counts: no new grant
     assert harness.service.maybe_update() is not None  # the learner takes the batch...
     poll_all()
-    assert sum(w.granted for w in workers) == 2  # ...and the waiting actor gets its grant
+    assert sum(w.grants.granted for w in workers) == 2  # ...and the waiting actor gets its grant
 
 
 def test_silent_and_never_started_actors_are_told_apart_and_a_silent_one_is_welcomed_back(
@@ -204,7 +212,7 @@ def test_silent_and_never_started_actors_are_told_apart_and_a_silent_one_is_welc
         worker = h.actor(0)
         h.join(worker)
         until_granted(h, worker)
-        assert worker.granted == 1 and h.service.admission.outstanding == 8
+        assert worker.grants.granted == 1 and h.service.admission.outstanding == 8
         info = next(iter(h.service.actors.values()))
         deadline = time.monotonic() + 10
         while not info.gone and time.monotonic() < deadline:
@@ -227,20 +235,20 @@ def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers
 ):
     import logging
 
-    caplog.set_level(logging.INFO, logger="actors.actor")
+    caplog.set_level(logging.INFO, logger="actors.link")
     with harness_with(model_cache, tmp_path, "transport.learner_timeout_s=0.3") as h:
         worker = h.actor(0)
         h.join(worker)
         deadline = time.monotonic() + 10
-        while not worker.learner_silent and time.monotonic() < deadline:
+        while not worker.link.silent and time.monotonic() < deadline:
             worker.poll_grant(20)  # the learner is not stepped: no heartbeat, no grant
-        assert worker.learner_silent and "the learner went silent" in caplog.text
+        assert worker.link.silent and "the learner went silent" in caplog.text
         for _ in range(200):  # the learner runs again: it answers the actor's hello
             h.service.step(timeout_ms=5)
             worker.poll_grant(5)
-            if not worker.learner_silent:
+            if not worker.link.silent:
                 break
-        assert not worker.learner_silent and "the learner answers again" in caplog.text
+        assert not worker.link.silent and "the learner answers again" in caplog.text
 
 
 def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
@@ -275,10 +283,12 @@ def test_a_batch_the_actor_dropped_gives_its_grant_back(harness):
     harness.join(worker)
     until_granted(harness, worker)
     assert harness.service.admission.outstanding == 8
-    worker.granted -= 1  # the batch of that grant went stale while blocked and was dropped by the actor
+    worker.grants.granted -= (
+        1  # the batch of that grant went stale while blocked and was dropped by the actor
+    )
     worker.stats.stale_dropped += 8
     until_granted(harness, worker)  # the next request reports the 8 dropped sequences: they will never arrive
-    assert harness.service.admission.outstanding == 8 and worker.granted == 1
+    assert harness.service.admission.outstanding == 8 and worker.grants.granted == 1
 
 
 def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tmp_path):
@@ -291,28 +301,26 @@ def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tm
         old = LearnerService(cfg, first, build_learner(cfg), tmp_path / "old")
         old.learner.policy_version = 5
         old.publish_weights()
-        loaded = load_model(cfg.model)
-        attach_lora(loaded.model, cfg.lora)
         actor_sockets = ActorSockets(ctx, endpoints, 2)
-        worker = ActorWorker(cfg, 0, 1, actor_sockets, loaded.model, loaded.tokenizer, get_task(cfg.run.task))
+        worker = build_actor(cfg, actor_sockets)
         second = None
         try:
             for _ in range(500):
                 old.poll(5)
-                if worker.poll_connect(5):
+                if worker.join(5):
                     break
-            assert worker.policy_version == 5
+            assert worker.weights.policy_version == 5
             first.close()  # the learner goes away...
             second = bind_when_free(ctx, endpoints)  # ...and a new one (fresh, v0) takes its address
             new = LearnerService(cfg, second, build_learner(cfg), tmp_path / "new")
             new.publish_weights()
             deadline = time.monotonic() + 60
-            while not (worker.granted and new.actors) and time.monotonic() < deadline:
+            while not (worker.grants.granted and new.actors) and time.monotonic() < deadline:
                 new.poll(10)
                 worker.poll_grant(10)
-            assert new.actors and worker.granted == 1
+            assert new.actors and worker.grants.granted == 1
             assert new.counters["reject/unknown_peer"] >= 1
-            assert worker.policy_version == 0 and worker.checksum == new.snapshot.checksum
+            assert worker.weights.policy_version == 0 and worker.weights.checksum == new.snapshot.checksum
         finally:
             actor_sockets.close()
             for s in (first, second):
@@ -336,7 +344,7 @@ def test_a_reward_that_always_fails_is_reported_though_no_update_comes(harness, 
     caplog.set_level(logging.ERROR, logger="learner.service")
     worker = harness.actor(0)
     harness.join(worker)
-    worker.scorer = load_reward("tests.helpers:failing_reward", worker.task)
+    worker.rollout.scorer = load_reward("tests.helpers:failing_reward", get_task(harness.cfg.run.task))
     for _ in range(3):
         frames = [bytes(f) for f in protocol.encode(worker.generate_batch())]
         harness.service.handle_experience(frames)
@@ -349,7 +357,7 @@ def test_training_waits_for_min_actors(model_cache, tmp_path):
         first = h.actor(0)
         h.join(first)
         until_granted(h, first)
-        first.granted -= 1
+        first.grants.granted -= 1
         h.service.handle_experience([bytes(f) for f in protocol.encode(first.generate_batch())])
         assert h.service.buffer.depth == 8 and h.service.step() is None  # a full batch, one actor of two
         h.join(h.actor(1))
@@ -387,13 +395,13 @@ def test_full_weights_travel_in_chunks_and_arrive_whole(model_cache, tmp_path):
         in_flight = []
 
         def record() -> None:
-            in_flight.append(len(worker.fetch.asked) if worker.fetch else 0)
+            in_flight.append(len(worker.weights.fetch.asked) if worker.weights.fetch else 0)
 
         until_version(h, worker, 0, record)
-        assert same_weights(worker, h) and worker.checksum == h.service.snapshot.checksum
+        assert same_weights(worker, h) and worker.weights.checksum == h.service.snapshot.checksum
         one_update(h)
         until_version(h, worker, 1, record)
-        assert same_weights(worker, h) and worker.checksum == h.service.snapshot.checksum
+        assert same_weights(worker, h) and worker.weights.checksum == h.service.snapshot.checksum
         assert 1 <= max(in_flight) <= 4  # never more than the window
 
 
@@ -406,8 +414,8 @@ def test_an_actor_on_the_learners_machine_reads_snapshots_from_shared_memory(mod
         announce = h.service.announce
         assert announce.shared and Path(announce.shared).is_file()
         asked = []
-        until_version(h, worker, 1, lambda: asked.append(worker.fetch is not None))
+        until_version(h, worker, 1, lambda: asked.append(worker.weights.fetch is not None))
         assert not any(asked)  # no chunk was fetched: the file was read
-        assert same_weights(worker, h) and worker.checksum == h.service.snapshot.checksum
+        assert same_weights(worker, h) and worker.weights.checksum == h.service.snapshot.checksum
         h.service.shutdown("done")
         assert not Path(announce.shared).exists()

@@ -270,6 +270,7 @@ def alike_when_describing(prompt: str, completion: str) -> float:
 
 def test_dynamic_sampling_drops_groups_without_signal_and_still_trains_on_full_batches(model_cache, tmp_path):
     from actors.rewards import load_reward
+    from actors.tasks import get_task
 
     # max_policy_lag 1: one batch in flight; a half-dropped batch must still get its successor granted.
     settings = (
@@ -282,12 +283,14 @@ def test_dynamic_sampling_drops_groups_without_signal_and_still_trains_on_full_b
     with harness_with(model_cache, tmp_path, *settings) as h:
         worker = h.actor(0)
         h.join(worker)
-        worker.scorer = load_reward("tests.unit.test_objectives:alike_when_describing", worker.task)
+        worker.rollout.scorer = load_reward(
+            "tests.unit.test_objectives:alike_when_describing", get_task(h.cfg.run.task)
+        )
         trained = []
         for _ in range(2000):
             if h.service.step_count >= 3:
                 break
-            worker.step_nonblocking()
+            worker.step(timeout_ms=0)
             metrics = h.service.step(timeout_ms=10)
             if metrics is not None:
                 trained.append(metrics)

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from actors.builtin_tasks import TASKS, TaskSetupError, format_reward, sentiment_reward
 from actors.rewards import load_prompt_records, load_prompts, load_reward, task_problems
-from actors.tasks import TASKS, TaskSetupError, format_reward, get_task, resolve_task, sentiment_reward
+from actors.tasks import get_task, resolve_task
 from common.config import ConfigError, load_config
 
 PLUGIN = """
@@ -209,10 +210,8 @@ def test_a_reward_module_is_found_by_its_dotted_path(tmp_path, monkeypatch):
 def test_actor_scores_its_batch_through_the_configured_reward(plugin, model_cache, tmp_path):
     """generate_batch with run.prompts and a reward that fails on some answers: exactly those sequences score
     NaN (the learner drops their groups), the others keep their scores."""
-    from actors.actor import ActorWorker
-    from common.lora import attach_lora
-    from common.models import load_model
     from common.transport import ActorSockets, Endpoints, zmq_context
+    from tests.helpers import build_actor
 
     (tmp_path / "p.txt").write_text("say something\nsay more\n")
     (tmp_path / "flaky_reward.py").write_text(
@@ -224,20 +223,20 @@ def test_actor_scores_its_batch_through_the_configured_reward(plugin, model_cach
         + [f'model.cache_dir="{model_cache}"', "sampling.batch_size=8", "sampling.max_new_tokens=6"]
         + ["ppo.group_size=2"],
     )
-    loaded = load_model(cfg.model)
-    attach_lora(loaded.model, cfg.lora)
     with zmq_context() as ctx:
         sockets = ActorSockets(ctx, Endpoints.inproc(), 2)
-        worker = ActorWorker(cfg, 0, 1, sockets, loaded.model, loaded.tokenizer, resolve_task(cfg))
+        worker = build_actor(cfg, sockets, task=resolve_task(cfg))
         batch = worker.generate_batch()
         sockets.close()
     offset, expected = 0, []
     for seq in batch.sequences:
         response = batch.tokens[offset + seq.prompt_len : offset + seq.prompt_len + seq.response_len]
-        text = loaded.tokenizer.decode([int(t) for t in response if int(t) not in worker.stop_ids])
+        text = worker.rollout.tokenizer.decode(
+            [int(t) for t in response if int(t) not in worker.rollout.stop_ids]
+        )
         expected.append(math.nan if len(text) % 2 else 1.0)
         offset += seq.prompt_len + seq.response_len
-        assert worker.prompt_texts[seq.prompt_index] in ("say something", "say more")
+        assert worker.rollout.shard.texts[seq.prompt_index] in ("say something", "say more")
     assert [s.score for s in batch.sequences] == pytest.approx(expected, nan_ok=True)
     assert 0 < sum(map(math.isnan, expected)) < len(expected)  # both kinds occur (fixed seeds)
 

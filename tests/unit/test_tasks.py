@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from actors.tasks import arithmetic_reward, safe_score
+from actors.builtin_tasks import arithmetic_reward
+from actors.scoring import safe_score
 
 PROMPT = "What is 9 + 2? Answer with the number."
 
