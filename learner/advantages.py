@@ -18,8 +18,6 @@ import numpy as np
 
 from common.config import PPOUpdateConfig
 
-KLEstimator = Literal["k1", "k2", "k3"]
-
 
 def masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
     """Mean of ``x`` over positions where ``mask`` is 1 (0.0 when the mask is empty)."""
@@ -52,22 +50,6 @@ def masked_whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps:
     With ``shift_mean=False`` only the scale changes (the mean is added back), as TRL does for rewards.
     """
     return whiten_with(x, mask, masked_moments(x, mask), shift_mean, eps)
-
-
-def kl_estimate(logprobs: np.ndarray, ref_logprobs: np.ndarray, estimator: KLEstimator = "k1") -> np.ndarray:
-    """Per-token estimate of KL(policy || reference) at sampled tokens: ``[B, T]`` log-probs -> ``[B, T]``.
-
-    With ``r = log pi - log pi_ref``: k1 = r (unbiased, can be negative: the one to put in a *reward*);
-    k2 = r^2 / 2 (biased, >= 0); k3 = (e^-r - 1) + r (unbiased, >= 0, lower variance: the one to *report*).
-    """
-    log_ratio = (logprobs - ref_logprobs).astype(np.float64)
-    if estimator == "k1":
-        return log_ratio.astype(np.float32)
-    if estimator == "k2":
-        return (0.5 * log_ratio**2).astype(np.float32)
-    if estimator == "k3":
-        return (np.expm1(-log_ratio) + log_ratio).astype(np.float32)
-    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
 
 
 def last_token_index(mask: np.ndarray) -> np.ndarray:

@@ -26,18 +26,17 @@ from learner import advantages as adv
 from learner.aggregation import default_overlong_buffer, loss_weights, overlong_penalty
 from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks
 from learner.kl_control import make_kl_controller
+from learner.kl_estimators import kl_estimate
+from learner.loss import Clip, LossSettings, explained_variance, ppo_objective, token_entropy
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.optimizer import MasterWeights, make_adam, schedule_of, to_float32
-from learner.ppo import Clip, explained_variance, token_entropy
 from learner.shards import ShardPool, Worker, auto_threads, split_rows
 from learner.update import (
     Experience,
-    LossWeights,
     TrainBatch,
     collate,
     pad_per_token,
     policy_logprobs,
-    ppo_objective,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ class PPOLearner:
         # single-threaded per stream, learner/shards.py); one thread runs everything in the caller.
         self.pool = ShardPool(container, auto_threads(cfg.compute_threads))
         self.compile_step = compile_step
-        self.weights = LossWeights(
+        self.weights = LossSettings(
             temperature,
             Clip(cfg.clip_low or cfg.clip_coef, cfg.clip_high or cfg.clip_coef, cfg.dual_clip),
             cfg.value_clip,
@@ -241,7 +240,7 @@ class PPOLearner:
         ref = recomputed.get("ref")  # None when nothing needs it (every KL term off)
         if exp.ref_logprobs is not None:
             ref = pad_per_token(exp.ref_logprobs, mask.shape[1])
-        k1 = np.zeros_like(mask) if ref is None else adv.kl_estimate(proximal, ref, "k1") * mask
+        k1 = np.zeros_like(mask) if ref is None else kl_estimate(proximal, ref, "k1") * mask
         scores = self._shaped_scores(exp, mask.sum(axis=1))
         advantages, returns = adv.training_signal(
             self.cfg, scores, k1, mask, values, self.kl_controller.value, self._sum_over_ranks
@@ -280,11 +279,11 @@ class PPOLearner:
         """Statistics of the whole batch (every rank's): KL to the reference (k3, per sequence; when a reference
         was computed), scores, lengths, truncation, and the mismatch / entropy of the no-grad pass."""
         mask, proximal = batch.mask, recomputed["proximal"]
-        k3_sum = 0.0 if ref is None else (adv.kl_estimate(proximal, ref, "k3") * mask).sum()
+        k3_sum = 0.0 if ref is None else (kl_estimate(proximal, ref, "k3") * mask).sum()
         truncated = 0.0 if exp.truncated is None else float(np.sum(exp.truncated))
         sums = [k3_sum, np.sum(exp.scores), np.sum(np.square(exp.scores)), mask.sum(), truncated, batch.size]
         if not self.proximal_in_step:  # otherwise the step reports these from its forward
-            mismatch = adv.kl_estimate(batch.behaviour, proximal, "k3") * mask
+            mismatch = kl_estimate(batch.behaviour, proximal, "k3") * mask
             sums += [mismatch.sum(), (recomputed["entropy"] * mask).sum()]
         sums = self._sum_over_ranks(np.array(sums, np.float64))
         size, tokens = max(sums[5], 1.0), max(sums[3], 1.0)

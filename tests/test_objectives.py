@@ -12,7 +12,7 @@ import pytest
 from common.config import ModelConfig
 from learner.advantages import group_advantages, masked_moments
 from learner.aggregation import loss_weights, overlong_penalty
-from learner.ppo import Clip, importance_weights, policy_loss, sequence_ratio, token_ratio
+from learner.loss import Clip, importance_weights, policy_loss, sequence_ratio, token_ratio
 from tests.helpers import harness_with, make_learner, sample_experience
 
 
