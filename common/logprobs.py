@@ -3,14 +3,20 @@
 PPO's importance ratio compares log-probs of the *same* distribution on both sides, so the actor's sampler and
 the learner's recomputation both call ``sampling_logprobs``: temperature first, then top-k, then top-p (the
 order Hugging Face uses), renormalised over what is kept. Tokens outside the kept set get -inf.
+
+The log-probs of given responses (the learner's recomputation, the actors' reference pass) go through
+``pad_sequences`` and ``response_logprobs``: one padding, one forward, on both sides.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from common.cpu_ops import logsumexp
+from common.models import lm_head_logits
+from common.ragged import Ragged
 
 
 def _tempered(logits: mx.array, temperature: float) -> mx.array:
@@ -114,3 +120,41 @@ def token_logprobs(logits: mx.array, tokens: mx.array, temperature: float = 1.0)
     """
     scaled = _tempered(logits, temperature)
     return gather_token_logprobs(scaled, tokens) - logsumexp(scaled)[..., 0]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def pad_sequences(
+    sequences: Ragged, prompt_lens: np.ndarray, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad whole sequences (each its prompt, then its response) for a forward pass over response tokens.
+
+    Args:
+        sequences: ``B`` rows of token ids. prompt_lens: ``[B]`` prompt tokens of each (>= 1).
+        multiple: ``L`` and ``T`` are rounded up to it (compiled steps then see few shapes).
+
+    Returns:
+        ``tokens [B, L]`` int32; ``positions [B, T]`` int32, the index of the hidden state predicting each
+        response token (clamped into ``L`` on padding); ``targets [B, T]`` int32, the response tokens; ``mask
+        [B, T]`` float32, 1 on real response tokens.
+    """
+    prompt_lens = np.asarray(prompt_lens, np.int64)
+    response_lens = sequences.lengths - prompt_lens
+    width = _round_up(sequences.lengths.max(), multiple)
+    steps = _round_up(max(int(response_lens.max()), 1), multiple)
+    tokens = sequences.padded(width).astype(np.int32)
+    positions = np.minimum(prompt_lens[:, None] - 1 + np.arange(steps)[None], width - 1).astype(np.int32)
+    targets = sequences.padded(steps, start=prompt_lens).astype(np.int32)
+    mask = (np.arange(steps)[None] < response_lens[:, None]).astype(np.float32)
+    return tokens, positions, targets, mask
+
+
+def response_logprobs(
+    model: nn.Module, tokens: mx.array, positions: mx.array, targets: mx.array, temperature: float
+) -> mx.array:
+    """``[B, T]`` log-probs of ``targets`` under the sampling distribution of a causal LM (``pad_sequences``'
+    arrays): the trunk over ``tokens``, the hidden states at ``positions``, the vocabulary projection."""
+    hidden = mx.take_along_axis(model.model(tokens), positions[..., None], axis=1)
+    return token_logprobs(lm_head_logits(model, hidden), targets, temperature)

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 
 from common.config import PPOUpdateConfig
+from learner.aggregation import default_overlong_buffer, overlong_penalty
+from learner.kl_estimators import kl_estimate
 
 
 def masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
@@ -170,6 +172,32 @@ def critic_free_advantages(
 def broadcast_to_tokens(sequence_values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``[B]`` per-sequence values -> ``[B, T]``, the same value on every response token."""
     return (np.asarray(sequence_values, dtype=np.float32)[:, None] * mask).astype(np.float32)
+
+
+def shaped_scores(
+    cfg: PPOUpdateConfig, scores: np.ndarray, lengths: np.ndarray, max_new_tokens: int
+) -> np.ndarray:
+    """``[B]`` float64: the scores the advantages see, the reward's plus DAPO's overlong penalty of the response
+    ``lengths`` ``[B]`` when ``cfg.truncated = "overlong_penalty"`` (``learner/aggregation.py``)."""
+    scores = np.asarray(scores, np.float64)
+    if cfg.truncated == "overlong_penalty":
+        buffer = cfg.overlong_buffer or default_overlong_buffer(max_new_tokens)
+        scores = scores + overlong_penalty(lengths, max_new_tokens, buffer, cfg.overlong_penalty)
+    return scores
+
+
+def loss_mask(mask: np.ndarray, truncated: np.ndarray | None, mode: str) -> np.ndarray:
+    """``[B, T]``: the tokens the loss sees. With ``ppo.truncated = "mask"`` the responses cut off (``truncated``
+    ``[B]`` bool) are left out; they still count in their group's baseline."""
+    if mode != "mask" or truncated is None:
+        return mask
+    return mask * (~np.asarray(truncated, bool))[:, None].astype(np.float32)
+
+
+def reward_kl(proximal: np.ndarray, ref: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+    """``[B, T]`` k1 = ``log pi_proximal - log pi_ref`` on real tokens: the KL that goes into the reward (zeros
+    without reference log-probs)."""
+    return np.zeros_like(mask) if ref is None else kl_estimate(proximal, ref, "k1") * mask
 
 
 def _identity(values: np.ndarray) -> np.ndarray:

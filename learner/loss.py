@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from common import cpu_ops
+from common.config import PPOUpdateConfig
 from common.logprobs import sampling_logprobs, token_logprobs
 from learner.kl_estimators import k2, k3
 from learner.models import PolicyAndValue
@@ -239,6 +240,25 @@ class LossSettings:
     is_correction: str = "truncate"
     is_low: float = 0.5
     is_high: float = 2.0
+
+    @classmethod
+    def from_config(cls, cfg: PPOUpdateConfig, temperature: float, proximal_in_step: bool) -> LossSettings:
+        """The settings of ``cfg`` (``[ppo]``) at the sampling ``temperature``."""
+        return cls(
+            temperature,
+            Clip(cfg.clip_low or cfg.clip_coef, cfg.clip_high or cfg.clip_coef, cfg.dual_clip),
+            cfg.value_clip,
+            cfg.vf_coef,
+            cfg.ent_coef,
+            cfg.is_cap,
+            cfg.kl_loss_coef,
+            proximal_in_step,
+            cfg.kl_loss_estimator,
+            cfg.policy_ratio,
+            cfg.is_correction,
+            cfg.is_low,
+            cfg.is_high,
+        )
 
 
 def proximal_stats(

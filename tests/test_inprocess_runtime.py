@@ -132,7 +132,7 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
     import numpy as np
 
     from common.lora import adapter_weights
-    from learner.update import Experience, collate
+    from learner.experience import Experience
 
     with harness_with(model_cache, tmp_path, "run.max_updates=2", 'ppo.reference_on="actors"') as h:
         worker = h.actor(0)
@@ -151,14 +151,16 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
         responses.append(batch.tokens[at + seq.prompt_len : at + seq.prompt_len + seq.response_len].tolist())
         at += seq.prompt_len + seq.response_len
     lp = [np.zeros(len(r), np.float32) for r in responses]
-    train = collate(Experience(prompts, responses, lp, np.zeros(len(prompts)), np.zeros(len(prompts))))
+    train = Experience.from_rows(
+        prompts, responses, lp, np.zeros(len(prompts)), np.zeros(len(prompts))
+    ).padded()
     learner = h.service.learner
     expected = np.array(
-        learner._reference_logprobs(
-            learner.container, *(mx.array(a) for a in (train.tokens, train.positions, train.response))
+        learner.recompute.reference_logprobs(
+            learner.container, *(mx.array(train[k]) for k in ("tokens", "positions", "response"))
         )
     )
-    np.testing.assert_allclose(batch.ref_logprobs, expected[train.mask > 0], atol=1e-4)
+    np.testing.assert_allclose(batch.ref_logprobs, expected[train["mask"] > 0], atol=1e-4)
     assert np.abs(batch.ref_logprobs - batch.behaviour_logprobs).max() > 1e-2
 
 
@@ -249,13 +251,13 @@ def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp
         worker = h.actor(0)
         h.join(worker)
         learner = h.service.learner
-        grad_step = learner._grad_step
+        grad_step = learner.minibatches.grad_step
 
         def slow_grad_step(worker, mb):  # stands in for a micro-batch of a large model: 0.1 s of compute
             time.sleep(0.1)
             return grad_step(worker, mb)
 
-        learner._grad_step = slow_grad_step
+        learner.minibatches.grad_step = slow_grad_step
         while worker.sockets.receive_control(0) is not None:  # what the join left queued
             pass
         learner.update(

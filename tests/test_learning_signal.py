@@ -52,17 +52,14 @@ def test_the_reward_kl_of_off_policy_samples_is_the_current_policys(model_cache)
     exp = sample_experience(learner, loaded.tokenizer)
     exp.scores[:] = 1.0
     fresh, _ = learner.prepare(exp)
-    exp.behaviour_logprobs = [lp - 0.3 for lp in exp.behaviour_logprobs]  # as if sampled by an older policy
+    exp.behaviour = exp.behaviour.with_values(exp.behaviour.values - 0.3)  # as if sampled by an older policy
     stale, _ = learner.prepare(exp)
     np.testing.assert_allclose(stale["advantages"], fresh["advantages"], atol=1e-5)
 
 
 def _reference(learner: PPOLearner, exp) -> np.ndarray:
     """The reference log-probs the learner computes (adapters off), padded like its arrays."""
-    from learner.update import collate
-
-    batch = collate(exp, learner.pad_multiple)
-    return learner._reference_pass(batch, learner.cfg.micro_batch_size)["ref"]
+    return learner.recompute.run(exp.padded(learner.pad_multiple), ("ref",))["ref"]
 
 
 def test_penalty_to_go_is_the_return_to_go_of_the_per_token_penalty():
