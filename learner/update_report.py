@@ -3,12 +3,15 @@ the service around it (``update_metrics``: throughput, lag, buffer, actors, coun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
+from learner.buffer import ExperienceBuffer
 from learner.experience import Experience
 from learner.kl_estimators import kl_estimate
+from learner.registry import ActorInfo
 
 
 def batch_stats(
@@ -50,3 +53,48 @@ def batch_stats(
         stats["mismatch/behaviour_proximal_kl"] = float(sums[6] / tokens)
         stats["policy/entropy"] = float(sums[7] / tokens)
     return stats, float(sums[5])
+
+
+def update_metrics(
+    stats: dict[str, Any],
+    lags: np.ndarray,
+    step: int,
+    clock: tuple[float, float, float],
+    actors: Iterable[ActorInfo],
+    buffer: ExperienceBuffer,
+    in_flight: int,
+    sync: dict[str, float],
+    counters: dict[str, int],
+    curve_denied: int,
+) -> dict[str, Any]:
+    """The metrics row of update ``step``: the learner's ``stats``, throughput, the batch's ``lags`` ``[B]``,
+    the buffer, the sequences granted but not received (``in_flight``), the snapshot's ``sync`` cost, each
+    actor's last heartbeat, the intake's ``counters`` and the peers the transport denied (``curve_denied``).
+    ``clock``: ``(started, the last update's end, now)`` in ``time.monotonic`` seconds."""
+    started, last_update_end, now = clock
+    actors = list(actors)
+    wall = max(now - last_update_end, 1e-9)
+    out = {
+        "step": step,
+        "time_s": now - started,
+        "perf/samples_per_s": len(lags) / wall,
+        "perf/gen_tokens_per_s": sum(a.gen_tokens_per_s for a in actors),
+        "perf/learner_busy_frac": min(stats["perf/update_s"] / wall, 1.0),
+        "lag/mean": float(lags.mean()),
+        "lag/max": int(lags.max()),
+        "lag/dropped": buffer.counters["lag/dropped"],
+        "buffer/depth": buffer.depth,
+        "rollout/in_flight": in_flight,
+        "actors/connected": sum(not a.gone for a in actors),
+        **sync,
+        **stats,
+    }
+    for a in actors:
+        out.update({f"actor/{a.actor_id}/{k}": v for k, v in a.stats.items()})
+        out[f"actor/{a.actor_id}/gen_tokens_per_s"] = a.gen_tokens_per_s
+        out[f"actor/{a.actor_id}/policy_version"] = a.policy_version
+        out[f"actor/{a.actor_id}/heartbeat_age_s"] = now - a.last_seen
+    out.update(counters)
+    out["reject/curve_denied"] = curve_denied
+    out.update({k: v for k, v in buffer.counters.items() if k.startswith("reject/")})
+    return out

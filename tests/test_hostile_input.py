@@ -127,7 +127,7 @@ def replies(h, dealer, rounds: int = 30) -> list[protocol.Message]:
 def test_a_flood_of_bad_frames_is_counted_exactly_and_logged_a_few_times(joined, caplog):
     """Row 14: 10,000 bad frames wrote 10,000 warning lines; each is still counted, the log says so once."""
     h, _, _ = joined
-    with caplog.at_level(logging.WARNING, logger="learner.service"):
+    with caplog.at_level(logging.WARNING, logger="learner.rejections"):
         for _ in range(5000):
             h.service.handle_experience([b"not a message"])
     assert h.service.counters["reject/bad_frames"] == 5000

@@ -200,7 +200,7 @@ def test_silent_and_never_started_actors_are_told_apart_and_a_silent_one_is_welc
 ):
     import logging
 
-    caplog.set_level(logging.INFO, logger="learner.service")
+    caplog.set_level(logging.INFO, logger="learner.registry")
     settings = ("run.max_updates=5", "transport.actor_timeout_s=0.3", "transport.startup_timeout_s=0.3")
     with harness_with(model_cache, tmp_path, *settings) as h:
         worker = h.actor(0)
@@ -335,7 +335,7 @@ def test_a_reward_that_always_fails_is_reported_though_no_update_comes(harness, 
 
     from actors.rewards import load_reward
 
-    caplog.set_level(logging.ERROR, logger="learner.service")
+    caplog.set_level(logging.ERROR, logger="learner.rejections")
     worker = harness.actor(0)
     harness.join(worker)
     worker.scorer = load_reward("tests.helpers:failing_reward", worker.task)
@@ -371,7 +371,9 @@ def test_full_fine_tuning_syncs_every_weight_to_the_actors(model_cache, tmp_path
         sockets = LearnerSockets(ctx, Endpoints.inproc(), 2)
         try:
             service = LearnerService(cfg, sockets, build_learner(cfg), tmp_path / "tight")
-            service.max_bytes = weights - 1  # as if transport.max_message_mb were below the model's size
+            service.publisher.max_bytes = (
+                weights - 1
+            )  # as if transport.max_message_mb were below the model's size
             with pytest.raises(ValueError, match="raise it"):
                 service.publish_weights()
         finally:
