@@ -76,7 +76,7 @@ def sample_on_host(
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy twin of ``sampling_logprobs`` + ``sample_from_logprobs`` for the CPU backend.
 
-    MLX's CPU elementwise kernels are scalar on x86 (DESIGN.md §3): one exp pass over a ``[32, 49152]`` logit
+    MLX's CPU elementwise kernels are scalar on x86 (``common/cpu_ops.py``): one exp pass over a ``[32, 49152]`` logit
     block costs ~40 ms there and ~2 ms in NumPy. Same distribution, same inverse-CDF rule, one exp pass.
 
     Args:

@@ -1,5 +1,9 @@
 """Rewards and advantages for token-level PPO and the critic-free variants: pure NumPy on response tokens.
 
+All of an update's advantage math is here: the scores' shaping (``shaped_scores``: DAPO's overlong penalty), the
+KL in the reward (``reward_kl``), GAE, GRPO/RLOO group baselines and their normalisations, whitening
+(``training_signal`` puts them together), and the tokens the loss sees (``loss_mask``).
+
 Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1 on real response tokens (a prefix
 of each row) and 0 on padding. Every output is 0 where ``mask`` is 0. Advantages are data preparation, not
 differentiated, so they stay in NumPy and are computed once per update.

@@ -221,7 +221,8 @@ def explained_variance(values: mx.array, returns: mx.array, mask: mx.array) -> m
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The objective's settings (``[ppo]``), as the compiled step reads them."""
+    """The objective's settings (``[ppo]``), as the compiled step reads them: a frozen record of one field per
+    option the loss reads (13), no behaviour."""
 
     temperature: float
     clip: Clip

@@ -30,6 +30,8 @@ MAX_DEFERRED = 1024
 
 @dataclass
 class ActorInfo:
+    """What the learner knows of one admitted actor: a plain record (13 fields) of its hello and heartbeats."""
+
     actor_id: int
     host: str
     pid: int
