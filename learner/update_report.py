@@ -67,13 +67,11 @@ def update_metrics(
     counters: dict[str, int],
     curve_denied: int,
 ) -> dict[str, Any]:
-    """The metrics row of update ``step``: the learner's ``stats``, throughput, the batch's ``lags`` ``[B]``,
-    the buffer, the sequences granted but not received (``in_flight``), the snapshot's ``sync`` cost, each
-    actor's last heartbeat, the intake's ``counters`` and the peers the transport denied (``curve_denied``).
-    ``clock``: ``(started, the last update's end, now)`` in ``time.monotonic`` seconds."""
+    """The metrics row of update ``step``: the learner's ``stats``, the batch's ``lags`` ``[B]``, the buffer, the
+    sequences granted but not received, the snapshot's ``sync`` cost, each actor's last heartbeat and the reject
+    counters. ``clock``: ``(started, the last update's end, now)`` in ``time.monotonic`` seconds."""
     started, last_update_end, now = clock
-    actors = list(actors)
-    wall = max(now - last_update_end, 1e-9)
+    actors, wall = list(actors), max(now - last_update_end, 1e-9)
     out = {
         "step": step,
         "time_s": now - started,
