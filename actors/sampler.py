@@ -1,8 +1,8 @@
 """Batched sampling with a KV cache that records the behaviour log-prob of every sampled token.
 
-mlx-lm's generators report log-probs taken *before* temperature/top-k/top-p and ``batch_generate`` drops the stop
-token (DESIGN.md §5). PPO needs the log-prob under the distribution that actually drew each token, stop token
-included, so this module runs its own decode loop on mlx-lm models and caches:
+mlx-lm's generators report log-probs taken *before* temperature and ``batch_generate`` drops the stop token.
+PPO needs the log-prob under the distribution that actually drew each token, stop token included, so this
+module runs its own decode loop on mlx-lm models and caches:
 
 - prompts are left-padded into one ``BatchKVCache`` (per-row RoPE offsets and masks, so padding is invisible);
 - every sequence draws from its own seeded stream of uniforms (inverse-CDF sampling), so its tokens do not depend
@@ -13,6 +13,7 @@ included, so this module runs its own decode loop on mlx-lm models and caches:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,9 +28,9 @@ from common.models import next_token_logits
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to sample: plain temperature sampling from the whole distribution (the one the learner's ratio reads)."""
+
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     max_new_tokens: int = 64
     prefill_step_size: int = 512
     """Prompt tokens per forward pass during prefill (bounds activation memory for long prompts)."""
@@ -38,7 +39,7 @@ class SamplingParams:
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
-        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens)
+        return cls(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
 
 
 @dataclass
@@ -115,11 +116,9 @@ def _sample_step(logits: mx.array, uniforms: np.ndarray, params: SamplingParams)
     """
     on_host = mx.default_device() == mx.cpu if params.host_sampling is None else params.host_sampling
     if on_host:
-        tokens, logprobs = sample_on_host(
-            np.array(logits.astype(mx.float32)), uniforms, params.temperature, params.top_k, params.top_p
-        )
+        tokens, logprobs = sample_on_host(np.array(logits.astype(mx.float32)), uniforms, params.temperature)
         return mx.array(tokens.astype(np.int32)), mx.array(logprobs)
-    logprobs = sampling_logprobs(logits, params.temperature, params.top_k, params.top_p)
+    logprobs = sampling_logprobs(logits, params.temperature)
     tokens = sample_from_logprobs(logprobs, mx.array(uniforms))
     return tokens, gather_token_logprobs(logprobs, tokens)
 
@@ -130,12 +129,15 @@ def _start_rows(
     uniforms: np.ndarray,
     params: SamplingParams,
     share: bool,
+    seqs: list[int],
 ) -> tuple[list, mx.array, mx.array]:
-    """Prefill ``prompts`` into a new batch cache and draw each row's first token: (cache, tokens, log-probs).
+    """Prefill the prompts of sequences ``seqs`` into a new batch cache and draw each row's first token with its
+    first uniform: (cache, tokens, log-probs).
 
     ``share``: a prompt that appears several times (GRPO's group) is prefilled once and its cache rows copied.
     """
-    unique, copies = _unique_prompts(prompts) if share else (list(prompts), None)
+    chosen = [prompts[i] for i in seqs]
+    unique, copies = _unique_prompts(chosen) if share else (chosen, None)
     padded, padding = _left_pad(unique)
     cache = make_batch_cache(model, padding)
     first_logits = _prefill(model, padded, cache, params.prefill_step_size)
@@ -143,7 +145,7 @@ def _start_rows(
         for c in cache:
             c.filter(copies)
         first_logits = first_logits[copies]
-    tokens, token_lp = _sample_step(first_logits, uniforms, params)
+    tokens, token_lp = _sample_step(first_logits, uniforms[seqs, 0], params)
     return cache, tokens, token_lp
 
 
@@ -155,18 +157,76 @@ def _join_rows(live: tuple, started: tuple) -> tuple[list, mx.array, mx.array]:
     return cache, mx.concatenate([tokens, new_tokens]), mx.concatenate([token_lp, new_lp])
 
 
-def _record_step(tokens, token_lp, rows, responses, logprobs, finish, stop_ids, n_new: int) -> list[int]:
-    """Append each live row's token and log-prob to its sequence; the rows that go on (no stop, room left)."""
-    keep = []
-    for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
-        seq = rows[r]
-        responses[seq].append(tok)
-        logprobs[seq].append(lp)
-        if tok in stop_ids:
-            finish[seq] = "stop"
-        elif len(responses[seq]) < n_new:
-            keep.append(r)
-    return keep
+@dataclass
+class _Outputs:
+    """What each sequence sampled so far: its tokens, their log-probs, and why it ended."""
+
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+    finish: list[str]
+
+    @classmethod
+    def empty(cls, n: int) -> _Outputs:
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], ["length"] * n)
+
+    def record(
+        self, tokens: mx.array, token_lp: mx.array, rows: list[int], stop_ids, n_new: int
+    ) -> list[int]:
+        """Append each live row's token and log-prob to its sequence; the rows that go on (no stop, room left)."""
+        keep = []
+        for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
+            seq = rows[r]
+            self.responses[seq].append(tok)
+            self.logprobs[seq].append(lp)
+            if tok in stop_ids:
+                self.finish[seq] = "stop"
+            elif len(self.responses[seq]) < n_new:
+                keep.append(r)
+        return keep
+
+    def completions(self, prompts: Sequence[Sequence[int]]) -> list[Completion]:
+        return [
+            Completion(
+                list(p), self.responses[i], np.asarray(self.logprobs[i], dtype=np.float32), self.finish[i]
+            )
+            for i, p in enumerate(prompts)
+        ]
+
+
+def _queue_step(model, cache, tokens, uniforms, rows, responses, params: SamplingParams) -> tuple:
+    """Queue the draw that follows ``tokens`` (the n-th of each row's own stream) before the host reads them:
+    ``[R]`` next tokens and log-probs, both None when every live row ends with ``tokens``."""
+    drawn = np.array([len(responses[seq]) + 1 for seq in rows])
+    if not (drawn < params.max_new_tokens).any():
+        return None, None
+    logits = next_token_logits(model, tokens[:, None], cache)[:, -1, :]
+    next_tokens, next_lp = _sample_step(logits, uniforms[rows, drawn], params)
+    mx.async_eval(next_tokens, next_lp)
+    return next_tokens, next_lp
+
+
+def _keep_rows(live: tuple, rows: list[int], keep: list[int]) -> tuple[tuple, list[int]]:
+    """The live batch (cache, next tokens, their log-probs) and its sequences, cut to the rows ``keep``."""
+    if not keep:  # every live row finished: the cache goes with them
+        return live, []
+    if len(keep) == len(rows):
+        return live, rows
+    cache, next_tokens, next_lp = live
+    keep_idx = mx.array(keep, dtype=mx.int32)
+    for c in cache:
+        c.filter(keep_idx)
+    return (cache, next_tokens[keep_idx], next_lp[keep_idx]), [rows[r] for r in keep]
+
+
+def _nothing() -> None:
+    pass
+
+
+def _check_inputs(prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> None:
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
 
 
 def generate_completions(
@@ -182,60 +242,30 @@ def generate_completions(
     """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``.
 
     ``on_step`` is called after every decoding step (the actor heartbeats from it during long generations).
-    ``share_prompts``: a prompt that appears several times (GRPO's group) is prefilled once and its KV cache
-    rows copied, instead of prefilling every copy.
+    ``share_prompts``: a prompt repeated (GRPO's group) is prefilled once and its KV cache rows copied.
     ``max_rows`` > 0 keeps at most that many sequences in the batch and, once half of them finished, refills the
-    free rows with the next waiting prompts (continuous batching: no waiting for the longest sequence of a chunk).
-    The samples are the same either way.
+    free rows with the next waiting prompts, prefilled together (not row by row); the samples stay the same.
     """
-    if len(seeds) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    _check_inputs(prompts, seeds)
     if not prompts:
         return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: every prompt needs at least one token")
-    n_new = params.max_new_tokens
-    width = max_rows if 0 < max_rows < len(prompts) else len(prompts)
+    n_new, width = params.max_new_tokens, max_rows if 0 < max_rows < len(prompts) else len(prompts)
     # One extra uniform per sequence: a step queued ahead may draw once past a row's max_new_tokens (discarded).
     uniforms = np.stack([sequence_uniforms(s, n_new + 1) for s in seeds])  # [B, n_new + 1]
-    responses: list[list[int]] = [[] for _ in prompts]
-    logprobs: list[list[float]] = [[] for _ in prompts]
-    finish: list[str] = ["length"] * len(prompts)
-
-    rows = list(range(width))  # row r of the live batch is sequence rows[r]
+    start = functools.partial(_start_rows, model, prompts, uniforms, params, share_prompts)
+    out = _Outputs.empty(len(prompts))
+    rows = list(range(width))  # live row r is sequence rows[r]
     waiting = list(range(width, len(prompts)))[::-1]  # popped from the end: next sequence last
-    cache, tokens, token_lp = _start_rows(model, prompts[:width], uniforms[:width, 0], params, share_prompts)
+    cache, tokens, token_lp = start(rows)
     mx.async_eval(tokens, token_lp)
     while rows:
-        # Queue the next step before reading this one (its draw is the n-th of each row's own stream).
-        drawn = np.array([len(responses[seq]) + 1 for seq in rows])
-        next_tokens = next_lp = None
-        if (drawn < n_new).any():  # else every live row ends with this step's token
-            logits = next_token_logits(model, tokens[:, None], cache)[:, -1, :]
-            next_tokens, next_lp = _sample_step(logits, uniforms[rows, drawn], params)
-            mx.async_eval(next_tokens, next_lp)
-        keep = _record_step(tokens, token_lp, rows, responses, logprobs, finish, stop_ids, n_new)
-        if on_step is not None:
-            on_step()
-        if not keep:  # every live row finished: the cache goes with them
-            rows = []
-        elif len(keep) < len(rows):
-            keep_idx = mx.array(keep, dtype=mx.int32)
-            for c in cache:
-                c.filter(keep_idx)
-            next_tokens, next_lp = next_tokens[keep_idx], next_lp[keep_idx]
-            rows = [rows[r] for r in keep]
-        # Refill once half the rows are free: each refill prefills its prompts together and copies the cache
-        # once (``extend``), so refilling row by row would cost more than the idle rows.
+        live = (cache, *_queue_step(model, cache, tokens, uniforms, rows, out.responses, params))
+        keep = out.record(tokens, token_lp, rows, stop_ids, n_new)
+        (on_step or _nothing)()
+        live, rows = _keep_rows(live, rows, keep)
         if waiting and len(rows) <= width // 2:
             new = [waiting.pop() for _ in range(min(width - len(rows), len(waiting)))]
-            started = _start_rows(model, [prompts[i] for i in new], uniforms[new, 0], params, share_prompts)
-            cache, next_tokens, next_lp = (
-                _join_rows((cache, next_tokens, next_lp), started) if rows else started
-            )
+            live = _join_rows(live, start(new)) if rows else start(new)
             rows += new
-        tokens, token_lp = next_tokens, next_lp
-    return [
-        Completion(list(p), responses[i], np.asarray(logprobs[i], dtype=np.float32), finish[i])
-        for i, p in enumerate(prompts)
-    ]
+        cache, tokens, token_lp = live
+    return out.completions(prompts)

@@ -81,7 +81,7 @@ def rank_main(
 
 
 def run(ranks: int, out_dir: Path, opts) -> dict:
-    from local_run import child_env, learner_rank_env
+    from launcher.local import child_env, learner_rank_env
 
     args = (
         f"{str(out_dir)!r}, {opts.model!r}, {opts.batch}, {opts.repeats}, {opts.micro}, {opts.value_model!r}"

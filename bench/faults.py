@@ -8,7 +8,7 @@ that overflow, too many dimensions, hostile hellos, rollout requests and heartbe
 token, out-of-vocabulary ids, NaN reference log-probs, a 60,000-token sequence); ``--kills`` SIGKILLs of an
 actor (each waited out until it rejoined); then a SIGKILL of every process and a ``--resume``. Afterwards: the
 learner's ``reject/*`` counters against what was sent, no group trained twice or skipped, the learner's memory
-growth, and ``tests/test_sandbox.py`` (the escapes) run once. Writes ``bench/results/faults.json``.
+growth, and ``tests/unit/test_sandbox.py`` (the escapes) run once. Writes ``bench/results/faults.json``.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def audit(run_dir: Path) -> dict:
 
 
 def sandbox_escapes() -> dict:
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_sandbox.py")],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "unit" / "test_sandbox.py")],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|skipped)", out.stdout))
     return {"tests": counts, "returncode": out.returncode}
@@ -243,7 +243,7 @@ def render_faults(result: dict) -> list[str]:
         ["groups trained (the whole run)", f"{once['groups']}",
          f"{once['trained_twice']} trained twice, {once['batches_skipped']} batches not trained"
          f" ({result.get('lag_dropped_sequences', 0)} sequences dropped by the lag bound, counted)"],
-        ["sandbox escapes and reward hacks (tests/test_sandbox.py)", f"{sum(sandbox.values())}",
+        ["sandbox escapes and reward hacks (tests/unit/test_sandbox.py)", f"{sum(sandbox.values())}",
          f"{sandbox.get('passed', 0)} contained, {sandbox.get('failed', 0)} not, {sandbox.get('skipped', 0)} skipped"],
     ]  # fmt: skip
     lines = ["| what was done | how many | what happened |", "|---|---:|---|"]

@@ -4,7 +4,7 @@
         [--new-tokens 24] [--repeats 3] [--output bench/results/grouped_prompts.json]
 
 Both variants run alternately in one process on the same prompts and seeds; the samples are identical (see
-tests/test_sampler.py), so the ratio of the best times is the speedup of prompt sharing.
+tests/unit/test_sampler.py), so the ratio of the best times is the speedup of prompt sharing.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         [--new-tokens 64] [--repeats 2] [--output bench/results/refill.json]
 
 ``--prompts`` chat prompts of mixed length, stop tokens on (responses end where the model ends them, up to
-``--new-tokens``), the same seeds in every variant (so the same samples, see tests/test_sampler.py):
+``--new-tokens``), the same seeds in every variant (so the same samples, see tests/unit/test_sampler.py):
 
 - ``chunks``: ``--rows`` sequences at a time, each chunk run until its longest sequence ends;
 - ``refill``: at most ``--rows`` live, each finished row refilled with the next prompt (``sampling.max_rows``);

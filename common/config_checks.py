@@ -1,21 +1,59 @@
-"""Range and consistency checks of a built ``Config``: every problem, with the values, listed at once."""
+"""Range and consistency checks of a built ``Config``: every problem, with the values, listed at once.
+
+A mode's allowed values are its ``Literal`` type in ``common.options``; ``mode_problems`` reads them from there.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from common.config import Config, PPOUpdateConfig
+from common.network import exposed_without_keys, needs_keys_message
+from common.options import Config, PPOUpdateConfig
+
+WHY_REFUSED = {
+    "ppo.kl_estimator": (
+        "only k1 may go into the reward. Through a reward only E[kl * grad log pi] reaches the policy: the KL "
+        "gradient for k1, not for k2 or k3 (k3's points away from the reference about half the time); for k2/k3 "
+        "use the loss term (kl_loss_coef, kl_loss_estimator)"
+    ),
+    "ppo.kl_loss_estimator": (
+        "use k2 (exact KL gradient) or k3. Not k1: as a loss k1 = log pi - log ref has expected gradient "
+        "E[grad log pi] = 0 on the policy's own samples (no pull to the reference)"
+    ),
+}
+"""Why a mode refuses the values its type leaves out, where a bare list of the allowed ones would not say."""
+
+
+def mode_problems(cfg: Config) -> list[str]:
+    """Every setting whose value is not among its ``Literal`` type's (for a tuple: of its items' type)."""
+    p: list[str] = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for name, kind in typing.get_type_hints(type(values)).items():
+            where, value = f"{section.name}.{name}", getattr(values, name)
+            if typing.get_origin(kind) is tuple:
+                p += _unknown_items(where, value, typing.get_args(kind)[0])
+            elif typing.get_origin(kind) is typing.Literal and value not in typing.get_args(kind):
+                why = WHY_REFUSED.get(where) or f"use {', '.join(typing.get_args(kind))}"
+                p.append(f"{where}={value!r}: {why}")
+    return p
+
+
+def _unknown_items(where: str, values: tuple, kind: Any) -> list[str]:
+    if typing.get_origin(kind) is not typing.Literal:
+        return []
+    unknown = sorted(set(values) - set(typing.get_args(kind)))
+    return [f"{where}: unknown {unknown}; use {', '.join(typing.get_args(kind))}"] if unknown else []
 
 
 def validate(cfg: Config) -> list[str]:
     """Every problem with ``cfg``, each saying what is wrong and with which values; empty when it can run."""
     p: list[str] = []
     m, lo, s = cfg.model, cfg.lora, cfg.sampling
-    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        p.append(f"model.dtype={m.dtype!r}: use auto, float32, bfloat16 or float16")
     if not m.name.strip():
         p.append("model.name is empty: use default, tiny, a model folder or a Hugging Face id")
     if m.adapters and not (Path(m.adapters) / "adapters.safetensors").is_file():
@@ -32,40 +70,26 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             f"sampling.temperature={s.temperature} must be > 0 (behaviour log-probs need a distribution)"
         )
-    if not 0.0 < s.top_p <= 1.0:
-        p.append(f"sampling.top_p={s.top_p} must be in (0, 1]")
-    if s.top_k < 0:
-        p.append(f"sampling.top_k={s.top_k} must be >= 0 (0 = off)")
     if s.max_new_tokens < 1:
         p.append(f"sampling.max_new_tokens={s.max_new_tokens} must be >= 1")
     if s.max_prompt_tokens < 1:
         p.append(f"sampling.max_prompt_tokens={s.max_prompt_tokens} must be >= 1")
     if s.batch_size < 1:
         p.append(f"sampling.batch_size={s.batch_size} must be >= 1")
-    if s.top_k > 0 or 0 < s.top_p < 1.0:
-        p.append(
-            f"sampling.top_k={s.top_k}, sampling.top_p={s.top_p}: training needs the full tempered distribution "
-            "(the learner's ratio would see tokens outside a truncated support); use top_k=0, top_p=1"
-        )
-    return p + validate_ppo(cfg.ppo) + validate_run(cfg)
+    return mode_problems(cfg) + p + validate_ppo(cfg.ppo) + validate_run(cfg) + validate_transport(cfg)
 
 
 def validate_run(cfg: Config) -> list[str]:
-    """Problems with the ``[run]`` and ``[transport]`` sections."""
-    r, t, p = cfg.run, cfg.transport, []
+    """Problems with the ``[run]`` section, and of its options with those of other sections."""
+    r, p = cfg.run, []
     if r.min_actors < 0:
         p.append(f"run.min_actors={r.min_actors} must be >= 0")
     for name in ("max_updates", "sync_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(r, name) < 1:
             p.append(f"run.{name}={getattr(r, name)} must be >= 1")
-    if r.backend not in ("ring", "mpi", "nccl", "jaccl"):
-        p.append(f"run.backend={r.backend!r}: use ring, mpi, nccl or jaccl")
     if r.max_actor_restarts < 0:
         p.append(f"run.max_actor_restarts={r.max_actor_restarts} must be >= 0")
     p += validate_sources(r.prompts, r.reward)
-    unknown_sinks = sorted(set(r.metrics_sinks) - {"tensorboard", "wandb"})
-    if unknown_sinks:
-        p.append(f"run.metrics_sinks: unknown {unknown_sinks}; use tensorboard, wandb")
     if r.reward_timeout_s < 0:
         p.append(f"run.reward_timeout_s={r.reward_timeout_s} must be >= 0 (0: no limit)")
     if not r.collective_timeout_s > 0:
@@ -87,6 +111,12 @@ def validate_run(cfg: Config) -> list[str]:
         )
     if cfg.sampling.max_rows < 0:
         p.append(f"sampling.max_rows={cfg.sampling.max_rows} must be >= 0 (0: the whole batch at once)")
+    return p
+
+
+def validate_transport(cfg: Config) -> list[str]:
+    """Problems with the ``[transport]`` section."""
+    t, p = cfg.transport, []
     for name in ("experience_hwm", "buffer_batches", "max_message_mb"):
         if getattr(t, name) < 1:
             p.append(f"transport.{name}={getattr(t, name)} must be >= 1")
@@ -95,11 +125,8 @@ def validate_run(cfg: Config) -> list[str]:
     for name in ("heartbeat_s", "startup_timeout_s", "actor_timeout_s", "learner_timeout_s"):
         if not getattr(t, name) > 0:
             p.append(f"transport.{name}={getattr(t, name)} must be > 0")
-    if not t.keys_dir and not is_loopback(t.host):
-        p.append(
-            f"transport.host={t.host!r} is reachable from other machines: it needs ZeroMQ CURVE keys; make them "
-            "with 'python launch.py keys DIR', copy DIR to every machine and set transport.keys_dir=DIR"
-        )
+    if exposed_without_keys([t.host], t.keys_dir):
+        p.append(needs_keys_message(f"transport.host={t.host!r} is reachable from other machines"))
     return p
 
 
@@ -129,23 +156,9 @@ def validate_sources(prompts: str, reward: str) -> list[str]:
     return p
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or address) keeps sockets on this machine."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def validate_ppo(u: PPOUpdateConfig) -> list[str]:
     """Problems with the ``[ppo]`` section."""
     p: list[str] = []
-    if u.algorithm not in ("ppo", "grpo", "rloo"):
-        p.append(f"ppo.algorithm={u.algorithm!r}: use ppo, grpo or rloo")
     if u.is_critic_free and u.group_size < 2:
         p.append(f"ppo.group_size={u.group_size}: {u.algorithm} compares completions of a prompt, needs >= 2")
     if u.group_size < 1:
@@ -173,40 +186,14 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
             p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
     if not (0 <= u.gamma <= 1 and 0 <= u.lam <= 1):
         p.append(f"ppo.gamma={u.gamma}, ppo.lam={u.lam} must be in [0, 1]")
-    if u.reference_on not in ("learner", "actors"):
-        p.append(f"ppo.reference_on={u.reference_on!r}: use learner or actors")
-    elif u.reference_on == "actors" and u.full_finetune:
+    if u.reference_on == "actors" and u.full_finetune:
         p.append("ppo.reference_on='actors' needs LoRA: with ppo.full_finetune actors hold no frozen base")
-    if u.value_model not in ("separate", "shared"):
-        p.append(f"ppo.value_model={u.value_model!r}: use separate or shared")
     return p + validate_objective(u) + validate_schedule(u)
-
-
-def _one_of(u: PPOUpdateConfig, name: str, allowed: tuple[str, ...]) -> list[str]:
-    value = getattr(u, name)
-    return [] if value in allowed else [f"ppo.{name}={value!r}: use {', '.join(allowed)}"]
 
 
 def validate_objective(u: PPOUpdateConfig) -> list[str]:
     """Problems with the objective menu of ``[ppo]`` (docs/algorithms.md)."""
-    p = _one_of(u, "advantage_norm", ("auto", "group", "batch", "none"))
-    p += _one_of(u, "loss_aggregation", ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
-    p += _one_of(u, "policy_ratio", ("token", "sequence"))
-    p += _one_of(u, "truncated", ("keep", "mask", "overlong_penalty"))
-    p += _one_of(u, "is_correction", ("truncate", "token_mask", "sequence_mask"))
-    if u.kl_estimator != "k1":
-        p.append(
-            f"ppo.kl_estimator={u.kl_estimator!r}: only k1 may go into the reward. Through a reward only "
-            "E[kl * grad log pi] reaches the policy: the KL gradient for k1, not for k2 or k3 (k3's points away "
-            "from the reference about half the time); for k2/k3 use the loss term (kl_loss_coef, kl_loss_estimator)"
-        )
-    if u.kl_loss_estimator == "k1":
-        p.append(
-            "ppo.kl_loss_estimator='k1': as a loss k1 = log pi - log ref has expected gradient E[grad log pi] = 0 "
-            "on the policy's own samples (no pull to the reference); use k2 (exact KL gradient) or k3"
-        )
-    else:
-        p += _one_of(u, "kl_loss_estimator", ("k2", "k3"))
+    p: list[str] = []
     for name in ("clip_low", "clip_high", "overlong_penalty"):
         if getattr(u, name) < 0:
             p.append(f"ppo.{name}={getattr(u, name)} must be >= 0")
@@ -242,7 +229,7 @@ def validate_objective(u: PPOUpdateConfig) -> list[str]:
 
 def validate_schedule(u: PPOUpdateConfig) -> list[str]:
     """Problems with the learning-rate schedule of ``[ppo]``."""
-    p = _one_of(u, "lr_schedule", ("constant", "cosine", "linear"))
+    p: list[str] = []
     if u.warmup_steps < 0:
         p.append(f"ppo.warmup_steps={u.warmup_steps} must be >= 0")
     if not 0 <= u.min_lr_ratio <= 1:

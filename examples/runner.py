@@ -1,8 +1,10 @@
-"""What the example trainers share: build the run's settings and start it through the normal launcher.
+"""What the example trainers share: build the run's settings and start it through the Python API's launcher.
 
 A trainer is thin on purpose: a TOML config in ``examples/configs/``, a prompt file in ``examples/data/`` and a
-reward ``module:function``; ``train_on_dataset`` turns them into ``python launch.py --config ... --set
-run.prompts=... --set run.reward=...`` in a child process, exactly what a user would type.
+reward ``module:function``; ``train_on_dataset`` turns them into the command ``mlx_ppo.launch_command`` builds
+(``python launch.py --config ... --set run.prompts=... --set run.reward=...``, exactly what a user would type)
+and runs it with ``mlx_ppo.follow_run``, as ``PPOTrainer`` does: the same epochs and callbacks. Unlike
+``PPOTrainer.train`` the run goes straight into the trainer's run directory and logs to this terminal.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import argparse
 import json
 import logging
 import math
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
+
+from mlx_ppo import follow_run, launch_command
+from mlx_ppo.trainer import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class ExampleTrainer:
         return str(Path(name_or_path).expanduser().resolve())  # actors may run in another directory
 
     def updates_for(self, prompts: str, num_epochs: float) -> int:
-        """Updates that show every prompt ``num_epochs`` times (each update takes ppo.batch_size / group_size)."""
+        """Updates that show every prompt ``num_epochs`` times."""
         from actors.rewards import load_prompt_records
         from common.config import load_config
 
@@ -68,22 +71,28 @@ class ExampleTrainer:
 
     def command(self, prompts: str, max_updates: int) -> list[str]:
         """The launcher command line this trainer runs."""
-        settings = [f"run.prompts={json.dumps(prompts)}", f"run.reward={json.dumps(self.reward)}"]
+        settings = [f"model.name={json.dumps(self.model)}", f"run.run_dir={json.dumps(str(self.run_dir))}"]
+        settings += [f"run.prompts={json.dumps(prompts)}", f"run.reward={json.dumps(self.reward)}"]
         settings += [f"run.max_updates={max_updates}", *self.overrides]
-        command = [sys.executable, str(REPO / "launch.py"), "--config", str(self.config_path)]
-        command += ["--model", self.model, "--run-dir", str(self.run_dir), "--actors", str(self.actors)]
-        return command + [arg for s in settings for arg in ("--set", s)]
+        return launch_command(self.config_path, self.actors, 1, settings)
 
     def train_on_dataset(
-        self, name_or_path: str | Path | None = None, num_epochs: float = 1.0, max_updates: int | None = None
+        self,
+        name_or_path: str | Path | None = None,
+        num_epochs: float = 1.0,
+        max_updates: int | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> int:
         """Train on a prompt file (.jsonl/.txt; None: the bundled one) or ``hf:NAME[:SPLIT[:FIELD]]`` for
-        ``num_epochs`` passes (or exactly ``max_updates`` updates). Returns the launcher's exit code."""
+        ``num_epochs`` passes (or exactly ``max_updates`` updates), calling each callback with ``(epoch,
+        metrics)`` after every pass (``PPOTrainer.train``'s callbacks). Returns the launcher's exit code."""
         prompts = self.prompts_spec(name_or_path)
         updates = max_updates or self.updates_for(prompts, num_epochs)
+        per_epoch = updates if prompts.startswith("hf:") else self.updates_for(prompts, 1.0)
         command = self.command(prompts, updates)
         logger.info("running %s", " ".join(command))
-        return subprocess.run(command, check=False).returncode
+        code, _epochs = follow_run(command, self.run_dir / "metrics.jsonl", per_epoch, callbacks)
+        return code
 
 
 def example_main(trainer_cls: type[ExampleTrainer], argv: Sequence[str], **extra: str) -> int:

@@ -19,11 +19,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from common.config import config_to_toml
-from learner.monitor import MetricsTail
 from mlx_ppo.config import PPOConfig
+from tools.metrics_file import MetricsTail
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +70,46 @@ def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
     """``prompts`` as the JSONL file ``run.prompts`` reads (one ``{"prompt": ...}`` a line); ``path``."""
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path
+
+
+def launch_command(
+    config_file: Path, num_actors: int = 2, num_learners: int = 1, settings: Sequence[str] = ()
+) -> list[str]:
+    """The launcher command line that trains with ``config_file``; each of ``settings`` (``section.key=value``,
+    a TOML value) is passed as ``--set`` and so overrides the file."""
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(config_file)]
+    cmd += ["--actors", str(num_actors), "--learners", str(num_learners)]
+    return cmd + [arg for setting in settings for arg in ("--set", setting)]
+
+
+def follow_run(
+    command: Sequence[str],
+    metrics_path: Path,
+    per_epoch: int,
+    callbacks: Sequence[Callback] = (),
+    stderr: IO | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[int, list[dict[str, float]]]:
+    """Run the launcher ``command``, calling each callback with ``(epoch, metrics)`` after every ``per_epoch``
+    updates it writes to ``metrics_path``; one returning ``False`` stops the run (with a final checkpoint).
+
+    Returns the launcher's exit code and every epoch's metrics. ``stderr``: where the run's logs go (None: here).
+    """
+    follower = MetricsFollower(metrics_path, per_epoch, skip_rows=len(MetricsTail(metrics_path).read()))
+    launcher = subprocess.Popen(list(command), stderr=stderr, env=env, cwd=cwd)
+    try:
+        while launcher.poll() is None:
+            if not follower.poll(callbacks):
+                launcher.send_signal(signal.SIGINT)  # a callback asked to stop: checkpoint and stop
+                launcher.wait()
+            time.sleep(0.5)  # following a file another process appends to
+    except KeyboardInterrupt:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait()
+        raise
+    follower.poll(callbacks)
+    return launcher.returncode, follower.epochs
 
 
 class PPOTrainer:
@@ -119,33 +159,20 @@ class PPOTrainer:
         env = dict(os.environ)
         if self._reward_path:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [self._reward_path, env.get("PYTHONPATH")]))
-        cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(run_dir / "config.toml")]
-        cmd += ["--actors", str(self.config.num_actors), "--learners", str(self.config.num_learners)]
+        cmd = launch_command(run_dir / "config.toml", self.config.num_actors, self.config.num_learners)
         log_path = run_dir / "train.log"
-        with log_path.open("a") as log:
-            launcher = subprocess.Popen(cmd, stderr=log, env=env, cwd=ROOT)
         logger.info("training in %s (log: %s)", run_dir, log_path)
-        follower = MetricsFollower(run_dir / "metrics.jsonl", per_epoch)
-        try:
-            while launcher.poll() is None:
-                if not follower.poll(callbacks):
-                    launcher.send_signal(signal.SIGINT)  # a callback asked to stop: checkpoint and stop
-                    launcher.wait()
-                time.sleep(0.5)  # following a file another process appends to
-        except KeyboardInterrupt:
-            launcher.send_signal(signal.SIGINT)
-            launcher.wait()
-            raise
-        follower.poll(callbacks)
-        if launcher.returncode != 0:
+        with log_path.open("a") as log:
+            code, epochs = follow_run(cmd, run_dir / "metrics.jsonl", per_epoch, callbacks, log, env, ROOT)
+        if code != 0:
             tail = log_path.read_text()[-3000:]
-            raise RuntimeError(f"training failed (exit code {launcher.returncode}); {log_path} ends:\n{tail}")
-        return follower.epochs
+            raise RuntimeError(f"training failed (exit code {code}); {log_path} ends:\n{tail}")
+        return epochs
 
     def evaluate(self, prompts: Sequence[str]) -> dict[str, Any]:
         """Mean reward and KL to the base model of one sampled completion per prompt (and the samples)."""
-        from actors.evaluate import evaluate_policy
         from actors.tasks import resolve_task
+        from tools.evaluate import evaluate_policy
 
         out_dir = self.run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,15 +202,15 @@ class PPOTrainer:
 
 class MetricsFollower:
     """Follows the rows a learner appends to ``metrics.jsonl`` (``MetricsTail``) and closes an epoch every
-    ``per_epoch`` updates."""
+    ``per_epoch`` updates; ``skip_rows``: rows of earlier runs in the file (a learner appends to it)."""
 
-    def __init__(self, path: Path, per_epoch: int):
-        self.tail, self.per_epoch = MetricsTail(path), per_epoch
+    def __init__(self, path: Path, per_epoch: int, skip_rows: int = 0):
+        self.tail, self.per_epoch, self.skip_rows = MetricsTail(path), per_epoch, skip_rows
         self.epochs: list[dict[str, float]] = []
 
     def poll(self, callbacks: Sequence[Callback]) -> bool:
         """Call the callbacks for each newly finished epoch; False when one of them asks to stop."""
-        rows = self.tail.read()
+        rows = self.tail.read()[self.skip_rows :]
         go_on = True
         while len(rows) >= (len(self.epochs) + 1) * self.per_epoch:
             start = len(self.epochs) * self.per_epoch

@@ -176,15 +176,30 @@ def finish(launcher: subprocess.Popen, run_dir: Path, timeout_s: float = 120) ->
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
+    """The learner's metrics rows so far; a last line still being written is left for the next read."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def poll_until(condition, what: str, seconds: float = 300, alive=(), interval: float = 0.2) -> None:
+    """Poll ``condition`` (state that other processes write: files, metrics) until it holds; fail with ``what``
+    at the deadline or as soon as one of the ``alive`` processes has exited."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        dead = {getattr(p, "args", p): p.returncode for p in alive if p.poll() is not None}
+        assert not dead, f"{what}: exited early: {dead}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)  # polling state another process writes; there is nothing to hand-shake with
 
 
 def wait_until(launcher: subprocess.Popen, condition, what: str, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert launcher.poll() is None and time.monotonic() < deadline, what
-        time.sleep(0.2)  # polling a file the learner writes
+    poll_until(condition, what, seconds, alive=(launcher,))
 
 
 def bind_when_free(ctx, endpoints, seconds: float = 30.0) -> LearnerSockets:
