@@ -87,11 +87,10 @@ def update_metrics(
         **sync,
         **stats,
     }
-    for a in actors:
-        out.update({f"actor/{a.actor_id}/{k}": v for k, v in a.stats.items()})
-        out[f"actor/{a.actor_id}/gen_tokens_per_s"] = a.gen_tokens_per_s
-        out[f"actor/{a.actor_id}/policy_version"] = a.policy_version
-        out[f"actor/{a.actor_id}/heartbeat_age_s"] = now - a.last_seen
+    for a in actors:  # its own counters, then what the learner knows of it
+        own = {"gen_tokens_per_s": a.gen_tokens_per_s, "policy_version": a.policy_version}
+        own["heartbeat_age_s"] = now - a.last_seen
+        out.update({f"actor/{a.actor_id}/{k}": v for k, v in (a.stats | own).items()})
     out.update(counters)
     out["reject/curve_denied"] = curve_denied
     out.update({k: v for k, v in buffer.counters.items() if k.startswith("reject/")})
