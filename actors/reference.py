@@ -2,8 +2,8 @@
 
 The KL penalty needs log pi_ref(response | prompt) for every response token. Computing it where the sequence was
 sampled moves one trunk pass per update off the learner, which is the bottleneck of an async run, onto the
-actors, which scale out. It is the same distribution the learner would compute (``token_logprobs`` at the
-sampling temperature, adapters switched off), on right-padded sequences in micro-batches.
+actors, which scale out. It is the same computation the learner would do (``common/logprobs.py``'s padding and
+``response_logprobs`` at the sampling temperature, adapters switched off), in micro-batches.
 """
 
 from __future__ import annotations
@@ -12,25 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.logprobs import token_logprobs
+from common.logprobs import pad_sequences, response_logprobs
 from common.lora import adapters_disabled
-from common.models import lm_head_logits
-
-
-def _padded(
-    prompts: list[list[int]], responses: list[list[int]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``[B, L]`` right-padded tokens, ``[B, T]`` positions predicting each response token, ``[B, T]`` targets."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    steps = max(max(len(r) for r in responses), 1)
-    tokens = np.zeros((len(prompts), width), np.int32)
-    positions = np.zeros((len(prompts), steps), np.int32)
-    targets = np.zeros((len(prompts), steps), np.int32)
-    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        tokens[b, : len(prompt) + len(response)] = prompt + response
-        positions[b] = np.minimum(len(prompt) - 1 + np.arange(steps), width - 1)
-        targets[b, : len(response)] = response
-    return tokens, positions, targets
+from common.ragged import Ragged
 
 
 def reference_logprobs(
@@ -44,9 +28,12 @@ def reference_logprobs(
     out: list[np.ndarray] = []
     with adapters_disabled(model):
         for start in range(0, len(prompts), micro_batch):
-            chunk = slice(start, start + micro_batch)
-            tokens, positions, targets = _padded(prompts[chunk], responses[chunk])
-            hidden = mx.take_along_axis(model.model(mx.array(tokens)), mx.array(positions)[..., None], axis=1)
-            logprobs = np.array(token_logprobs(lm_head_logits(model, hidden), mx.array(targets), temperature))
-            out += [logprobs[b, : len(r)].astype(np.float32) for b, r in enumerate(responses[chunk])]
+            chunk = zip(
+                prompts[start : start + micro_batch], responses[start : start + micro_batch], strict=True
+            )
+            pairs = [(list(p), list(r)) for p, r in chunk]
+            sequences = Ragged.from_rows([p + r for p, r in pairs], np.int32)
+            padded = pad_sequences(sequences, np.array([len(p) for p, _ in pairs]))[:3]
+            logprobs = np.array(response_logprobs(model, *(mx.array(a) for a in padded), temperature))
+            out += [logprobs[b, : len(r)].astype(np.float32) for b, (_, r) in enumerate(pairs)]
     return out

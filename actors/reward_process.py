@@ -28,6 +28,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from common.exit_codes import ExitCode
+
 logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 120.0
 """How long the child may take to import the plugin (a package with heavy imports)."""
@@ -227,7 +229,7 @@ def _die_with_the_actor(actor_pid: int) -> None:
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != actor_pid:  # the actor died before that took effect (or this is not its child)
-        os._exit(1)
+        os._exit(ExitCode.FAILED)
 
 
 def _serve(spec: str, timeout_s: float, actor_pid: int) -> None:

@@ -46,7 +46,6 @@ def rank_main(
     from learner.distributed import init_group
     from learner.models import build_policy_and_value
     from learner.ppo_learner import PPOLearner
-    from learner.update import Experience
 
     group = init_group()
     rank, size = (group.rank(), group.size()) if group else (0, 1)
@@ -60,10 +59,7 @@ def rank_main(
     learner = PPOLearner(container, cfg, 1.0, group=group)
     whole = synthetic_experience(loaded.tokenizer, batch, 64, 64)
     part = slice(rank * share, (rank + 1) * share)
-    exp = Experience(
-        whole.prompt_ids[part], whole.response_ids[part], whole.behaviour_logprobs[part],
-        whole.scores[part], whole.policy_versions[part],
-    )  # fmt: skip
+    exp = whole.select(part)
     learner.update(exp)  # warm-up and compile
     times = []
     mx.reset_peak_memory()

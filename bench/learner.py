@@ -85,14 +85,14 @@ def update_flops(
 
 
 def synthetic_experience(tokenizer, batch: int, prompt_len: int, response_len: int, seed: int = 0):
-    from learner.update import Experience
+    from learner.experience import Experience
 
     rng = np.random.default_rng(seed)
     vocab = len(tokenizer.vocab) if hasattr(tokenizer, "vocab") else 49152
     prompts = [rng.integers(20, vocab, prompt_len).tolist() for _ in range(batch)]
     responses = [rng.integers(20, vocab, response_len).tolist() for _ in range(batch)]
     logprobs = [np.full(response_len, -5.0, np.float32) for _ in range(batch)]
-    return Experience(
+    return Experience.from_rows(
         prompts, responses, logprobs, rng.normal(size=batch).astype(np.float32), np.zeros(batch)
     )
 

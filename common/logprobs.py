@@ -3,14 +3,20 @@
 PPO's importance ratio compares log-probs of the *same* distribution on both sides, so the actor's sampler and
 the learner's recomputation both call ``sampling_logprobs``: temperature first, then top-k, then top-p (the
 order Hugging Face uses), renormalised over what is kept. Tokens outside the kept set get -inf.
+
+The log-probs of given responses (the learner's recomputation, the actors' reference pass) go through
+``pad_sequences`` and ``response_logprobs``: one padding, one forward, on both sides.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from common.cpu_ops import logsumexp
+from common.models import lm_head_logits
+from common.ragged import Ragged
 
 
 def _tempered(logits: mx.array, temperature: float) -> mx.array:
@@ -19,33 +25,18 @@ def _tempered(logits: mx.array, temperature: float) -> mx.array:
     return logits if temperature == 1.0 else logits * (1.0 / temperature)
 
 
-def sampling_logprobs(
-    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> mx.array:
-    """Log-probs of the distribution a sampler with these settings draws from.
+def sampling_logprobs(logits: mx.array, temperature: float = 1.0) -> mx.array:
+    """Log-probs of the distribution a sampler draws from: the whole tempered softmax (no truncation, which the
+    learner could not reproduce from a token's log-prob).
 
     Args:
-        logits: ``[..., V]`` raw model logits (any float dtype; computed in float32).
-        temperature: > 0. top_k: 0 disables. top_p: 1.0 disables.
+        logits: ``[..., V]`` raw model logits (any float dtype; computed in float32). temperature: > 0.
 
     Returns:
-        ``[..., V]`` float32 log-probs, -inf for tokens that top-k/top-p removed. Ties at a cut-off are kept.
+        ``[..., V]`` float32 log-probs.
     """
     scaled = _tempered(logits, temperature)
-    logprobs = scaled - logsumexp(scaled)
-    if 0 < top_k < logprobs.shape[-1]:
-        kth_largest = mx.topk(logprobs, top_k, axis=-1).min(axis=-1, keepdims=True)
-        logprobs = mx.where(logprobs >= kth_largest, logprobs, -mx.inf)
-    if top_p < 1.0:
-        descending = -mx.sort(-logprobs, axis=-1)
-        probs = mx.exp(descending)
-        mass_before = mx.cumsum(probs, axis=-1) - probs
-        # Keep the shortest prefix whose mass reaches top_p; the most likely token is always kept.
-        smallest_kept = mx.where(mass_before < top_p, descending, mx.inf).min(axis=-1, keepdims=True)
-        logprobs = mx.where(logprobs >= smallest_kept, logprobs, -mx.inf)
-    if top_k > 0 or top_p < 1.0:
-        logprobs = logprobs - logsumexp(logprobs)
-    return logprobs
+    return scaled - logsumexp(scaled)
 
 
 def gather_token_logprobs(logprobs: mx.array, tokens: mx.array) -> mx.array:
@@ -66,11 +57,11 @@ def sample_from_logprobs(logprobs: mx.array, uniforms: mx.array) -> mx.array:
 
 
 def sample_on_host(
-    logits: np.ndarray, uniforms: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: np.ndarray, uniforms: np.ndarray, temperature: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy twin of ``sampling_logprobs`` + ``sample_from_logprobs`` for the CPU backend.
 
-    MLX's CPU elementwise kernels are scalar on x86 (DESIGN.md §3): one exp pass over a ``[32, 49152]`` logit
+    MLX's CPU elementwise kernels are scalar on x86 (``common/cpu_ops.py``): one exp pass over a ``[32, 49152]`` logit
     block costs ~40 ms there and ~2 ms in NumPy. Same distribution, same inverse-CDF rule, one exp pass.
 
     Args:
@@ -80,30 +71,12 @@ def sample_on_host(
         ``([B] int64 tokens, [B] float32 log-probs of those tokens under the sampling distribution)``.
     """
     x = logits.astype(np.float32, copy=False) * np.float32(1.0 / temperature)
-    if 0 < top_k < x.shape[-1] or top_p < 1.0:
-        x = _truncate_on_host(x, top_k, top_p)
     row_max = x.max(axis=-1, keepdims=True)
     cdf = np.cumsum(np.exp(x - row_max), axis=-1)
     total = cdf[:, -1]
     tokens = np.minimum((cdf < (uniforms * total)[:, None]).sum(axis=-1), x.shape[-1] - 1)
     picked = x[np.arange(x.shape[0]), tokens]
     return tokens, (picked - row_max[:, 0] - np.log(total)).astype(np.float32)
-
-
-def _truncate_on_host(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """``sampling_logprobs``' top-k then top-p cut on temperature-scaled logits ``[B, V]`` (-inf outside)."""
-    row_max = scaled.max(-1, keepdims=True)
-    logprobs = scaled - (np.log(np.exp(scaled - row_max).sum(-1, keepdims=True)) + row_max)
-    if 0 < top_k < logprobs.shape[-1]:
-        kth_largest = -np.partition(-logprobs, top_k - 1, axis=-1)[:, top_k - 1 : top_k]
-        logprobs = np.where(logprobs >= kth_largest, logprobs, -np.inf)
-    if top_p < 1.0:
-        descending = -np.sort(-logprobs, axis=-1)
-        probs = np.exp(descending)
-        mass_before = np.cumsum(probs, axis=-1) - probs
-        smallest_kept = np.where(mass_before < top_p, descending, np.inf).min(axis=-1, keepdims=True)
-        logprobs = np.where(logprobs >= smallest_kept, logprobs, -np.inf)
-    return logprobs
 
 
 def token_logprobs(logits: mx.array, tokens: mx.array, temperature: float = 1.0) -> mx.array:
@@ -114,3 +87,41 @@ def token_logprobs(logits: mx.array, tokens: mx.array, temperature: float = 1.0)
     """
     scaled = _tempered(logits, temperature)
     return gather_token_logprobs(scaled, tokens) - logsumexp(scaled)[..., 0]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def pad_sequences(
+    sequences: Ragged, prompt_lens: np.ndarray, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad whole sequences (each its prompt, then its response) for a forward pass over response tokens.
+
+    Args:
+        sequences: ``B`` rows of token ids. prompt_lens: ``[B]`` prompt tokens of each (>= 1).
+        multiple: ``L`` and ``T`` are rounded up to it (compiled steps then see few shapes).
+
+    Returns:
+        ``tokens [B, L]`` int32; ``positions [B, T]`` int32, the index of the hidden state predicting each
+        response token (clamped into ``L`` on padding); ``targets [B, T]`` int32, the response tokens; ``mask
+        [B, T]`` float32, 1 on real response tokens.
+    """
+    prompt_lens = np.asarray(prompt_lens, np.int64)
+    response_lens = sequences.lengths - prompt_lens
+    width = _round_up(sequences.lengths.max(), multiple)
+    steps = _round_up(max(int(response_lens.max()), 1), multiple)
+    tokens = sequences.padded(width).astype(np.int32)
+    positions = np.minimum(prompt_lens[:, None] - 1 + np.arange(steps)[None], width - 1).astype(np.int32)
+    targets = sequences.padded(steps, start=prompt_lens).astype(np.int32)
+    mask = (np.arange(steps)[None] < response_lens[:, None]).astype(np.float32)
+    return tokens, positions, targets, mask
+
+
+def response_logprobs(
+    model: nn.Module, tokens: mx.array, positions: mx.array, targets: mx.array, temperature: float
+) -> mx.array:
+    """``[B, T]`` log-probs of ``targets`` under the sampling distribution of a causal LM (``pad_sequences``'
+    arrays): the trunk over ``tokens``, the hidden states at ``positions``, the vocabulary projection."""
+    hidden = mx.take_along_axis(model.model(tokens), positions[..., None], axis=1)
+    return token_logprobs(lm_head_logits(model, hidden), targets, temperature)

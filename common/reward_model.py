@@ -3,7 +3,7 @@
 A (prompt, completion) pair is tokenised exactly as the policy sees it (the chat-formatted prompt with the
 generation prompt, then the completion's tokens) and scored from the trunk's hidden state at the last real
 token. Sequences are right-padded: attention is causal, so padding after a sequence's last token never changes
-its score. Trained with the Bradley-Terry loss by ``learner/reward_model_training.py``; actors score with it
+its score. Trained with the Bradley-Terry loss by ``tools/reward_model_training.py``; actors score with it
 when ``run.reward = "rm:PATH"``.
 
 Saved as a folder: ``reward_model.json`` (base model name, LoRA settings, token limit) and

@@ -14,11 +14,22 @@ bound on in-flight rollouts (arXiv:2505.24298). One exception keeps the run goin
 in flight cannot fill the next update batch (``needed``), a request is always granted. Without it, groups dropped
 on arrival (bad scores, dynamic sampling's equal scores) could leave, say, 12 of 16 sequences buffered with the
 limit reached: no grant, no update, a stalled run.
+
+Before any of that, an actor is admitted at all by its hello (``HelloAdmission``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+
+from common import protocol
+from common.protocol import Hello, Refuse, Welcome
+from common.transport import LearnerSockets
+from learner.registry import ActorRegistry, BatchPositions
+from learner.rejections import Rejections
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutAdmission:
@@ -66,3 +77,74 @@ class RolloutAdmission:
             self.in_flight[identity] = self.in_flight.get(identity, 0) + sequences
             out.append(identity)
         return out
+
+
+class HelloAdmission:
+    """Decides hellos: refused on another protocol or config, held while another connection has the actor id
+    (``learner/registry.py``), else admitted with a ``Welcome`` (its token, and where its prompts continue)."""
+
+    def __init__(
+        self,
+        sockets: LearnerSockets,
+        registry: ActorRegistry,
+        grants: RolloutAdmission,
+        positions: BatchPositions,
+        rejections: Rejections,
+        config_hash: str,
+        run_id: str,
+        heartbeat_s: float,
+    ):
+        self.sockets, self.registry, self.grants, self.positions = sockets, registry, grants, positions
+        self.rejections, self.config_hash, self.run_id = rejections, config_hash, run_id
+        self.quiet_s = 2.5 * heartbeat_s  # a holder this quiet is taken for dead (2.5 heartbeats)
+
+    def hello(self, identity: bytes, msg: Hello, version: int) -> None:
+        """Answer ``msg`` (the learner is at policy ``version``), or hold it until ``decide_pending``."""
+        if msg.protocol_version != protocol.PROTOCOL_VERSION or msg.config_hash != self.config_hash:
+            # The learner's own hash stays in its log: a peer that could read it could then say hello with it.
+            logger.error(
+                "refused actor %d: config %s, this learner's %s",
+                msg.actor_id,
+                msg.config_hash,
+                self.config_hash,
+            )
+            self.rejections.counters["reject/config_mismatch"] += 1
+            reason = (
+                f"refused actor {msg.actor_id}: protocol v{msg.protocol_version} / config {msg.config_hash} do not "
+                f"match the learner's protocol v{protocol.PROTOCOL_VERSION} and config (start both from the same config)"
+            )
+            self.sockets.reply(identity, Refuse(reason))
+            return
+        if self.registry.held_elsewhere(identity, msg.actor_id):
+            self.registry.pending.append((identity, msg))  # decided once the control socket is drained
+            return
+        self._admit(identity, msg, version)
+
+    def decide_pending(self, version: int) -> None:
+        """Hellos for an id another connection holds, decided after a whole poll's control messages (the
+        holder's heartbeats queued during an update included) were read: a live holder keeps its id, the new
+        connection asks again every 2 s; a quiet one (2.5 heartbeats: dead, restarted) is replaced."""
+        for identity, msg in self.registry.take_pending():
+            if self.registry.live_holder(identity, msg.actor_id, self.quiet_s):
+                self.registry.defer(identity)
+                self.rejections.reject(
+                    "duplicate_actor", f"actor id {msg.actor_id} is held by a live connection"
+                )
+            else:
+                self._admit(identity, msg, version)
+
+    def _admit(self, identity: bytes, msg: Hello, version: int) -> None:
+        was_known = identity in self.registry.actors
+        info, replaced, restarted = self.registry.admit(identity, msg)
+        for old in replaced:  # the same actor id, restarted: its old connection is dead
+            logger.info("actor %d reconnected (pid %d -> %d)", msg.actor_id, old.pid, msg.pid)
+        for other in [i for i in self.grants.in_flight if i not in self.registry.actors]:
+            self.grants.forget(other)
+        if not was_known:
+            logger.info("actor %d joined from %s (pid %d)", msg.actor_id, msg.host, msg.pid)
+        self.grants.forget(identity)  # a (re)joining actor holds no grant
+        next_batch = self.positions.continue_at(msg.actor_id, msg.num_actors, restarted)
+        if next_batch >= 0:
+            logger.info("actor %d continues at batch %d", msg.actor_id, next_batch)
+        welcome = Welcome(version, self.run_id, self.config_hash, next_batch, info.token)
+        self.sockets.reply(identity, welcome)

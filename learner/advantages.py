@@ -1,5 +1,9 @@
 """Rewards and advantages for token-level PPO and the critic-free variants: pure NumPy on response tokens.
 
+All of an update's advantage math is here: the scores' shaping (``shaped_scores``: DAPO's overlong penalty), the
+KL in the reward (``reward_kl``), GAE, GRPO/RLOO group baselines and their normalisations, whitening
+(``training_signal`` puts them together), and the tokens the loss sees (``loss_mask``).
+
 Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1 on real response tokens (a prefix
 of each row) and 0 on padding. Every output is 0 where ``mask`` is 0. Advantages are data preparation, not
 differentiated, so they stay in NumPy and are computed once per update.
@@ -17,8 +21,8 @@ from typing import Literal
 import numpy as np
 
 from common.config import PPOUpdateConfig
-
-KLEstimator = Literal["k1", "k2", "k3"]
+from learner.aggregation import default_overlong_buffer, overlong_penalty
+from learner.kl_estimators import kl_estimate
 
 
 def masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
@@ -52,22 +56,6 @@ def masked_whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps:
     With ``shift_mean=False`` only the scale changes (the mean is added back), as TRL does for rewards.
     """
     return whiten_with(x, mask, masked_moments(x, mask), shift_mean, eps)
-
-
-def kl_estimate(logprobs: np.ndarray, ref_logprobs: np.ndarray, estimator: KLEstimator = "k1") -> np.ndarray:
-    """Per-token estimate of KL(policy || reference) at sampled tokens: ``[B, T]`` log-probs -> ``[B, T]``.
-
-    With ``r = log pi - log pi_ref``: k1 = r (unbiased, can be negative: the one to put in a *reward*);
-    k2 = r^2 / 2 (biased, >= 0); k3 = (e^-r - 1) + r (unbiased, >= 0, lower variance: the one to *report*).
-    """
-    log_ratio = (logprobs - ref_logprobs).astype(np.float64)
-    if estimator == "k1":
-        return log_ratio.astype(np.float32)
-    if estimator == "k2":
-        return (0.5 * log_ratio**2).astype(np.float32)
-    if estimator == "k3":
-        return (np.expm1(-log_ratio) + log_ratio).astype(np.float32)
-    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1', 'k2' or 'k3'")
 
 
 def last_token_index(mask: np.ndarray) -> np.ndarray:
@@ -188,6 +176,32 @@ def critic_free_advantages(
 def broadcast_to_tokens(sequence_values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``[B]`` per-sequence values -> ``[B, T]``, the same value on every response token."""
     return (np.asarray(sequence_values, dtype=np.float32)[:, None] * mask).astype(np.float32)
+
+
+def shaped_scores(
+    cfg: PPOUpdateConfig, scores: np.ndarray, lengths: np.ndarray, max_new_tokens: int
+) -> np.ndarray:
+    """``[B]`` float64: the scores the advantages see, the reward's plus DAPO's overlong penalty of the response
+    ``lengths`` ``[B]`` when ``cfg.truncated = "overlong_penalty"`` (``learner/aggregation.py``)."""
+    scores = np.asarray(scores, np.float64)
+    if cfg.truncated == "overlong_penalty":
+        buffer = cfg.overlong_buffer or default_overlong_buffer(max_new_tokens)
+        scores = scores + overlong_penalty(lengths, max_new_tokens, buffer, cfg.overlong_penalty)
+    return scores
+
+
+def loss_mask(mask: np.ndarray, truncated: np.ndarray | None, mode: str) -> np.ndarray:
+    """``[B, T]``: the tokens the loss sees. With ``ppo.truncated = "mask"`` the responses cut off (``truncated``
+    ``[B]`` bool) are left out; they still count in their group's baseline."""
+    if mode != "mask" or truncated is None:
+        return mask
+    return mask * (~np.asarray(truncated, bool))[:, None].astype(np.float32)
+
+
+def reward_kl(proximal: np.ndarray, ref: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+    """``[B, T]`` k1 = ``log pi_proximal - log pi_ref`` on real tokens: the KL that goes into the reward (zeros
+    without reference log-probs)."""
+    return np.zeros_like(mask) if ref is None else kl_estimate(proximal, ref, "k1") * mask
 
 
 def _identity(values: np.ndarray) -> np.ndarray:

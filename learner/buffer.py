@@ -20,7 +20,8 @@ import numpy as np
 
 from common.logs import RateLimitFilter
 from common.protocol import ExperienceBatch
-from learner.update import Experience
+from common.ragged import Ragged
+from learner.experience import Experience
 
 logger = logging.getLogger(__name__)
 logger.addFilter(RateLimitFilter())  # what peers send decides how often these fire
@@ -38,15 +39,16 @@ class SequenceLimits:
     max_response: int = 2**31 - 1
 
 
-def _problem(seq, tokens: np.ndarray, behaviour: np.ndarray, ref: np.ndarray | None, limits: SequenceLimits):
-    """Why one sequence cannot be trained on (a ``reject/...`` counter name), or None."""
-    if seq.prompt_len > limits.max_prompt or seq.response_len > limits.max_response:
+def _problem(exp: Experience, b: int, limits: SequenceLimits) -> str | None:
+    """Why sequence ``b`` of ``exp`` cannot be trained on (a ``reject/...`` counter name), or None."""
+    if exp.prompt_lens[b] > limits.max_prompt or exp.response_lens[b] > limits.max_response:
         return "reject/too_long"
+    tokens = exp.tokens[b]
     if tokens.size and (tokens.min() < 0 or tokens.max() >= limits.vocab_size):
         return "reject/bad_tokens"
-    if not np.isfinite(seq.score):
+    if not np.isfinite(exp.scores[b]):
         return "reject/bad_score"
-    for logprobs in (behaviour, ref):
+    for logprobs in (exp.behaviour[b], None if exp.ref is None else exp.ref[b]):
         if logprobs is not None and (not np.isfinite(logprobs).all() or (logprobs > _LOGPROB_SLACK).any()):
             return "reject/bad_logprobs"
     return None
@@ -59,13 +61,7 @@ class Group:
     actor_id: int
     batch_id: int
     policy_version: int
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    behaviour: list[np.ndarray]
-    ref: list[np.ndarray] | None
-    scores: list[float]
-    truncated: list[bool]
-    """Each response was cut at sampling.max_new_tokens (finish reason 'length')."""
+    experience: Experience
     prompt_index: int = -1
     """Which prompt of the actor's prompt list the group answers (-1: not said)."""
 
@@ -81,7 +77,7 @@ def split_groups(
     drop_equal_scores: bool = False,
     limits: SequenceLimits = SequenceLimits(),
 ) -> tuple[list[Group], Counter]:
-    """Cut a batch into groups; invalid groups are left out and counted by reason.
+    """Cut a batch into groups; invalid groups are left out and counted by reason (the first bad sequence's).
 
     ``drop_equal_scores`` (DAPO's dynamic sampling): a group whose scores are all equal has zero advantage under
     any group baseline, so it carries no signal; it is left out as ``reject/zero_variance``.
@@ -90,40 +86,20 @@ def split_groups(
     if len(msg.sequences) % group_size:
         rejects["reject/bad_group"] += len(msg.sequences)
         return [], rejects
-    groups, tok_at, lp_at = [], 0, 0
-    for start in range(0, len(msg.sequences), group_size):
-        group = Group(
-            msg.actor_id,
-            msg.batch_id,
-            msg.policy_version,
-            [],
-            [],
-            [],
-            [] if msg.ref_logprobs is not None else None,
-            [],
-            [],
-            msg.sequences[start].prompt_index,
-        )
-        reason = None
-        for seq in msg.sequences[start : start + group_size]:
-            tokens = msg.tokens[tok_at : tok_at + seq.prompt_len + seq.response_len]
-            behaviour = msg.behaviour_logprobs[lp_at : lp_at + seq.response_len]
-            ref = None if group.ref is None else msg.ref_logprobs[lp_at : lp_at + seq.response_len]
-            tok_at, lp_at = tok_at + seq.prompt_len + seq.response_len, lp_at + seq.response_len
-            reason = reason or _problem(seq, tokens, behaviour, ref, limits)
-            if reason is not None:
-                continue  # the group is dropped: no need to copy the rest
-            group.prompts.append(tokens[: seq.prompt_len].tolist())
-            group.responses.append(tokens[seq.prompt_len :].tolist())
-            group.behaviour.append(behaviour)
-            if ref is not None:
-                group.ref.append(ref)
-            group.scores.append(seq.score)
-            group.truncated.append(seq.finish_reason == "length")
-        if reason is None and drop_equal_scores and np.ptp(group.scores) <= _EQUAL_SCORES:
+    exp, groups = Experience.from_message(msg), []
+    for start in range(0, exp.size, group_size):
+        rows = range(start, start + group_size)
+        reason = next((r for b in rows if (r := _problem(exp, b, limits)) is not None), None)
+        if (
+            reason is None
+            and drop_equal_scores
+            and np.ptp(exp.scores[start : start + group_size]) <= _EQUAL_SCORES
+        ):
             reason = "reject/zero_variance"
         if reason is None:
-            groups.append(group)
+            part = exp.select(slice(start, start + group_size))
+            index = msg.sequences[start].prompt_index
+            groups.append(Group(msg.actor_id, msg.batch_id, msg.policy_version, part, index))
         else:
             rejects[reason] += group_size
     return groups, rejects
@@ -197,35 +173,27 @@ class ExperienceBuffer:
         if self.depth < num_sequences:
             return None
         taken = [self.groups.popleft() for _ in range(num_sequences // self.group_size)]
-        seqs = [(g, i) for g in taken for i in range(self.group_size)]
-        with_ref = all(g.ref is not None for g in taken)
-        exp = Experience(
-            prompt_ids=[g.prompts[i] for g, i in seqs],
-            response_ids=[g.responses[i] for g, i in seqs],
-            behaviour_logprobs=[g.behaviour[i] for g, i in seqs],
-            scores=np.array([g.scores[i] for g, i in seqs], np.float32),
-            policy_versions=np.array([g.policy_version for g, _ in seqs], np.int64),
-            ref_logprobs=[g.ref[i] for g, i in seqs] if with_ref else None,
-            truncated=np.array([g.truncated[i] for g, i in seqs], bool),
-            origins=[g.origin for g in taken],
-        )
+        exp = Experience.concat([g.experience for g in taken])
+        exp.scores = exp.scores.astype(np.float32)
+        exp.origins = [g.origin for g in taken]
         return exp, current_version - exp.policy_versions
 
 
 def save_groups(groups: list[Group], path: Path) -> None:
     """Write buffered groups to ``path`` (``.npz`` of plain arrays; read back with pickling off)."""
-    seqs = [(g, i) for g in groups for i in range(len(g.scores))]
-    with_ref = bool(groups) and all(g.ref is not None for g in groups)
+    exp = Experience.concat([g.experience for g in groups]) if groups else None
+    with_ref = exp is not None and exp.ref is not None
+    sizes = [g.experience.size for g in groups]
+    owner = np.repeat(np.arange(len(groups)), sizes)
     arrays = {
         "groups": np.array([[g.actor_id, g.batch_id, g.policy_version, g.prompt_index] for g in groups], np.int64),
-        "sequences": np.array(
-            [[k, len(g.prompts[i]), len(g.responses[i]), g.truncated[i]] for k, g in enumerate(groups) for i in range(len(g.scores))],
-            np.int64,
-        ).reshape(-1, 4),
-        "scores": np.array([g.scores[i] for g, i in seqs], np.float64),
-        "tokens": np.array([t for g, i in seqs for t in g.prompts[i] + g.responses[i]], np.int32),
-        "behaviour": np.concatenate([g.behaviour[i] for g, i in seqs]).astype(np.float32) if seqs else np.zeros(0, np.float32),
-        "ref": np.concatenate([g.ref[i] for g, i in seqs]).astype(np.float32) if with_ref and seqs else np.zeros(0, np.float32),
+        "sequences": np.zeros((0, 4), np.int64) if exp is None else np.stack(
+            [owner, exp.prompt_lens, exp.response_lens, exp.truncated.astype(np.int64)], axis=1
+        ).astype(np.int64),
+        "scores": np.zeros(0) if exp is None else exp.scores.astype(np.float64),
+        "tokens": np.zeros(0, np.int32) if exp is None else exp.tokens.values.astype(np.int32),
+        "behaviour": np.zeros(0, np.float32) if exp is None else exp.behaviour.values.astype(np.float32),
+        "ref": exp.ref.values.astype(np.float32) if with_ref else np.zeros(0, np.float32),
     }  # fmt: skip
     with path.open("wb") as f:
         np.savez(f, with_ref=np.array(with_ref), **arrays)
@@ -235,19 +203,18 @@ def load_groups(path: Path) -> list[Group]:
     """The groups ``save_groups`` wrote."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    groups = [Group(int(a), int(b), int(v), [], [], [], [] if arrays["with_ref"] else None, [], [], int(p))
-              for a, b, v, p in arrays["groups"]]  # fmt: skip
-    tok_at = lp_at = 0
-    for (k, prompt_len, response_len, truncated), score in zip(
-        arrays["sequences"], arrays["scores"], strict=True
-    ):
-        group, end = groups[int(k)], tok_at + prompt_len + response_len
-        group.prompts.append(arrays["tokens"][tok_at : tok_at + prompt_len].tolist())
-        group.responses.append(arrays["tokens"][tok_at + prompt_len : end].tolist())
-        group.behaviour.append(arrays["behaviour"][lp_at : lp_at + response_len].copy())
-        if group.ref is not None:
-            group.ref.append(arrays["ref"][lp_at : lp_at + response_len].copy())
-        group.scores.append(float(score))
-        group.truncated.append(bool(truncated))
-        tok_at, lp_at = end, lp_at + response_len
-    return groups
+    owner, prompt_lens, response_lens, truncated = arrays["sequences"].reshape(-1, 4).T
+    versions = arrays["groups"].reshape(-1, 4)[:, 2]
+    exp = Experience(
+        tokens=Ragged.from_lengths(arrays["tokens"], prompt_lens + response_lens),
+        prompt_lens=prompt_lens.astype(np.int64),
+        behaviour=Ragged.from_lengths(arrays["behaviour"], response_lens),
+        scores=arrays["scores"].astype(np.float64),
+        policy_versions=versions[owner].astype(np.int64),
+        ref=Ragged.from_lengths(arrays["ref"], response_lens) if arrays["with_ref"] else None,
+        truncated=truncated.astype(bool),
+    )
+    return [
+        Group(int(a), int(b), int(v), exp.select(np.flatnonzero(owner == k)), int(p))
+        for k, (a, b, v, p) in enumerate(arrays["groups"].reshape(-1, 4))
+    ]

@@ -59,6 +59,15 @@ def split_rows(rows: np.ndarray, parts: int) -> list[np.ndarray]:
     return np.array_split(rows, min(parts, len(rows))) if len(rows) else []
 
 
+def micro_batch_shards(rows: np.ndarray, micro: int, parts: int) -> list[np.ndarray]:
+    """Micro-batches of ``micro`` of ``rows``, each split over ``parts`` workers (``split_rows``), in order."""
+    return [
+        piece
+        for start in range(0, len(rows), micro)
+        for piece in split_rows(rows[start : start + micro], parts)
+    ]
+
+
 @dataclass
 class Worker:
     """What a job sees: the worker's view of the model and a cache for what it builds once (compiled steps)."""
@@ -142,11 +151,9 @@ class ShardPool:
     ) -> Iterator[T]:
         """Yield ``fn(worker, shard)`` for each shard, evaluated, in the order of ``shards``.
 
-        Shard ``i`` runs on worker ``i % size``, which works through its shards in order with no barrier
-        between micro-batches; at most ``size`` shards' activations are in memory at once, and a result is
-        handed on as soon as it and those before it are done (a caller that sums gradients holds few at a time).
-        ``progress`` is called after every shard (the learner heartbeats from it). A shard that raised is
-        raised here once every shard has finished.
+        Shard ``i`` runs on worker ``i % size`` (its shards in order, no barrier between micro-batches): at most
+        ``size`` shards' activations are in memory at once, and a result is handed on once it and those before it
+        are done. ``progress`` runs after every shard; a shard that raised is raised once every shard finished.
         """
         if not self._executors:
             for shard in shards:
@@ -166,8 +173,7 @@ class ShardPool:
         for index, shard in enumerate(shards):
             slot = index % self.size  # a view is only ever used by its own executor
             self._executors[slot].jobs.put((index, self.workers[slot], fn, shard, results))
-        ready: dict[int, Any] = {}
-        next_index, failure = 0, None
+        ready, next_index, failure = {}, 0, None
         for _ in shards:
             index, ok, value = results.get()
             progress()

@@ -1,181 +1,175 @@
-"""The PPO update: a batch of experience in, new policy (and value) weights out.
+"""The optimisation of an update: ``update_epochs`` x minibatches, each one Adam step over its micro-batches.
 
-Order of work, as in the papers: (1) recompute proximal log-probs, old values and (when actors did not send them)
-reference log-probs with the current weights; (2) per-token KL, shaped rewards, GAE or group advantages
-(``learner/advantages.py``); (3) ``update_epochs`` x minibatches of the clipped losses (``learner/ppo.py``),
-each minibatch accumulated over micro-batches, gradient-clipped, one Adam step, stopping early past
-``target_kl``. The gradient step is compiled with ``mx.compile`` the way mlx-lm's trainer does it.
+``MinibatchUpdate.step`` accumulates the gradient of ``learner/loss.py``'s ``ppo_objective`` over the micro-batches
+(each split over the shard pool's workers) and every rank, checks it is finite everywhere, clips it and applies
+it; ``run_epochs`` draws the minibatches and stops early past ``target_kl``. The gradient step is compiled with
+``mx.compile`` the way mlx-lm's trainer does it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import warnings
+from collections.abc import Callable
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
-from common.logprobs import sampling_logprobs, token_logprobs
-from common.models import lm_head_logits
+from common.config import PPOUpdateConfig
+from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks
+from learner.loss import LossSettings, ppo_objective
 from learner.models import PolicyAndValue
-from learner.ppo import (
-    Clip,
-    entropy,
-    importance_weights,
-    k3,
-    masked_sum_over,
-    policy_loss,
-    policy_stats,
-    reference_kl_loss,
-    sequence_ratio,
-    token_entropy,
-    token_ratio,
-    value_loss,
-)
+from learner.optimizer import MasterWeights, to_float32
+from learner.shards import ShardPool, Worker, micro_batch_shards
+
+logger = logging.getLogger(__name__)
+
+MAX_STATS = ("is/weight_max",)
+"""Statistics whose minibatch value is the maximum over shards, ranks and steps (the others add up / average)."""
+GLOBAL_STATS = ("grad/norm", "update/skipped_nonfinite", "update/skipped_empty")
+"""The same on every rank already: not summed over ranks."""
 
 
-@dataclass
-class Experience:
-    """A batch of sampled sequences as the learner receives them (unpadded NumPy)."""
+class MinibatchUpdate:
+    """One optimizer step per minibatch: gradients summed over micro-batches, shards and ranks, then applied."""
 
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    behaviour_logprobs: list[np.ndarray]
-    scores: np.ndarray
-    """``[B]`` sequence scores."""
-    policy_versions: np.ndarray
-    """``[B]`` policy version each sequence was sampled with."""
-    ref_logprobs: list[np.ndarray] | None = None
-    """Reference log-probs per response token, when actors computed them."""
-    truncated: np.ndarray | None = None
-    """``[B]`` bool: the response was cut at ``sampling.max_new_tokens`` (None: none was)."""
-    origins: list[tuple[int, int, int]] | None = None
-    """Per group: ``(actor id, batch id, prompt index)``, reported in the update's metrics (``trained/groups``)."""
+    def __init__(
+        self,
+        container: PolicyAndValue,
+        optimizer: optim.Optimizer,
+        master: MasterWeights | None,
+        settings: LossSettings,
+        pool: ShardPool,
+        cfg: PPOUpdateConfig,
+        group=None,
+        compile_step: bool = True,
+        progress: Callable[[], None] = lambda: None,
+    ):
+        self.container, self.optimizer, self.master = container, optimizer, master
+        self.settings, self.pool, self.group = settings, pool, group
+        self.max_grad_norm, self.micro_batch = cfg.max_grad_norm, cfg.micro_batch_size
+        self.compile_step = compile_step
+        self.progress = progress  # called after every shard (the service heartbeats from it)
+        self._apply = self._make_apply_fn()
+
+    def _make_grad_fn(self, module: nn.Module):
+        loss_and_grad = nn.value_and_grad(module, partial(ppo_objective, w=self.settings))
+
+        def grad_step(mb: dict[str, mx.array]):
+            (_, stats), grads = loss_and_grad(module, mb)
+            return stats, grads
+
+        # value_and_grad writes the parameters back into the module, so they are outputs too (as in mlx-lm).
+        state = [module.state, mx.random.state]
+        return mx.compile(grad_step, inputs=state, outputs=state) if self.compile_step else grad_step
+
+    def grad_step(self, worker: Worker, mb: dict[str, mx.array]):
+        """``(stats, grads)`` of one shard on ``worker``'s view of the model (its own compiled step)."""
+        if "grad" not in worker.cache:
+            worker.cache["grad"] = self._make_grad_fn(worker.module)
+        return worker.cache["grad"](mb)
+
+    def _make_apply_fn(self):
+        def apply(grads):
+            # Every rank's loss is its token sum over the whole minibatch's normaliser: the ranks' gradients add up.
+            grads = sum_gradients(grads, self.group)
+            grad_norm = mx.array(0.0)
+            if self.max_grad_norm > 0:
+                grads, grad_norm = optim.clip_grad_norm(grads, self.max_grad_norm)
+            if self.master is None:
+                self.optimizer.update(self.container, grads)
+            else:
+                self.master.apply(self.optimizer, self.container, grads)
+            return grad_norm
+
+        state = [self.container.state, self.optimizer.state]
+        if self.master is not None:
+            state.append(self.master.state)
+        return mx.compile(apply, inputs=state, outputs=state) if self.compile_step else apply
+
+    def _accumulate(self, shards: list[dict[str, mx.array]]) -> tuple[dict, dict[str, mx.array]]:
+        """Gradients and statistics summed over ``shards`` (maxima for ``MAX_STATS``)."""
+        grads, stats = None, {}
+        # Shards come back in order as they finish; each one's stats are token sums over the minibatch's
+        # normalisers, so shards add up as whole micro-batches would. Evaluating the running sum frees each shard's
+        # gradients (a whole model's with full fine-tuning).
+        for mb_stats, mb_grads in self.pool.imap(self.grad_step, shards, self.progress):
+            if self.master is not None:  # bf16 gradients would round as they add up
+                mb_grads = to_float32(mb_grads)
+            grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
+            for k, v in mb_stats.items():
+                stats[k] = (
+                    v if k not in stats else (mx.maximum(stats[k], v) if k in MAX_STATS else stats[k] + v)
+                )
+            mx.eval(grads, stats)
+        return grads, stats
+
+    def step(self, arrays: dict[str, np.ndarray], indices: np.ndarray, version: int) -> dict[str, mx.array]:
+        """One optimizer step on the minibatch ``indices`` of ``arrays`` (of the update to policy ``version``)."""
+        # The minibatch's normalisers, over every rank: each micro-batch of each rank divides by them, so their
+        # token sums add up to exactly the loss of one learner on the union (whatever the lengths per rank).
+        local = np.array([arrays["units"][indices].sum(), arrays["mask"][indices].sum()], np.float64)
+        global_counts = sum_over_ranks(local, self.group)
+        if global_counts[0] <= 0:  # every sequence masked out (all truncated, say): no gradient, no Adam step
+            return {"update/skipped_empty": mx.array(1.0)}
+        normaliser, num_tokens = (mx.array(max(v, 1.0), dtype=mx.float32) for v in global_counts)
+        step_keys = [k for k in arrays if k != "units"]
+        shards = [
+            {k: mx.array(arrays[k][rows]) for k in step_keys}
+            | {"normaliser": normaliser, "num_tokens": num_tokens}
+            for rows in micro_batch_shards(indices, self.micro_batch, self.pool.size)
+        ]
+        grads, stats = self._accumulate(shards)
+        if not self._finite_everywhere(grads, stats["loss/total"]):
+            # A NaN/Inf loss or gradient (bad data that slipped through, an overflow) would poison every weight
+            # and every later batch: skip this step, keep the weights and Adam's state, count it.
+            logger.error("skipped an optimizer step: non-finite loss or gradients (update %d)", version)
+            return stats | {"grad/norm": mx.array(float("nan")), "update/skipped_nonfinite": mx.array(1.0)}
+        stats["grad/norm"] = self._apply(grads)
+        stats["update/skipped_nonfinite"] = mx.array(0.0)
+        # Micro-batches are evaluated: this is the exchange + Adam.
+        with collective("the gradient all-reduce"):
+            mx.eval(self.container.parameters(), self.optimizer.state, stats)
+        return stats
+
+    def _finite_everywhere(self, grads: dict, loss: mx.array) -> bool:
+        """Whether the loss and every gradient are finite on every rank (one decision for all of them)."""
+        squares = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
+        local_bad = 0.0 if bool(mx.isfinite(squares + loss).item()) else 1.0
+        return float(sum_over_ranks(np.array([local_bad]), self.group)[0]) == 0.0
+
+    def run_epochs(
+        self, arrays: dict[str, np.ndarray], cfg: PPOUpdateConfig, rng: np.random.Generator, version: int
+    ) -> dict[str, float]:
+        """``cfg.update_epochs`` passes of minibatch steps in ``rng``'s order; returns their averaged statistics
+        (every rank's tokens), stopping early once ``policy/approx_kl`` passes ``cfg.target_kl`` (> 0)."""
+        size = len(arrays["tokens"])
+        per_minibatch = size // cfg.num_minibatches
+        history: list[dict[str, float]] = []
+        for _ in range(cfg.update_epochs):
+            order = rng.permutation(size)
+            for start in range(0, size, per_minibatch):
+                stats = self.step(arrays, order[start : start + per_minibatch], version)
+                history.append(sum_stats_over_ranks(stats, self.group, MAX_STATS, local=GLOBAL_STATS))
+                # Global token sums: every rank takes the same early-stop decision.
+                if cfg.target_kl > 0 and history[-1].get("policy/approx_kl", 0.0) > cfg.target_kl:
+                    return average_steps(history, early_stop=True)
+        return average_steps(history, early_stop=False)
 
 
-@dataclass
-class TrainBatch:
-    """Padded arrays; ``[B, T]`` ones are over response tokens, ``mask`` 1 on real tokens."""
-
-    tokens: np.ndarray  # [B, L] int32 prompt + response, right-padded
-    positions: np.ndarray  # [B, T] int32 index of the hidden state predicting each response token
-    response: np.ndarray  # [B, T] int32
-    mask: np.ndarray  # [B, T] float32
-    behaviour: np.ndarray  # [B, T] float32
-
-    @property
-    def size(self) -> int:
-        return len(self.tokens)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def collate(exp: Experience, pad_multiple: int = 32) -> TrainBatch:
-    """Right-pad sequences; lengths are rounded up to ``pad_multiple`` so compiled steps see few shapes."""
-    lengths = [len(p) + len(r) for p, r in zip(exp.prompt_ids, exp.response_ids, strict=True)]
-    width = _round_up(max(lengths), pad_multiple)
-    steps = _round_up(max(len(r) for r in exp.response_ids), pad_multiple)
-    size = len(lengths)
-    tokens = np.zeros((size, width), np.int32)
-    positions = np.zeros((size, steps), np.int32)
-    response, mask, behaviour = (
-        np.zeros((size, steps), np.int32),
-        np.zeros((size, steps), np.float32),
-        np.zeros((size, steps), np.float32),
-    )
-    for b, (prompt, resp) in enumerate(zip(exp.prompt_ids, exp.response_ids, strict=True)):
-        n = len(resp)
-        tokens[b, : lengths[b]] = list(prompt) + list(resp)
-        positions[b] = np.minimum(len(prompt) - 1 + np.arange(steps), width - 1)
-        response[b, :n], mask[b, :n], behaviour[b, :n] = resp, 1.0, exp.behaviour_logprobs[b]
-    return TrainBatch(tokens, positions, response, mask, behaviour)
-
-
-def pad_per_token(values: list[np.ndarray], steps: int) -> np.ndarray:
-    out = np.zeros((len(values), steps), np.float32)
-    for b, v in enumerate(values):
-        out[b, : len(v)] = v
+def average_steps(history: list[dict[str, float]], early_stop: bool) -> dict[str, float]:
+    """Mean over the minibatch steps (maxima: their maximum; a skipped step's NaN norm left out)."""
+    out = {}
+    for k in dict.fromkeys(k for h in history for k in h):
+        values = [h[k] for h in history if k in h]
+        pick = np.max if k in MAX_STATS else np.nanmean if k == "grad/norm" else np.mean
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of only NaNs: NaN, said once here
+            out[k] = float(pick(values))
+    out["update/minibatch_steps"] = float(len(history))
+    out["update/early_stop"] = float(early_stop)
     return out
-
-
-def policy_logprobs(
-    policy: nn.Module, tokens: mx.array, positions: mx.array, response: mx.array, temperature: float
-) -> mx.array:
-    """``[B, T]`` log-probs of response tokens under the sampling distribution, from the policy alone."""
-    hidden = mx.take_along_axis(policy.model(tokens), positions[..., None], axis=1)
-    return token_logprobs(lm_head_logits(policy, hidden), response, temperature)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """The objective's settings (``[ppo]``), as the compiled step reads them."""
-
-    temperature: float
-    clip: Clip
-    value_clip: float
-    vf_coef: float
-    ent_coef: float
-    is_cap: float
-    kl_loss_coef: float = 0.0
-    """Weight of ``reference_kl_loss`` in the loss (needs ``mb["ref"]``); 0 leaves it out."""
-    proximal_in_step: bool = False
-    """The update is one gradient step, so the proximal policy (the weights at the start of the update) is the
-    policy of this very forward pass: use its log-probs, detached, instead of a separate no-grad pass."""
-    kl_loss_estimator: str = "k2"
-    policy_ratio: str = "token"
-    """'token' (PPO) or 'sequence' (GSPO)."""
-    is_correction: str = "truncate"
-    is_low: float = 0.5
-    is_high: float = 2.0
-
-
-def proximal_stats(
-    logits: mx.array, proximal: mx.array, mb: dict[str, mx.array], temperature: float
-) -> dict[str, mx.array]:
-    """Entropy of the proximal policy and its k3 KL to the behaviour policy, as token sums / ``num_tokens``."""
-    n, mask = mb["num_tokens"], mb["mask"]
-    return {
-        "policy/entropy": masked_sum_over(token_entropy(sampling_logprobs(logits, temperature)), mask, n),
-        "mismatch/behaviour_proximal_kl": masked_sum_over(k3(mb["behaviour"] - proximal), mask, n),
-    }
-
-
-def ppo_objective(
-    container: PolicyAndValue, mb: dict[str, mx.array], w: LossWeights
-) -> tuple[mx.array, dict[str, mx.array]]:
-    """The minibatch loss: clipped surrogate + kl_loss_coef * KL loss - ent_coef * entropy + vf_coef * value loss.
-
-    ``mb`` holds one micro-batch's ``[b, T]`` arrays and two scalars of its whole minibatch: ``normaliser`` (the
-    aggregation's, for the policy, KL and entropy terms, whose per-token ``weights`` it also holds) and
-    ``num_tokens`` (for the value loss and the token-mean statistics). Full-vocabulary work is kept to what the
-    gradient needs: the entropy term (a second pass over ``[B, T, V]``) is only built when ``ent_coef > 0``.
-    """
-    logits, values = container.response_outputs(mb["tokens"], mb["positions"])
-    new_logprobs = token_logprobs(logits, mb["response"], w.temperature)
-    mask, n, weights, norm = mb["mask"], mb["num_tokens"], mb["weights"], mb["normaliser"]
-    proximal = mx.stop_gradient(new_logprobs) if w.proximal_in_step else mb["proximal"]
-    ratio = (sequence_ratio if w.policy_ratio == "sequence" else token_ratio)(new_logprobs, proximal, mask)
-    sequence_level = w.policy_ratio == "sequence"
-    is_weights, kept = importance_weights(
-        proximal, mb["behaviour"], mask, w.is_correction, w.is_cap, w.is_low, w.is_high, sequence_level
-    )
-    loss = policy_loss(ratio, mb["advantages"], is_weights, weights, norm, w.clip)
-    stats = policy_stats(ratio, mb["advantages"], is_weights, kept, mask, n, w.clip)
-    stats["loss/policy"] = loss
-    if w.proximal_in_step:  # what the skipped no-grad pass would have reported
-        stats.update(proximal_stats(mx.stop_gradient(logits), proximal, mb, w.temperature))
-    if w.kl_loss_coef > 0:
-        stats["loss/ref_kl"] = reference_kl_loss(new_logprobs, mb["ref"], weights, norm, w.kl_loss_estimator)
-        loss = loss + w.kl_loss_coef * stats["loss/ref_kl"]
-    if w.ent_coef > 0:
-        stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), weights, norm)
-        loss = loss - w.ent_coef * stats["loss/entropy"]
-    if values is not None:
-        v_loss, v_stats = value_loss(values, mb["old_values"], mb["returns"], mask, w.value_clip, n)
-        stats.update(v_stats)
-        stats["loss/value"] = v_loss
-        loss = loss + w.vf_coef * v_loss
-    stats["loss/total"] = loss
-    return loss, stats

@@ -19,11 +19,11 @@ from common.config import LoraConfig, ModelConfig, PPOUpdateConfig, load_config
 from common.lora import adapter_weights
 from common.models import load_model, load_policy
 from common.transport import ActorSockets, Endpoints, LearnerSockets, zmq_context
+from learner.experience import Experience
 from learner.models import build_policy_and_value
 from learner.ppo_learner import PPOLearner
 from learner.process import build_learner
 from learner.service import LearnerService
-from learner.update import Experience
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -146,10 +146,10 @@ def tiny_experience():
     """8 random sequences of 6 prompt + 5 response tokens of the tiny model's vocabulary, seeded."""
     import numpy as np
 
-    from learner.update import Experience
+    from learner.experience import Experience
 
     rng = np.random.default_rng(0)
-    return Experience(
+    return Experience.from_rows(
         [rng.integers(3, 250, 6).tolist() for _ in range(8)],
         [rng.integers(3, 250, 5).tolist() for _ in range(8)],
         [np.full(5, -5.0, np.float32) for _ in range(8)],
@@ -289,7 +289,7 @@ def sample_experience(learner, tokenizer, n=8, seed=0, max_new=6):
         [np.mean([t == target for t in c.response_ids]) + 0.1 * i for i, c in enumerate(completions)],
         np.float32,
     )
-    return Experience(
+    return Experience.from_rows(
         [c.prompt_ids for c in completions],
         [c.response_ids for c in completions],
         [c.logprobs for c in completions],

@@ -21,9 +21,9 @@ from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
 from common.lora import adapter_weights
 from common.models import load_model
 from launcher.local import child_env, learner_rank_env
+from learner.experience import Experience
 from learner.models import build_policy_and_value
 from learner.ppo_learner import PPOLearner
-from learner.update import Experience
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQUENCES, PROMPT = 8, 5
@@ -59,7 +59,7 @@ def dp_experience(part: slice = slice(None)) -> Experience:
     responses = [rng.integers(3, 250, n).tolist() for n in RESPONSE_LENGTHS]
     behaviour = [-2.0 + 0.1 * rng.standard_normal(n).astype(np.float32) for n in RESPONSE_LENGTHS]
     scores = rng.standard_normal(SEQUENCES).astype(np.float32)
-    return Experience(
+    return Experience.from_rows(
         prompts[part], responses[part], behaviour[part], scores[part], np.zeros(SEQUENCES)[part]
     )
 

@@ -5,11 +5,11 @@ from learner.advantages import (
     broadcast_to_tokens,
     compute_gae,
     group_advantages,
-    kl_estimate,
     masked_mean,
     masked_whiten,
     shape_rewards,
 )
+from learner.kl_estimators import kl_estimate
 
 
 def random_batch(seed=0, batch=5, steps=7):

@@ -18,7 +18,7 @@ def test_groups_round_trip_into_an_experience():
     buf = ExperienceBuffer(capacity=16, group_size=2, max_policy_lag=1)
     assert buf.add(batch(), current_version=0) == 4 and buf.depth == 4
     exp, lags = buf.take(4, current_version=0)
-    assert exp.prompt_ids[1] == [5, 6] and exp.response_ids[1] == [7, 8, 9]
+    assert exp.prompt(1).tolist() == [5, 6] and exp.response(1).tolist() == [7, 8, 9]
     assert exp.scores.tolist() == [1, 2, 3, 4] and lags.tolist() == [0, 0, 0, 0]
     assert buf.depth == 0 and buf.take(2, 0) is None
 

@@ -13,7 +13,7 @@ import zmq
 from mlx.utils import tree_flatten
 
 from common import protocol
-from learner.update import Experience
+from learner.experience import Experience
 from tests.helpers import harness_with
 
 
@@ -127,7 +127,7 @@ def replies(h, dealer, rounds: int = 30) -> list[protocol.Message]:
 def test_a_flood_of_bad_frames_is_counted_exactly_and_logged_a_few_times(joined, caplog):
     """Row 14: 10,000 bad frames wrote 10,000 warning lines; each is still counted, the log says so once."""
     h, _, _ = joined
-    with caplog.at_level(logging.WARNING, logger="learner.service"):
+    with caplog.at_level(logging.WARNING, logger="learner.rejections"):
         for _ in range(5000):
             h.service.handle_experience([b"not a message"])
     assert h.service.counters["reject/bad_frames"] == 5000
@@ -179,7 +179,7 @@ def test_a_non_finite_update_is_skipped_and_the_weights_are_kept(joined):
     h, _, batch = joined
     learner = h.service.learner
     size = h.cfg.ppo.batch_size
-    exp = Experience(
+    exp = Experience.from_rows(
         [[1, 5, 6]] * size, [[7, 8]] * size, [np.array([-1.0, -1.0], np.float32)] * size,
         np.full(size, np.nan, np.float32), np.zeros(size, np.int64),
     )  # fmt: skip

@@ -140,7 +140,7 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
     import numpy as np
 
     from common.lora import adapter_weights
-    from learner.update import Experience, collate
+    from learner.experience import Experience
 
     with harness_with(model_cache, tmp_path, "run.max_updates=2", 'ppo.reference_on="actors"') as h:
         worker = h.actor(0)
@@ -159,14 +159,16 @@ def test_actors_can_compute_the_reference_log_probs_the_learner_would(model_cach
         responses.append(batch.tokens[at + seq.prompt_len : at + seq.prompt_len + seq.response_len].tolist())
         at += seq.prompt_len + seq.response_len
     lp = [np.zeros(len(r), np.float32) for r in responses]
-    train = collate(Experience(prompts, responses, lp, np.zeros(len(prompts)), np.zeros(len(prompts))))
+    train = Experience.from_rows(
+        prompts, responses, lp, np.zeros(len(prompts)), np.zeros(len(prompts))
+    ).padded()
     learner = h.service.learner
     expected = np.array(
-        learner._reference_logprobs(
-            learner.container, *(mx.array(a) for a in (train.tokens, train.positions, train.response))
+        learner.recompute.reference_logprobs(
+            learner.container, *(mx.array(train[k]) for k in ("tokens", "positions", "response"))
         )
     )
-    np.testing.assert_allclose(batch.ref_logprobs, expected[train.mask > 0], atol=1e-4)
+    np.testing.assert_allclose(batch.ref_logprobs, expected[train["mask"] > 0], atol=1e-4)
     assert np.abs(batch.ref_logprobs - batch.behaviour_logprobs).max() > 1e-2
 
 
@@ -206,7 +208,7 @@ def test_silent_and_never_started_actors_are_told_apart_and_a_silent_one_is_welc
 ):
     import logging
 
-    caplog.set_level(logging.INFO, logger="learner.service")
+    caplog.set_level(logging.INFO, logger="learner.registry")
     settings = ("run.max_updates=5", "transport.actor_timeout_s=0.3", "transport.startup_timeout_s=0.3")
     with harness_with(model_cache, tmp_path, *settings) as h:
         worker = h.actor(0)
@@ -257,13 +259,13 @@ def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp
         worker = h.actor(0)
         h.join(worker)
         learner = h.service.learner
-        grad_step = learner._grad_step
+        grad_step = learner.minibatches.grad_step
 
         def slow_grad_step(worker, mb):  # stands in for a micro-batch of a large model: 0.1 s of compute
             time.sleep(0.1)
             return grad_step(worker, mb)
 
-        learner._grad_step = slow_grad_step
+        learner.minibatches.grad_step = slow_grad_step
         while worker.sockets.receive_control(0) is not None:  # what the join left queued
             pass
         learner.update(
@@ -341,7 +343,7 @@ def test_a_reward_that_always_fails_is_reported_though_no_update_comes(harness, 
 
     from actors.rewards import load_reward
 
-    caplog.set_level(logging.ERROR, logger="learner.service")
+    caplog.set_level(logging.ERROR, logger="learner.rejections")
     worker = harness.actor(0)
     harness.join(worker)
     worker.rollout.scorer = load_reward("tests.helpers:failing_reward", get_task(harness.cfg.run.task))
@@ -377,7 +379,9 @@ def test_full_fine_tuning_syncs_every_weight_to_the_actors(model_cache, tmp_path
         sockets = LearnerSockets(ctx, Endpoints.inproc(), 2)
         try:
             service = LearnerService(cfg, sockets, build_learner(cfg), tmp_path / "tight")
-            service.max_bytes = weights - 1  # as if transport.max_message_mb were below the model's size
+            service.publisher.max_bytes = (
+                weights - 1
+            )  # as if transport.max_message_mb were below the model's size
             with pytest.raises(ValueError, match="raise it"):
                 service.publish_weights()
         finally:

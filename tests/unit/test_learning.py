@@ -7,9 +7,9 @@ import pytest
 from actors.sampler import SamplingParams, generate_completions
 from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
 from common.models import load_model
+from learner.experience import Experience
 from learner.models import build_policy_and_value
 from learner.ppo_learner import PPOLearner
-from learner.update import Experience
 
 PROMPTS = 8
 NEW_TOKENS = 8
@@ -51,7 +51,7 @@ def run_training(model_cache, algorithm: str, updates: int, seed: int = 0) -> li
         scores = np.array([reward(c.response_ids) for c in completions], np.float32)
         means.append(float(scores.mean()))
         learner.update(
-            Experience(
+            Experience.from_rows(
                 [c.prompt_ids for c in completions],
                 [c.response_ids for c in completions],
                 [c.logprobs for c in completions],

@@ -15,8 +15,8 @@ from actors.sampler import sequence_uniforms
 from common.config import ConfigError, LoraConfig, ModelConfig, PPOUpdateConfig, load_config
 from common.models import load_model
 from learner import advantages as adv
+from learner.kl_estimators import k2, k3, kl_estimate
 from learner.models import build_policy_and_value
-from learner.ppo import k2, k3
 from learner.ppo_learner import PPOLearner
 from tests.helpers import make_learner, sample_experience
 
@@ -38,7 +38,7 @@ def test_a_group_of_equal_scores_gets_no_score_advantage_whatever_kl_coef(model_
     exp.scores[:] = 1.0
     arrays, stats = learner.prepare(exp)
     mask = arrays["mask"]
-    k1 = adv.kl_estimate(arrays["proximal"], _reference(learner, exp), "k1") * mask
+    k1 = kl_estimate(arrays["proximal"], _reference(learner, exp), "k1") * mask
     assert np.abs(k1).max() > 1e-3  # the adapters are non-zero: there is a KL to penalise
     expected = -kl_coef * adv.penalty_to_go(k1, mask)
     np.testing.assert_allclose(arrays["advantages"], expected, atol=1e-6 + 1e-4 * kl_coef)
@@ -52,17 +52,14 @@ def test_the_reward_kl_of_off_policy_samples_is_the_current_policys(model_cache)
     exp = sample_experience(learner, loaded.tokenizer)
     exp.scores[:] = 1.0
     fresh, _ = learner.prepare(exp)
-    exp.behaviour_logprobs = [lp - 0.3 for lp in exp.behaviour_logprobs]  # as if sampled by an older policy
+    exp.behaviour = exp.behaviour.with_values(exp.behaviour.values - 0.3)  # as if sampled by an older policy
     stale, _ = learner.prepare(exp)
     np.testing.assert_allclose(stale["advantages"], fresh["advantages"], atol=1e-5)
 
 
 def _reference(learner: PPOLearner, exp) -> np.ndarray:
     """The reference log-probs the learner computes (adapters off), padded like its arrays."""
-    from learner.update import collate
-
-    batch = collate(exp, learner.pad_multiple)
-    return learner._reference_pass(batch, learner.cfg.micro_batch_size)["ref"]
+    return learner.recompute.run(exp.padded(learner.pad_multiple), ("ref",))["ref"]
 
 
 def test_penalty_to_go_is_the_return_to_go_of_the_per_token_penalty():

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from common.config import ModelConfig
+from common.ragged import Ragged
 from learner.advantages import group_advantages, masked_moments
 from learner.aggregation import loss_weights, overlong_penalty
-from learner.ppo import Clip, importance_weights, policy_loss, sequence_ratio, token_ratio
+from learner.experience import Experience
+from learner.loss import Clip, importance_weights, policy_loss, sequence_ratio, token_ratio
 from tests.helpers import harness_with, make_learner, sample_experience
 
 
@@ -207,7 +209,7 @@ def test_importance_corrections_against_a_loop(correction):
 def test_the_learner_counts_the_tokens_a_mask_leaves_out(model_cache):
     learner, loaded = make_learner(model_cache, is_correction="token_mask", is_low=0.9, is_high=1.1)
     exp = sample_experience(learner, loaded.tokenizer)
-    exp.behaviour_logprobs = [b - 0.5 * (np.arange(len(b)) % 2) for b in exp.behaviour_logprobs]  # w = e^0.5
+    exp.behaviour = Ragged.from_rows([b - 0.5 * (np.arange(len(b)) % 2) for b in exp.behaviour])  # w = e^0.5
     stats = learner.update(exp)
     assert 0.3 < stats["is/masked_frac"] < 0.7
 
@@ -248,8 +250,13 @@ def test_the_overlong_penalty_reaches_the_advantages(model_cache):
     exp = sample_experience(learner, loaded.tokenizer, max_new=6)
     exp.scores[:] = 1.0
     keep = [6, 5, 3, 2, 6, 4, 1, 3]  # different lengths in each group: only the penalty tells them apart
-    exp.response_ids = [r[:n] for r, n in zip(exp.response_ids, keep, strict=True)]
-    exp.behaviour_logprobs = [b[:n] for b, n in zip(exp.behaviour_logprobs, keep, strict=True)]
+    exp = Experience.from_rows(
+        [exp.prompt(b) for b in range(exp.size)],
+        [exp.response(b)[:n] for b, n in enumerate(keep)],
+        [exp.behaviour[b][:n] for b, n in enumerate(keep)],
+        exp.scores,
+        exp.policy_versions,
+    )
     lengths = np.array(keep)
     arrays, _ = learner.prepare(exp)
     penalised = 1.0 + overlong_penalty(lengths, 6, 4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from learner.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
-from learner.ppo import (
+from learner.loss import (
     Clip,
     entropy,
     explained_variance,
@@ -14,7 +14,7 @@ from learner.ppo import (
     token_ratio,
     value_loss,
 )
-from learner.ppo import policy_loss as surrogate
+from learner.loss import policy_loss as surrogate
 
 
 def arr(x):
@@ -131,7 +131,7 @@ def test_kl_controllers():
 
 @pytest.mark.parametrize("estimator", ["k2", "k3"])
 def test_reference_kl_loss_by_hand(estimator):
-    from learner.ppo import reference_kl_loss
+    from learner.loss import reference_kl_loss
 
     rng = np.random.default_rng(3)
     new, ref = rng.normal(-2, 1, (3, 5)), rng.normal(-2, 1, (3, 5))
@@ -150,7 +150,7 @@ def test_reference_kl_loss_by_hand(estimator):
 
 
 def test_the_k3_loss_of_a_token_far_below_the_reference_is_capped_without_gradient():
-    from learner.ppo import reference_kl_loss
+    from learner.loss import reference_kl_loss
 
     ref, ones = mx.array([[-1.0, -1.0]]), mx.ones((1, 2))
     loss, grad = mx.value_and_grad(lambda new: reference_kl_loss(new, ref, ones, estimator="k3"))(

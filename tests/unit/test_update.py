@@ -4,24 +4,29 @@ import pytest
 from mlx.utils import tree_flatten
 
 from common.lora import adapter_weights
-from learner.update import Experience, collate
+from learner.experience import Experience
 from tests.helpers import make_learner, sample_experience
 
 
-def test_collate_pads_and_positions():
-    exp = Experience(
+def test_padding_and_positions():
+    exp = Experience.from_rows(
         [[1, 2, 3], [4]],
         [[5, 6], [7, 8, 9]],
         [np.array([-1.0, -2.0]), np.array([-3.0, -4.0, -5.0])],
         np.zeros(2),
         np.zeros(2),
     )
-    batch = collate(exp, pad_multiple=4)
-    assert batch.tokens.shape == (2, 8) and batch.response.shape == (2, 4)
-    assert batch.tokens[0, :5].tolist() == [1, 2, 3, 5, 6] and batch.tokens[1, :4].tolist() == [4, 7, 8, 9]
-    assert batch.positions[0, :2].tolist() == [2, 3] and batch.positions[1, :3].tolist() == [0, 1, 2]
-    assert batch.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
-    assert batch.behaviour[1].tolist() == [-3, -4, -5, 0]
+    batch = exp.padded(pad_multiple=4)
+    assert batch["tokens"].shape == (2, 8) and batch["response"].shape == (2, 4)
+    assert batch["tokens"][0, :5].tolist() == [1, 2, 3, 5, 6] and batch["tokens"][1, :4].tolist() == [
+        4,
+        7,
+        8,
+        9,
+    ]
+    assert batch["positions"][0, :2].tolist() == [2, 3] and batch["positions"][1, :3].tolist() == [0, 1, 2]
+    assert batch["mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    assert batch["behaviour"][1].tolist() == [-3, -4, -5, 0]
 
 
 def test_proximal_logprobs_match_behaviour_on_policy(model_cache):
@@ -29,7 +34,7 @@ def test_proximal_logprobs_match_behaviour_on_policy(model_cache):
     exp = sample_experience(learner, loaded.tokenizer)
     arrays, stats = learner.prepare(exp)
     mask = arrays["mask"]
-    np.testing.assert_allclose(arrays["proximal"] * mask, collate(exp).behaviour, atol=1e-4)
+    np.testing.assert_allclose(arrays["proximal"] * mask, exp.padded()["behaviour"], atol=1e-4)
     assert stats["mismatch/behaviour_proximal_kl"] < 1e-6
     assert stats["kl/ref_mean"] != 0.0  # adapters are non-zero: the policy differs from the reference
 

@@ -1,4 +1,5 @@
-"""PPO losses on MLX arrays: pure functions, each returning ``(loss, stats)``; stats stay lazy ``mx.array``s.
+"""The PPO loss on MLX arrays: pure functions, each returning ``(loss, stats)`` (stats stay lazy ``mx.array``s),
+and ``ppo_objective``, the minibatch loss they make up, with its ``LossSettings``.
 
 Shapes: ``B`` sequences x ``T`` response tokens. ``mask`` is 1 on real tokens; ``weights`` are the loss
 aggregation's per-token weights (``learner/aggregation.py``: the mask, or the mask over each sequence's length).
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from common import cpu_ops
+from common.config import PPOUpdateConfig
+from common.logprobs import sampling_logprobs, token_logprobs
+from learner.kl_estimators import k2, k3
+from learner.models import PolicyAndValue
 
 
 def masked_sum_over(x: mx.array, mask: mx.array, num_tokens: mx.array | float | None = None) -> mx.array:
@@ -144,19 +149,6 @@ def policy_stats(
     }
 
 
-def k2(log_ratio: mx.array) -> mx.array:
-    """``0.5 * r^2`` of a log-ratio ``r = log pi / ref`` on samples of pi: biased for KL(pi || ref), but as a
-    per-token *loss* its expected gradient ``E[r * grad log pi]`` is that of each token's KL(pi || ref) (not how a
-    token shifts the later ones: docs/algorithms.md)."""
-    return 0.5 * mx.square(log_ratio)
-
-
-def k3(log_ratio: mx.array) -> mx.array:
-    """Schulman's k3 ``exp(-r) - 1 + r`` of a log-ratio ``r = log p / q`` on samples of p (any shape): unbiased
-    for KL(p || q), never negative. As a loss its expected gradient is that of KL(q || p) (the reverse KL)."""
-    return mx.exp(-log_ratio) - 1.0 + log_ratio
-
-
 K3_LOSS_CAP = 10.0
 """The largest per-token k3 of the KL loss (verl clamps ``low_var_kl`` to [-10, 10]; k3 is never negative)."""
 
@@ -225,3 +217,96 @@ def explained_variance(values: mx.array, returns: mx.array, mask: mx.array) -> m
     mean_res = (residual * mask).sum() / count
     var_res = (mx.square(residual - mean_res) * mask).sum() / count
     return 1.0 - var_res / mx.maximum(var_r, 1e-8)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The objective's settings (``[ppo]``), as the compiled step reads them: a frozen record of one field per
+    option the loss reads (13), no behaviour."""
+
+    temperature: float
+    clip: Clip
+    value_clip: float
+    vf_coef: float
+    ent_coef: float
+    is_cap: float
+    kl_loss_coef: float = 0.0
+    """Weight of ``reference_kl_loss`` in the loss (needs ``mb["ref"]``); 0 leaves it out."""
+    proximal_in_step: bool = False
+    """The update is one gradient step, so the proximal policy (the weights at the start of the update) is the
+    policy of this very forward pass: use its log-probs, detached, instead of a separate no-grad pass."""
+    kl_loss_estimator: str = "k2"
+    policy_ratio: str = "token"
+    """'token' (PPO) or 'sequence' (GSPO)."""
+    is_correction: str = "truncate"
+    is_low: float = 0.5
+    is_high: float = 2.0
+
+    @classmethod
+    def from_config(cls, cfg: PPOUpdateConfig, temperature: float, proximal_in_step: bool) -> LossSettings:
+        """The settings of ``cfg`` (``[ppo]``) at the sampling ``temperature``."""
+        return cls(
+            temperature,
+            Clip(cfg.clip_low or cfg.clip_coef, cfg.clip_high or cfg.clip_coef, cfg.dual_clip),
+            cfg.value_clip,
+            cfg.vf_coef,
+            cfg.ent_coef,
+            cfg.is_cap,
+            cfg.kl_loss_coef,
+            proximal_in_step,
+            cfg.kl_loss_estimator,
+            cfg.policy_ratio,
+            cfg.is_correction,
+            cfg.is_low,
+            cfg.is_high,
+        )
+
+
+def proximal_stats(
+    logits: mx.array, proximal: mx.array, mb: dict[str, mx.array], temperature: float
+) -> dict[str, mx.array]:
+    """Entropy of the proximal policy and its k3 KL to the behaviour policy, as token sums / ``num_tokens``."""
+    n, mask = mb["num_tokens"], mb["mask"]
+    return {
+        "policy/entropy": masked_sum_over(token_entropy(sampling_logprobs(logits, temperature)), mask, n),
+        "mismatch/behaviour_proximal_kl": masked_sum_over(k3(mb["behaviour"] - proximal), mask, n),
+    }
+
+
+def ppo_objective(
+    container: PolicyAndValue, mb: dict[str, mx.array], w: LossSettings
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """The minibatch loss: clipped surrogate + kl_loss_coef * KL loss - ent_coef * entropy + vf_coef * value loss.
+
+    ``mb`` holds one micro-batch's ``[b, T]`` arrays and two scalars of its whole minibatch: ``normaliser`` (the
+    aggregation's, for the policy, KL and entropy terms, whose per-token ``weights`` it also holds) and
+    ``num_tokens`` (for the value loss and the token-mean statistics). Full-vocabulary work is kept to what the
+    gradient needs: the entropy term (a second pass over ``[B, T, V]``) is only built when ``ent_coef > 0``.
+    """
+    logits, values = container.response_outputs(mb["tokens"], mb["positions"])
+    new_logprobs = token_logprobs(logits, mb["response"], w.temperature)
+    mask, n, weights, norm = mb["mask"], mb["num_tokens"], mb["weights"], mb["normaliser"]
+    proximal = mx.stop_gradient(new_logprobs) if w.proximal_in_step else mb["proximal"]
+    ratio = (sequence_ratio if w.policy_ratio == "sequence" else token_ratio)(new_logprobs, proximal, mask)
+    sequence_level = w.policy_ratio == "sequence"
+    is_weights, kept = importance_weights(
+        proximal, mb["behaviour"], mask, w.is_correction, w.is_cap, w.is_low, w.is_high, sequence_level
+    )
+    loss = policy_loss(ratio, mb["advantages"], is_weights, weights, norm, w.clip)
+    stats = policy_stats(ratio, mb["advantages"], is_weights, kept, mask, n, w.clip)
+    stats["loss/policy"] = loss
+    if w.proximal_in_step:  # what the skipped no-grad pass would have reported
+        stats.update(proximal_stats(mx.stop_gradient(logits), proximal, mb, w.temperature))
+    if w.kl_loss_coef > 0:
+        stats["loss/ref_kl"] = reference_kl_loss(new_logprobs, mb["ref"], weights, norm, w.kl_loss_estimator)
+        loss = loss + w.kl_loss_coef * stats["loss/ref_kl"]
+    if w.ent_coef > 0:
+        stats["loss/entropy"] = entropy(sampling_logprobs(logits, w.temperature), weights, norm)
+        loss = loss - w.ent_coef * stats["loss/entropy"]
+    if values is not None:
+        v_loss, v_stats = value_loss(values, mb["old_values"], mb["returns"], mask, w.value_clip, n)
+        stats.update(v_stats)
+        stats["loss/value"] = v_loss
+        loss = loss + w.vf_coef * v_loss
+    stats["loss/total"] = loss
+    return loss, stats

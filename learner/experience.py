@@ -1,0 +1,134 @@
+"""``Experience``: the one batch type from an actor's message through the buffer to the update, NumPy throughout.
+
+It holds the message's own layout: each sequence's tokens (prompt, then response) and its per-response-token
+log-probs as ``Ragged`` rows (``common/ragged.py``), and one entry per sequence of the rest. The buffer keeps
+groups of it, a batch is their ``concat``, and the update pads it once (``padded``) into the ``[B, T]`` arrays its
+compiled steps read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.logprobs import pad_sequences
+from common.protocol import ExperienceBatch
+from common.ragged import Ragged
+
+
+@dataclass
+class Experience:
+    """``B`` sampled sequences with their scores (unpadded)."""
+
+    tokens: Ragged
+    """Per sequence, int32: its prompt then its response."""
+    prompt_lens: np.ndarray
+    """``[B]`` int64 prompt tokens of each sequence (the rest of its row is the response)."""
+    behaviour: Ragged
+    """Per sequence, float32: the behaviour log-prob of each response token."""
+    scores: np.ndarray
+    """``[B]`` sequence scores."""
+    policy_versions: np.ndarray
+    """``[B]`` policy version each sequence was sampled with."""
+    ref: Ragged | None = None
+    """Per sequence, float32: reference log-probs of its response tokens, when actors computed them."""
+    truncated: np.ndarray | None = None
+    """``[B]`` bool: the response was cut at ``sampling.max_new_tokens`` (None: none was)."""
+    origins: list[tuple[int, int, int]] | None = None
+    """Per group: ``(actor id, batch id, prompt index)``, reported in the update's metrics (``trained/groups``)."""
+
+    @classmethod
+    def from_message(cls, msg: ExperienceBatch) -> Experience:
+        """The sequences of a decoded actor message (its arrays are viewed, not copied)."""
+        prompt_lens = np.array([s.prompt_len for s in msg.sequences], np.int64)
+        response_lens = np.array([s.response_len for s in msg.sequences], np.int64)
+        ref = msg.ref_logprobs
+        return cls(
+            tokens=Ragged.from_lengths(msg.tokens, prompt_lens + response_lens),
+            prompt_lens=prompt_lens,
+            behaviour=Ragged.from_lengths(msg.behaviour_logprobs, response_lens),
+            scores=np.array([s.score for s in msg.sequences], np.float64),
+            policy_versions=np.full(len(msg.sequences), msg.policy_version, np.int64),
+            ref=None if ref is None else Ragged.from_lengths(ref, response_lens),
+            truncated=np.array([s.finish_reason == "length" for s in msg.sequences], bool),
+        )
+
+    @classmethod
+    def from_rows(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        behaviour: Sequence[Sequence[float]],
+        scores: np.ndarray,
+        policy_versions: np.ndarray,
+        ref: Sequence[Sequence[float]] | None = None,
+        truncated: np.ndarray | None = None,
+    ) -> Experience:
+        """Sequences given one by one (sampler completions, tests, benchmarks)."""
+        return cls(
+            tokens=Ragged.from_rows(
+                [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], np.int32
+            ),
+            prompt_lens=np.array([len(p) for p in prompts], np.int64),
+            behaviour=Ragged.from_rows(behaviour, np.float32),
+            scores=np.asarray(scores),
+            policy_versions=np.asarray(policy_versions),
+            ref=None if ref is None else Ragged.from_rows(ref, np.float32),
+            truncated=truncated,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Experience]) -> Experience:
+        """The sequences of ``parts`` in order (reference log-probs only if every part has them)."""
+        with_ref = all(p.ref is not None for p in parts)
+        with_truncated = all(p.truncated is not None for p in parts)
+        return cls(
+            tokens=Ragged.concat([p.tokens for p in parts]),
+            prompt_lens=np.concatenate([p.prompt_lens for p in parts]),
+            behaviour=Ragged.concat([p.behaviour for p in parts]),
+            scores=np.concatenate([p.scores for p in parts]),
+            policy_versions=np.concatenate([p.policy_versions for p in parts]),
+            ref=Ragged.concat([p.ref for p in parts]) if with_ref else None,
+            truncated=np.concatenate([p.truncated for p in parts]) if with_truncated else None,
+        )
+
+    def select(self, rows: np.ndarray | slice) -> Experience:
+        """The sequences ``rows`` (an index array or a slice); ``origins`` are left out (they are per group)."""
+        return Experience(
+            tokens=self.tokens.select(rows),
+            prompt_lens=self.prompt_lens[rows],
+            behaviour=self.behaviour.select(rows),
+            scores=self.scores[rows],
+            policy_versions=self.policy_versions[rows],
+            ref=None if self.ref is None else self.ref.select(rows),
+            truncated=None if self.truncated is None else self.truncated[rows],
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def response_lens(self) -> np.ndarray:
+        """``[B]`` int64 response tokens of each sequence."""
+        return self.tokens.lengths - self.prompt_lens
+
+    def prompt(self, b: int) -> np.ndarray:
+        return self.tokens[b][: self.prompt_lens[b]]
+
+    def response(self, b: int) -> np.ndarray:
+        return self.tokens[b][self.prompt_lens[b] :]
+
+    def padded(self, pad_multiple: int = 32) -> dict[str, np.ndarray]:
+        """The update's arrays (``common/logprobs.py``'s ``pad_sequences``, lengths rounded up to
+        ``pad_multiple``): ``tokens [B, L]``, and over response tokens ``positions``, ``response``, ``mask`` and
+        ``behaviour`` ``[B, T]`` (with ``ref [B, T]`` when the actors sent reference log-probs)."""
+        tokens, positions, response, mask = pad_sequences(self.tokens, self.prompt_lens, pad_multiple)
+        steps = mask.shape[1]
+        arrays = {"tokens": tokens, "positions": positions, "response": response, "mask": mask}
+        arrays["behaviour"] = self.behaviour.padded(steps).astype(np.float32)
+        if self.ref is not None:
+            arrays["ref"] = self.ref.padded(steps).astype(np.float32)
+        return arrays

@@ -1,0 +1,92 @@
+"""The no-grad pass of an update: what the current weights say about the batch before any step is taken.
+
+Per response token, ``[B, T]`` each: the proximal log-probs and entropy of the policy and the old values of the
+critic (part ``"policy"``), and the reference log-probs (part ``"ref"``: a whole extra trunk pass, with the
+adapters switched off, or the initial weights of a full fine-tuning; skipped when the actors sent them). It runs
+micro-batch by micro-batch, each split over the shard pool's workers (``learner/shards.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from common.config import PPOUpdateConfig
+from common.logprobs import gather_token_logprobs, response_logprobs, sampling_logprobs
+from common.lora import adapters_disabled
+from learner.loss import token_entropy
+from learner.models import PolicyAndValue
+from learner.shards import ShardPool, Worker, micro_batch_shards
+
+
+class Recompute:
+    """Runs the no-grad pass over padded batch arrays (``Experience.padded``)."""
+
+    def __init__(
+        self,
+        pool: ShardPool,
+        temperature: float,
+        micro_batch: int,
+        reference: nn.Module | None = None,
+        progress: Callable[[], None] = lambda: None,
+    ):
+        """``reference``: the frozen initial policy of a full fine-tuning (None: the policy with its adapters
+        off); ``progress`` is called after every shard (the service heartbeats from it)."""
+        self.pool, self.temperature, self.micro_batch = pool, temperature, micro_batch
+        self.reference, self.progress = reference, progress
+
+    def run(self, arrays: dict[str, np.ndarray], parts: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """``proximal``, ``entropy`` and (with a critic) ``values`` for part ``"policy"``, ``ref`` for ``"ref"``."""
+        step = partial(self._shard, arrays=arrays, parts=parts)
+        shards = micro_batch_shards(np.arange(len(arrays["tokens"])), self.micro_batch, self.pool.size)
+        pieces: dict[str, list[mx.array]] = {}
+        for out in self.pool.map(step, shards, self.progress):
+            for key, value in out.items():
+                pieces.setdefault(key, []).append(value)
+        return {k: np.concatenate([np.array(x) for x in v]) for k, v in pieces.items()}
+
+    def _shard(
+        self, worker: Worker, rows: np.ndarray, arrays: dict[str, np.ndarray], parts: tuple[str, ...]
+    ) -> dict[str, mx.array]:
+        tokens, positions, response = (mx.array(arrays[k][rows]) for k in ("tokens", "positions", "response"))
+        out = {}
+        if "policy" in parts:
+            logits, values = worker.module.response_outputs(tokens, positions)
+            logprobs = sampling_logprobs(logits, self.temperature)
+            out["proximal"] = gather_token_logprobs(logprobs, response)
+            out["entropy"] = token_entropy(logprobs)
+            if values is not None:
+                out["values"] = values
+        if "ref" in parts:
+            out["ref"] = self.reference_logprobs(worker.module, tokens, positions, response)
+        return out
+
+    def reference_logprobs(
+        self, module: PolicyAndValue, tokens: mx.array, positions: mx.array, response: mx.array
+    ) -> mx.array:
+        """``[b, T]`` reference log-probs of ``response`` (``module``: a worker's view of the container)."""
+        if self.reference is not None:  # full fine-tuning: forward only, safe to share between threads
+            return response_logprobs(self.reference, tokens, positions, response, self.temperature)
+        with adapters_disabled(module.policy):
+            return response_logprobs(module.policy, tokens, positions, response, self.temperature)
+
+
+def proximal_from_step(cfg: PPOUpdateConfig, requested: bool | None = None) -> bool:
+    """Whether the gradient step's own forward stands in for the policy part of the no-grad pass.
+
+    It can with one gradient step per update, no critic (whose old values GAE needs first) and no KL in the
+    reward (its k1 needs the proximal log-probs before the step): the proximal policy is then the policy of the
+    step's forward (as verl does on-policy). ``requested`` None decides by that; True where it cannot raises.
+    """
+    single_step = (
+        cfg.update_epochs == 1 and cfg.num_minibatches == 1 and cfg.is_critic_free and cfg.kl_coef == 0
+    )
+    if requested and not single_step:
+        raise ValueError(
+            "proximal_in_step needs a critic-free update of one epoch and one minibatch, and kl_coef = 0"
+        )
+    return single_step if requested is None else requested
