@@ -65,9 +65,16 @@ def trunk_params(args) -> int:
 
 
 def update_flops(
-    args, batch: int, seq_len: int, response_len: int, separate_value: bool, epochs: int
+    args,
+    batch: int,
+    seq_len: int,
+    response_len: int,
+    separate_value: bool,
+    epochs: int,
+    reference: bool = True,
 ) -> float:
-    """Matmul FLOPs of one update: the no-grad pass (policy, value, reference) and per epoch forward + backward.
+    """Matmul FLOPs of one update: the no-grad pass (policy, value, and the reference when ``reference``: the
+    learner skips it when no KL term uses it) and per epoch forward + backward.
 
     Linear layers: 2 FLOPs per weight per token forward; backward through a frozen base computes input gradients
     only, as many FLOPs again. Attention scores and the weighted sum (QK^T, PV over the full L x L square, which
@@ -78,8 +85,8 @@ def update_flops(
     attention = 4 * args.num_hidden_layers * seq_len**2 * args.hidden_size * batch
     head = 2 * args.hidden_size * args.vocab_size * batch * response_len
     trunks = 2 if separate_value else 1
-    # no-grad: policy (+ value) trunk and the reference trunk, two vocabulary projections
-    prepare = (trunks + 1) * (linear + attention) + 2 * head
+    # no-grad: policy (+ value) trunk and the reference trunk, a vocabulary projection each
+    prepare = (trunks + reference) * (linear + attention) + (1 + reference) * head
     per_epoch = trunks * (2 * linear + 3 * attention) + 2 * head  # forward + input-gradient backward
     return prepare + epochs * per_epoch
 

@@ -1,0 +1,64 @@
+"""The learner's first update against later ones, and its MFU, at one shape (the GPU warm-up question).
+
+    python bench/first_update.py MODEL BATCH PROMPT_LEN RESPONSE_LEN MICRO LORA_RANK REPEATS [nokl]
+
+One process: the bf16 (GPU) or float32 (CPU) GEMM peak, then REPEATS + 1 PPO updates (1 epoch, 1 minibatch,
+value head on the policy trunk, LoRA of LORA_RANK on every linear layer), each timed. ``nokl`` sets
+``kl_coef = kl_loss_coef = 0`` (the learner then skips the reference pass, and the FLOP count leaves it out).
+Prints each update's time and one ``ROW {json}`` line with the first and the median later time, MFU and
+``MLX_PTX_CACHE_DIR``: MLX's CUDA backend compiles kernels at run time and keeps them on disk there, so run it
+twice with one cache folder and once with a fresh one to see what the cache is worth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.learner import matmul_peak_gflops, synthetic_experience, update_flops  # noqa: E402
+
+
+def main(argv: list[str]) -> dict:
+    from common.config import LoraConfig, ModelConfig, PPOUpdateConfig
+    from common.models import load_model
+    from learner.models import build_policy_and_value
+    from learner.ppo_learner import PPOLearner
+
+    model, batch, prompt_len, response_len, micro, rank, repeats = argv[0], *map(int, argv[1:7])
+    no_kl = argv[7:8] == ["nokl"]
+    peak = matmul_peak_gflops()
+    loaded = load_model(ModelConfig(name=model))
+    container = build_policy_and_value(
+        loaded.model, LoraConfig(rank=rank, alpha=2.0 * rank), value_kind="shared"
+    )
+    kl = {"kl_coef": 0.0, "kl_loss_coef": 0.0} if no_kl else {}
+    cfg = PPOUpdateConfig(batch_size=batch, num_minibatches=1, micro_batch_size=micro, update_epochs=1,
+                          group_size=1, compute_threads=1, **kl)  # fmt: skip
+    learner = PPOLearner(container, cfg, temperature=1.0)
+    exp = synthetic_experience(loaded.tokenizer, batch, prompt_len, response_len)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        learner.update(exp)
+        times.append(time.perf_counter() - start)
+        print(f"update {i}: {times[-1]:.2f} s, peak memory {mx.get_peak_memory() / 1e9:.1f} GB", flush=True)
+    flops = update_flops(loaded.model.args, batch, prompt_len + response_len, response_len, False, 1,
+                         reference=learner.needs_reference)  # fmt: skip
+    later = float(np.median(times[1:]))
+    return {"model": model, "batch": batch, "prompt_len": prompt_len, "response_len": response_len,
+            "micro": micro, "lora_rank": rank, "no_kl": no_kl, "reference_pass": learner.needs_reference,
+            "ptx_cache": os.environ.get("MLX_PTX_CACHE_DIR", "(default)"), "peak_tflops": peak / 1e3,
+            "first_s": times[0], "later_s": later, "mfu": flops / later / 1e9 / peak,
+            "peak_gb": mx.get_peak_memory() / 1e9}  # fmt: skip
+
+
+if __name__ == "__main__":
+    print("ROW", json.dumps(main(sys.argv[1:])), flush=True)
