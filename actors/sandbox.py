@@ -44,6 +44,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 GUARD = Path(__file__).resolve().with_name("sandbox_guard.py")
+GUARD_IN_BWRAP = "/.mlx-ppo/sandbox_guard.py"
+"""Where bwrap shows the guard: a fixed path outside the private /tmp (a checkout under /tmp would be hidden)."""
 BLOCKED = 86  # sandbox_guard.BLOCKED: the child tried something forbidden
 MAX_RESULTS_BYTES = 1 << 20
 
@@ -194,10 +196,10 @@ def _bwrap_args() -> list[str]:
     """What the sandbox sees: the system's programs and libraries and the Python installation, read-only; a
     private /tmp of ``SANDBOX_TMP_MB`` as its working folder. Not /home, /root, /work, /etc: no run folder, no
     keys, no credentials, no prompt data with the tests' answers."""
-    paths = ["/usr", "/bin", "/lib", "/lib64", "/sbin", os.path.realpath(sys.base_prefix), str(GUARD)]
+    paths = ["/usr", "/bin", "/lib", "/lib64", "/sbin", os.path.realpath(sys.base_prefix)]
     binds = [a for path in dict.fromkeys(paths) for a in ("--ro-bind-try", path, path)]
     return [
-        *binds, "--dev", "/dev", "--proc", "/proc", "--size", str(SANDBOX_TMP_MB << 20), "--tmpfs", "/tmp",
+        *binds, "--ro-bind", str(GUARD), GUARD_IN_BWRAP, "--dev", "/dev", "--proc", "/proc", "--size", str(SANDBOX_TMP_MB << 20), "--tmpfs", "/tmp",
         "--chdir", "/tmp", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
         "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
     ]  # fmt: skip
@@ -216,7 +218,7 @@ def _command(scratch: str) -> list[str]:
     mode = isolation()
     if mode == "bwrap":
         env = [a for k, v in _environment("/tmp").items() for a in ("--setenv", k, v)]
-        return [shutil.which("bwrap"), *_bwrap_args(), *env, "--", *python]
+        return [shutil.which("bwrap"), *_bwrap_args(), *env, "--", *python[:-1], GUARD_IN_BWRAP]
     if mode == "sandbox-exec":
         return ["sandbox-exec", "-p", _MACOS_PROFILE.format(scratch=scratch), *python]
     return python
