@@ -12,7 +12,6 @@ adapters (unless every weight is trained), saved adapters if given, and the CPU 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from common.config import LoraConfig, ModelConfig
 from common.cpu_ops import use_fast_cpu_ops
 from common.gguf_import import CONVERTER_VERSION, BundledModelMissing, bundled_gguf_path, convert_gguf
 from common.lora import attach_lora, load_adapters
+from common.machine_cache import machine_cache_dir
 from common.tiny_model import TINY_VERSION, write_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -46,13 +46,9 @@ class LoadedModel:
     dtype: mx.Dtype
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MLX_PPO_CACHE") or Path.home() / ".cache" / "mlx-ppo")
-
-
 def resolve_model_folder(name: str, cache_dir: str | Path = "") -> Path | str:
     """The folder (or hub id) that ``name`` stands for, building cached folders for 'default' and 'tiny'."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else machine_cache_dir()
     if name == "default":
         try:
             gguf = bundled_gguf_path()

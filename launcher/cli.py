@@ -14,6 +14,7 @@ from common.blas import reexec_with_fast_blas
 from common.config import ConfigError
 from common.exit_codes import ExitCode
 from common.logs import setup_logging
+from common.machine_cache import keep_compiled_kernels
 from launcher import commands, roles
 from launcher.arguments import parse_args, resolve_config
 from launcher.local import launch_local_run
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     ``prog``: the program name that help shows (default: the script's file name).
     """
+    keep_compiled_kernels()  # before any process compiles a kernel; the re-exec and children inherit it
     reexec_with_fast_blas()  # nothing imported so far loads MLX or a BLAS
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-rm"]:  # its own options (argparse cannot pass '--x' through a subcommand)
