@@ -10,6 +10,7 @@ process wraps it with sockets.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,9 +60,10 @@ class PPOLearner:
         # bf16/fp16 trainable weights (full fine-tuning on a GPU): Adam steps float32 master copies.
         master = MasterWeights(container) if MasterWeights.needed(container) else None
         optimizer.init(master.state["weights"] if master else container.trainable_parameters())
-        # Called after every shard of a micro-batch: an update can outlast the actors' patience (minutes on a CPU), and
-        # the service heartbeats from here so that they do not take a busy learner for a gone one.
+        # An update can outlast the actors' patience (minutes on a CPU, kernel compilation on a GPU): the service
+        # heartbeats after every shard (on_progress) and from a thread while an update runs (while_busy).
         self.on_progress: Callable[[], None] = lambda: None
+        self.while_busy: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.proximal_in_step = proximal_from_step(cfg, proximal_in_step)
         # The shards of each micro-batch run on this many threads at once (CPU: MLX's elementwise ops are
         # single-threaded per stream, learner/shards.py); one thread runs everything in the caller.
@@ -163,8 +165,9 @@ class PPOLearner:
         start = time.perf_counter()
         mx.reset_peak_memory()
         rng = self._reseed()
-        arrays, stats = self.prepare(exp)
-        stats.update(self.minibatches.run_epochs(arrays, self.cfg, rng, self.policy_version + 1))
+        with self.while_busy():
+            arrays, stats = self.prepare(exp)
+            stats.update(self.minibatches.run_epochs(arrays, self.cfg, rng, self.policy_version + 1))
         if self.container.has_value:
             values, returns, mask = (mx.array(arrays[k]) for k in ("old_values", "returns", "mask"))
             stats["value/explained_var"] = explained_variance(values, returns, mask).item()

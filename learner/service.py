@@ -23,6 +23,7 @@ from common.protocol import Heartbeat, Shutdown
 from common.transport import LearnerSockets
 from learner.admission import RolloutAdmission
 from learner.buffer import ExperienceBuffer, SequenceLimits
+from learner.busy_heartbeats import BusyHeartbeats
 from learner.checkpoint import load_buffered, load_checkpoint, save_checkpoint
 from learner.intake import Intake
 from learner.metrics import MetricsWriter, format_update_line
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 class LearnerService:
     def __init__(self, cfg: Config, sockets: LearnerSockets, learner: PPOLearner, run_dir: Path):
         self.cfg, self.sockets, self.learner, self.run_dir = cfg, sockets, learner, run_dir
-        learner.on_progress = self.heartbeat  # heartbeats go on during a long update
+        beats = BusyHeartbeats(self.heartbeat, cfg.transport.heartbeat_s / 2)
+        learner.on_progress, learner.while_busy = beats.beat_now, beats.running  # heartbeats during an update
         limits = SequenceLimits(
             vocab_size(learner.container.policy), cfg.sampling.max_prompt_tokens, cfg.sampling.max_new_tokens
         )

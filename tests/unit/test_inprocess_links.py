@@ -120,6 +120,32 @@ def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp
         assert all(b.policy_version == 0 for b in beats)  # sent while the update was still running
 
 
+def test_the_learner_heartbeats_inside_one_long_micro_batch(model_cache, tmp_path):
+    """One evaluation can outlast the actors' patience by itself (a fresh GPU compiles its kernels in the first
+    update, minutes): heartbeats come from a thread while the update runs, not only between micro-batches."""
+    with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=8") as h:
+        worker = h.actor(0)
+        h.join(worker)
+        learner = h.service.learner
+        grad_step = learner.minibatches.grad_step
+
+        def one_long_grad_step(worker, mb):  # the one micro-batch: 1 s in which MLX would hold no GIL either
+            time.sleep(1.0)
+            return grad_step(worker, mb)
+
+        learner.minibatches.grad_step = one_long_grad_step
+        while worker.sockets.receive_control(0) is not None:  # what the join left queued
+            pass
+        learner.update(tiny_experience())  # between micro-batches there are at most 3 chances to beat
+        beats = []
+        while (frames := worker.sockets.receive_control(0)) is not None:
+            if isinstance(msg := protocol.decode(frames), protocol.Heartbeat):
+                beats.append(msg)
+        assert len(beats) >= 6, len(beats)
+        assert all(b.policy_version == 0 for b in beats)  # sent while the update was still running
+        h.service.heartbeat()  # the socket is the loop's again once the update returned
+
+
 def test_actors_rejoin_a_restarted_learner_and_take_its_snapshot(model_cache, tmp_path):
     """The learner process is replaced (same address): its actor is asked to say hello again, is welcomed,
     takes the new learner's snapshot whatever its version, and gets work from it."""
