@@ -89,7 +89,7 @@ def token_logprobs(logits: mx.array, tokens: mx.array, temperature: float = 1.0)
     return gather_token_logprobs(scaled, tokens) - logsumexp(scaled)[..., 0]
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
 
 
@@ -109,8 +109,8 @@ def pad_sequences(
     """
     prompt_lens = np.asarray(prompt_lens, np.int64)
     response_lens = sequences.lengths - prompt_lens
-    width = _round_up(sequences.lengths.max(), multiple)
-    steps = _round_up(max(int(response_lens.max()), 1), multiple)
+    width = round_up(sequences.lengths.max(), multiple)
+    steps = round_up(max(int(response_lens.max()), 1), multiple)
     tokens = sequences.padded(width).astype(np.int32)
     positions = np.minimum(prompt_lens[:, None] - 1 + np.arange(steps)[None], width - 1).astype(np.int32)
     targets = sequences.padded(steps, start=prompt_lens).astype(np.int32)

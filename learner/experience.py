@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.logprobs import pad_sequences
+from common.logprobs import pad_sequences, round_up
 from common.protocol import ExperienceBatch
 from common.ragged import Ragged
 
@@ -132,3 +132,40 @@ class Experience:
         if self.ref is not None:
             arrays["ref"] = self.ref.padded(steps).astype(np.float32)
         return arrays
+
+
+def sequence_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """``[B]`` tokens of each padded row (prompt + response), read off ``padded``'s ``positions`` and ``mask``:
+    the last response token is predicted at ``positions[r - 1]``, so the row ends one token after it."""
+    response_lens = arrays["mask"].sum(axis=1).astype(np.int64)
+    last = arrays["positions"][np.arange(len(response_lens)), np.maximum(response_lens - 1, 0)]
+    return last.astype(np.int64) + 1 + (response_lens > 0)
+
+
+def rows_cut_to_length(
+    arrays: dict[str, np.ndarray], rows: np.ndarray, multiple: int
+) -> dict[str, np.ndarray]:
+    """``arrays`` at ``rows``, their padding cut to those rows' own longest sequence and response (rounded up to
+    ``multiple``, so compiled steps see few shapes): a micro-batch of short answers does not compute the batch's
+    longest. Per-token arrays are the ``[B, T]`` ones; masked-out columns only are dropped, so every masked sum
+    (the loss, the statistics) is unchanged."""
+    steps, width = arrays["mask"].shape[1], arrays["tokens"].shape[1]
+    response_lens = arrays["mask"][rows].sum(axis=1)
+    keep_steps = min(round_up(max(int(response_lens.max(initial=0)), 1), multiple), steps)
+    keep_width = min(round_up(int(sequence_lengths(arrays)[rows].max(initial=1)), multiple), width)
+    cut = {}
+    for key, values in arrays.items():
+        values = values[rows]
+        if key == "tokens":
+            values = values[:, :keep_width]
+        elif values.ndim == 2 and values.shape[1] == steps:
+            values = values[:, :keep_steps]
+        cut[key] = values
+    cut["positions"] = np.minimum(cut["positions"], keep_width - 1)  # padding's positions stay inside
+    return cut
+
+
+def by_length(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """``rows`` from the shortest sequence to the longest (ties in order), so that consecutive micro-batches
+    hold sequences of similar lengths and ``rows_cut_to_length`` cuts most."""
+    return rows[np.argsort(sequence_lengths(arrays)[rows], kind="stable")]

@@ -70,10 +70,21 @@ class PPOLearner:
         pool = ShardPool(container, auto_threads(cfg.compute_threads))
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         reference = share_weights_clone(container.policy) if cfg.full_finetune else None
-        self.recompute = Recompute(pool, temperature, cfg.micro_batch_size, reference, self._progress)
+        self.recompute = Recompute(
+            pool, temperature, cfg.micro_batch_size, reference, self._progress, pad_multiple
+        )
         settings = LossSettings.from_config(cfg, temperature, self.proximal_in_step)
         self.minibatches = MinibatchUpdate(
-            container, optimizer, master, settings, pool, cfg, group, compile_step, self._progress
+            container,
+            optimizer,
+            master,
+            settings,
+            pool,
+            cfg,
+            group,
+            compile_step,
+            self._progress,
+            pad_multiple,
         )
 
     @property

@@ -18,6 +18,7 @@ import numpy as np
 from common.config import PPOUpdateConfig
 from common.logprobs import gather_token_logprobs, response_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
+from learner.experience import by_length, rows_cut_to_length
 from learner.loss import token_entropy
 from learner.models import PolicyAndValue
 from learner.shards import ShardPool, Worker, micro_batch_shards
@@ -33,26 +34,32 @@ class Recompute:
         micro_batch: int,
         reference: nn.Module | None = None,
         progress: Callable[[], None] = lambda: None,
+        pad_multiple: int = 32,
     ):
         """``reference``: the frozen initial policy of a full fine-tuning (None: the policy with its adapters
         off); ``progress`` is called after every shard (the service heartbeats from it)."""
         self.pool, self.temperature, self.micro_batch = pool, temperature, micro_batch
-        self.reference, self.progress = reference, progress
+        self.reference, self.progress, self.pad_multiple = reference, progress, pad_multiple
 
     def run(self, arrays: dict[str, np.ndarray], parts: tuple[str, ...]) -> dict[str, np.ndarray]:
         """``proximal``, ``entropy`` and (with a critic) ``values`` for part ``"policy"``, ``ref`` for ``"ref"``."""
         step = partial(self._shard, arrays=arrays, parts=parts)
-        shards = micro_batch_shards(np.arange(len(arrays["tokens"])), self.micro_batch, self.pool.size)
-        pieces: dict[str, list[mx.array]] = {}
-        for out in self.pool.map(step, shards, self.progress):
-            for key, value in out.items():
-                pieces.setdefault(key, []).append(value)
-        return {k: np.concatenate([np.array(x) for x in v]) for k, v in pieces.items()}
+        rows = by_length(arrays, np.arange(len(arrays["tokens"])))
+        shards = micro_batch_shards(rows, self.micro_batch, self.pool.size)
+        results: dict[str, np.ndarray] = {}
+        for shard, out in zip(shards, self.pool.map(step, shards, self.progress), strict=True):
+            for key, value in out.items():  # [b, t] with t cut to the shard's own length: back into [B, T]
+                full = results.setdefault(key, np.zeros(arrays["mask"].shape, np.float32))
+                full[shard, : value.shape[1]] = np.array(value)
+        return results
 
     def _shard(
         self, worker: Worker, rows: np.ndarray, arrays: dict[str, np.ndarray], parts: tuple[str, ...]
     ) -> dict[str, mx.array]:
-        tokens, positions, response = (mx.array(arrays[k][rows]) for k in ("tokens", "positions", "response"))
+        cut = rows_cut_to_length(
+            {k: arrays[k] for k in ("tokens", "positions", "response", "mask")}, rows, self.pad_multiple
+        )
+        tokens, positions, response = (mx.array(cut[k]) for k in ("tokens", "positions", "response"))
         out = {}
         if "policy" in parts:
             logits, values = worker.module.response_outputs(tokens, positions)

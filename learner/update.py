@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from common.config import PPOUpdateConfig
 from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks
+from learner.experience import by_length, rows_cut_to_length
 from learner.loss import LossSettings, ppo_objective
 from learner.models import PolicyAndValue
 from learner.optimizer import MasterWeights, to_float32
@@ -48,8 +49,10 @@ class MinibatchUpdate:
         group=None,
         compile_step: bool = True,
         progress: Callable[[], None] = lambda: None,
+        pad_multiple: int = 32,
     ):
         self.container, self.optimizer, self.master = container, optimizer, master
+        self.pad_multiple = pad_multiple  # micro-batches are cut to their own longest, rounded up to it
         self.settings, self.pool, self.group = settings, pool, group
         self.max_grad_norm, self.micro_batch = cfg.max_grad_norm, cfg.micro_batch_size
         self.compile_step = compile_step
@@ -117,11 +120,11 @@ class MinibatchUpdate:
         if global_counts[0] <= 0:  # every sequence masked out (all truncated, say): no gradient, no Adam step
             return {"update/skipped_empty": mx.array(1.0)}
         normaliser, num_tokens = (mx.array(max(v, 1.0), dtype=mx.float32) for v in global_counts)
-        step_keys = [k for k in arrays if k != "units"]
+        step_arrays = {k: v for k, v in arrays.items() if k != "units"}
         shards = [
-            {k: mx.array(arrays[k][rows]) for k in step_keys}
+            {k: mx.array(v) for k, v in rows_cut_to_length(step_arrays, rows, self.pad_multiple).items()}
             | {"normaliser": normaliser, "num_tokens": num_tokens}
-            for rows in micro_batch_shards(indices, self.micro_batch, self.pool.size)
+            for rows in micro_batch_shards(by_length(arrays, indices), self.micro_batch, self.pool.size)
         ]
         grads, stats = self._accumulate(shards)
         if not self._finite_everywhere(grads, stats["loss/total"]):

@@ -140,3 +140,51 @@ def test_the_kl_loss_pulls_the_policy_back_to_the_reference(model_cache):
     exp.scores[:] = 1.0
     kls = [learner.update(exp)["loss/ref_kl"] for _ in range(4)]
     assert kls[0] > 0 and kls[-1] < kls[0] / 2
+
+
+def _mixed_lengths() -> Experience:
+    """8 sequences from 1 to 70 response tokens after prompts of 3 to 60: the batch pads to 128 tokens."""
+    rng = np.random.default_rng(1)
+    prompt_lens, response_lens = [3, 40, 5, 7, 60, 4, 9, 6], [2, 70, 3, 1, 5, 66, 4, 2]
+    return Experience.from_rows(
+        [rng.integers(3, 250, n).tolist() for n in prompt_lens],
+        [rng.integers(3, 250, n).tolist() for n in response_lens],
+        [rng.uniform(-6.0, -1.0, n).astype(np.float32) for n in response_lens],
+        rng.normal(size=8).astype(np.float32),
+        np.zeros(8),
+    )
+
+
+def test_rows_are_cut_to_their_own_length_and_keep_every_real_token():
+    from learner.experience import by_length, rows_cut_to_length, sequence_lengths
+
+    arrays = _mixed_lengths().padded(pad_multiple=8)
+    assert sequence_lengths(arrays).tolist() == [5, 110, 8, 8, 65, 70, 13, 8]
+    rows = by_length(arrays, np.arange(8))
+    assert rows.tolist() == [0, 2, 3, 7, 6, 4, 5, 1]
+    cut = rows_cut_to_length(arrays, rows[:4], multiple=8)  # the four shortest: 8 tokens, 8 steps at most
+    assert cut["tokens"].shape == (4, 8) and cut["mask"].shape == (4, 8) and cut["behaviour"].shape == (4, 8)
+    assert cut["mask"].sum() == arrays["mask"][rows[:4]].sum()
+    assert (cut["behaviour"] * cut["mask"]).sum() == pytest.approx(
+        (arrays["behaviour"] * arrays["mask"]).sum(1)[rows[:4]].sum()
+    )
+    assert cut["positions"].max() <= 7 and np.array_equal(cut["tokens"], arrays["tokens"][rows[:4], :8])
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_micro_batches_cut_to_their_own_length_train_as_one_batch_padded_to_the_longest(
+    model_cache, algorithm
+):
+    """Small micro-batches of similar lengths (cut, and for PPO values recomputed per cut piece, then put back in
+    order) give the update of one micro-batch holding the whole batch."""
+    settings = {"algorithm": "grpo", "group_size": 4, "value_kind": None} if algorithm == "grpo" else {}
+    exp = _mixed_lengths()
+    results = []
+    for micro in (8, 2):
+        learner, _ = make_learner(model_cache, micro_batch_size=micro, **settings)
+        stats = learner.update(exp)
+        results.append((stats, dict(tree_flatten(learner.trainable_weights()))))
+    (whole, whole_weights), (cut, cut_weights) = results
+    assert whole["loss/total"] == pytest.approx(cut["loss/total"], rel=1e-4, abs=1e-6)
+    for key in whole_weights:
+        assert np.allclose(np.array(whole_weights[key]), np.array(cut_weights[key]), atol=1e-6), key
