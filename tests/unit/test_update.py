@@ -185,6 +185,9 @@ def test_micro_batches_cut_to_their_own_length_train_as_one_batch_padded_to_the_
         stats = learner.update(exp)
         results.append((stats, dict(tree_flatten(learner.trainable_weights()))))
     (whole, whole_weights), (cut, cut_weights) = results
-    assert whole["loss/total"] == pytest.approx(cut["loss/total"], rel=1e-4, abs=1e-6)
+    for stat in ("loss/total", "grad/norm"):
+        assert whole[stat] == pytest.approx(cut[stat], rel=1e-4, abs=1e-6), stat
     for key in whole_weights:
-        assert np.allclose(np.array(whole_weights[key]), np.array(cut_weights[key]), atol=1e-6), key
+        # Adam's first step is about lr * sign(gradient): an element whose gradient is ~0 moves by up to 1e-6
+        # when its float32 sum is taken in another order (seen with OpenBLAS); 1e-5 is 1% of a step.
+        assert np.allclose(np.array(whole_weights[key]), np.array(cut_weights[key]), atol=1e-5), key
