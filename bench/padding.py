@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--max-response", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--root", default=str(Path(__file__).resolve().parent.parent))
+    parser.add_argument(
+        "--fresh", action="store_true", help="a new batch (new lengths) for every update, as in training"
+    )
     opts = parser.parse_args()
     sys.path.insert(0, opts.root)
     import numpy as np
@@ -37,15 +40,18 @@ def main() -> None:
     from learner.models import build_policy_and_value
     from learner.ppo_learner import PPOLearner
 
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(8, opts.max_response + 1, opts.batch)
-    exp = Experience.from_rows(
-        [rng.integers(20, 40000, 30).tolist() for _ in lengths],
-        [rng.integers(20, 40000, n).tolist() for n in lengths],
-        [np.full(n, -3.0, np.float32) for n in lengths],
-        rng.normal(size=opts.batch).astype(np.float32),
-        np.zeros(opts.batch),
-    )
+    def batch(seed: int) -> Experience:
+        rng = np.random.default_rng(seed)
+        lengths = rng.integers(8, opts.max_response + 1, opts.batch)
+        return Experience.from_rows(
+            [rng.integers(20, 40000, 30).tolist() for _ in lengths],
+            [rng.integers(20, 40000, n).tolist() for n in lengths],
+            [np.full(n, -3.0, np.float32) for n in lengths],
+            rng.normal(size=opts.batch).astype(np.float32),
+            np.zeros(opts.batch),
+        )
+
+    exp = batch(0)
     loaded = load_model(ModelConfig(name=opts.model))
     container = build_policy_and_value(loaded.model, LoraConfig(), value_kind=None)
     cfg = PPOUpdateConfig(algorithm="grpo", group_size=4, batch_size=opts.batch, num_minibatches=1,
@@ -53,12 +59,14 @@ def main() -> None:
     learner = PPOLearner(container, cfg, temperature=1.0)
     learner.update(exp)  # warm-up and compile
     times = []
-    for _ in range(opts.repeats):
+    for i in range(opts.repeats):
         start = time.perf_counter()
-        learner.update(exp)
+        learner.update(batch(i + 1) if opts.fresh else exp)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"root": opts.root, "update_s": min(times), "response_tokens": int(lengths.sum()),
-                      "padded_response_tokens": opts.batch * int(lengths.max())}))  # fmt: skip
+    lengths = exp.tokens.lengths - exp.prompt_lens
+    summary = min(times) if not opts.fresh else sum(times) / len(times)  # fresh: every new shape counts
+    print(json.dumps({"root": opts.root, "fresh": opts.fresh, "update_s": summary, "times": times,
+                      "response_tokens": int(lengths.sum()), "padded_response_tokens": opts.batch * int(lengths.max())}))  # fmt: skip
 
 
 if __name__ == "__main__":
