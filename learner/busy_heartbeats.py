@@ -2,11 +2,10 @@
 
 An update can outlast the actors' patience: a micro-batch of a large model takes seconds, and on MLX's CUDA
 backend the first update of a fresh machine compiles its kernels (minutes, ``bench/results/h200-warmup.md``).
-Calls between micro-batches are not enough then: one ``mx.eval`` can run for longer than ``learner_timeout_s``.
-MLX releases the GIL inside ``eval``, so a thread can beat meanwhile. The socket stays single-user: the thread
-and the between-micro-batch callback beat under one lock, and the service's own loop does not touch the socket
-while an update runs (ZeroMQ allows a socket to move between threads behind a full memory barrier, which the
-lock provides).
+One ``mx.eval`` can then run for longer than ``learner_timeout_s``. MLX releases the GIL inside ``eval``, so a
+thread can beat meanwhile. The socket stays single-user: the service's own loop does not touch it while an update
+runs, and the thread is joined before the loop goes on (ZeroMQ allows a socket to move between threads behind a
+full memory barrier, which starting and joining the thread provide).
 """
 
 from __future__ import annotations
@@ -20,16 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 class BusyHeartbeats:
-    """``beat`` (the service's heartbeat, which itself sends only when one is due) under a lock, from the
-    caller's thread (``beat_now``) and every ``interval_s`` from a thread while ``running()`` is entered."""
+    """``beat`` (the service's heartbeat, which itself sends only when one is due) every ``interval_s`` from a
+    thread while ``running()`` is entered."""
 
     def __init__(self, beat: Callable[[], None], interval_s: float):
         self._beat, self.interval_s = beat, interval_s
-        self._lock = threading.Lock()
-
-    def beat_now(self) -> None:
-        with self._lock:
-            self._beat()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -45,7 +39,7 @@ class BusyHeartbeats:
     def _beat_until(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval_s):
             try:
-                self.beat_now()
+                self._beat()
             except Exception:  # a failed send must not end the update; the caller's loop sees the socket next
                 logger.exception("heartbeat during the update failed; no more until it ends")
                 return

@@ -134,11 +134,11 @@ class Experience:
         return arrays
 
 
-def sequence_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """``[B]`` tokens of each padded row (prompt + response), read off ``padded``'s ``positions`` and ``mask``:
-    the last response token is predicted at ``positions[r - 1]``, so the row ends one token after it."""
-    response_lens = arrays["mask"].sum(axis=1).astype(np.int64)
-    last = arrays["positions"][np.arange(len(response_lens)), np.maximum(response_lens - 1, 0)]
+def sequence_lengths(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Tokens (prompt + response) of each padded row of ``rows``, read off ``padded``'s ``positions`` and
+    ``mask``: the last response token is predicted at ``positions[r - 1]``, so the row ends one token after it."""
+    response_lens = arrays["mask"][rows].sum(axis=1).astype(np.int64)
+    last = arrays["positions"][rows, np.maximum(response_lens - 1, 0)]
     return last.astype(np.int64) + 1 + (response_lens > 0)
 
 
@@ -152,7 +152,7 @@ def rows_cut_to_length(
     steps, width = arrays["mask"].shape[1], arrays["tokens"].shape[1]
     response_lens = arrays["mask"][rows].sum(axis=1)
     keep_steps = min(round_up(max(int(response_lens.max(initial=0)), 1), multiple), steps)
-    keep_width = min(round_up(int(sequence_lengths(arrays)[rows].max(initial=1)), multiple), width)
+    keep_width = min(round_up(int(sequence_lengths(arrays, rows).max(initial=1)), multiple), width)
     cut = {}
     for key, values in arrays.items():
         values = values[rows]
@@ -168,4 +168,4 @@ def rows_cut_to_length(
 def by_length(arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
     """``rows`` from the shortest sequence to the longest (ties in order), so that consecutive micro-batches
     hold sequences of similar lengths and ``rows_cut_to_length`` cuts most."""
-    return rows[np.argsort(sequence_lengths(arrays)[rows], kind="stable")]
+    return rows[np.argsort(sequence_lengths(arrays, rows), kind="stable")]

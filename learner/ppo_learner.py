@@ -61,8 +61,7 @@ class PPOLearner:
         master = MasterWeights(container) if MasterWeights.needed(container) else None
         optimizer.init(master.state["weights"] if master else container.trainable_parameters())
         # An update can outlast the actors' patience (minutes on a CPU, kernel compilation on a GPU): the service
-        # heartbeats after every shard (on_progress) and from a thread while an update runs (while_busy).
-        self.on_progress: Callable[[], None] = lambda: None
+        # heartbeats from a thread while an update runs (the service sets while_busy).
         self.while_busy: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.proximal_in_step = proximal_from_step(cfg, proximal_in_step)
         # The shards of each micro-batch run on this many threads at once (CPU: MLX's elementwise ops are
@@ -70,9 +69,7 @@ class PPOLearner:
         pool = ShardPool(container, auto_threads(cfg.compute_threads))
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         reference = share_weights_clone(container.policy) if cfg.full_finetune else None
-        self.recompute = Recompute(
-            pool, temperature, cfg.micro_batch_size, reference, self._progress, pad_multiple
-        )
+        self.recompute = Recompute(pool, temperature, cfg.micro_batch_size, reference, pad_multiple)
         settings = LossSettings.from_config(cfg, temperature, self.proximal_in_step)
         self.minibatches = MinibatchUpdate(
             container,
@@ -83,7 +80,6 @@ class PPOLearner:
             cfg,
             group,
             compile_step,
-            self._progress,
             pad_multiple,
         )
 
@@ -103,9 +99,6 @@ class PPOLearner:
     def needs_reference(self) -> bool:
         """Whether anything uses reference log-probs (the peers skip the reference pass at beta 0 too)."""
         return self.cfg.kl_coef > 0 or self.cfg.kl_loss_coef > 0 or self.cfg.kl_target > 0
-
-    def _progress(self) -> None:
-        self.on_progress()  # looked up at each call: the service sets it after construction
 
     def _sum_over_ranks(self, values: np.ndarray) -> np.ndarray:
         return sum_over_ranks(values, self.group)

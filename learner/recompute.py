@@ -8,7 +8,6 @@ micro-batch by micro-batch, each split over the shard pool's workers (``learner/
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
@@ -33,13 +32,12 @@ class Recompute:
         temperature: float,
         micro_batch: int,
         reference: nn.Module | None = None,
-        progress: Callable[[], None] = lambda: None,
         pad_multiple: int = 32,
     ):
         """``reference``: the frozen initial policy of a full fine-tuning (None: the policy with its adapters
-        off); ``progress`` is called after every shard (the service heartbeats from it)."""
+        off)."""
         self.pool, self.temperature, self.micro_batch = pool, temperature, micro_batch
-        self.reference, self.progress, self.pad_multiple = reference, progress, pad_multiple
+        self.reference, self.pad_multiple = reference, pad_multiple
 
     def run(self, arrays: dict[str, np.ndarray], parts: tuple[str, ...]) -> dict[str, np.ndarray]:
         """``proximal``, ``entropy`` and (with a critic) ``values`` for part ``"policy"``, ``ref`` for ``"ref"``."""
@@ -47,7 +45,7 @@ class Recompute:
         rows = by_length(arrays, np.arange(len(arrays["tokens"])))
         shards = micro_batch_shards(rows, self.micro_batch, self.pool.size)
         results: dict[str, np.ndarray] = {}
-        for shard, out in zip(shards, self.pool.map(step, shards, self.progress), strict=True):
+        for shard, out in zip(shards, self.pool.map(step, shards), strict=True):
             for key, value in out.items():  # [b, t] with t cut to the shard's own length: back into [B, T]
                 full = results.setdefault(key, np.zeros(arrays["mask"].shape, np.float32))
                 full[shard, : value.shape[1]] = np.array(value)

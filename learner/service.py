@@ -38,8 +38,7 @@ logger = logging.getLogger(__name__)
 class LearnerService:
     def __init__(self, cfg: Config, sockets: LearnerSockets, learner: PPOLearner, run_dir: Path):
         self.cfg, self.sockets, self.learner, self.run_dir = cfg, sockets, learner, run_dir
-        beats = BusyHeartbeats(self.heartbeat, cfg.transport.heartbeat_s / 2)
-        learner.on_progress, learner.while_busy = beats.beat_now, beats.running  # heartbeats during an update
+        learner.while_busy = BusyHeartbeats(self.heartbeat, cfg.transport.heartbeat_s / 2).running
         limits = SequenceLimits(
             vocab_size(learner.container.policy), cfg.sampling.max_prompt_tokens, cfg.sampling.max_new_tokens
         )

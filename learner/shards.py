@@ -35,10 +35,6 @@ from learner.models import share_weights_clone
 T = TypeVar("T")
 
 
-def _nothing() -> None:
-    pass
-
-
 def auto_threads(requested: int) -> int:
     """Worker threads for ``ppo.compute_threads``: ``requested`` if > 0; 0 picks the cores this process may use
     (``OPENBLAS_NUM_THREADS`` when the launcher set it: its share of the machine) on the CPU backend, 1 on a GPU."""
@@ -140,26 +136,21 @@ class ShardPool:
         self.workers = [Worker(i, share_weights_clone(module)) for i in range(threads)]
         self._executors = _executors_for(mx.default_device(), threads)
 
-    def map(
-        self, fn: Callable[[Worker, Any], T], shards: Sequence[Any], progress: Callable[[], None] = _nothing
-    ) -> list[T]:
+    def map(self, fn: Callable[[Worker, Any], T], shards: Sequence[Any]) -> list[T]:
         """``[fn(worker, shard) for shard in shards]``, evaluated (see ``imap``)."""
-        return list(self.imap(fn, shards, progress))
+        return list(self.imap(fn, shards))
 
-    def imap(
-        self, fn: Callable[[Worker, Any], T], shards: Sequence[Any], progress: Callable[[], None] = _nothing
-    ) -> Iterator[T]:
+    def imap(self, fn: Callable[[Worker, Any], T], shards: Sequence[Any]) -> Iterator[T]:
         """Yield ``fn(worker, shard)`` for each shard, evaluated, in the order of ``shards``.
 
         Shard ``i`` runs on worker ``i % size`` (its shards in order, no barrier between micro-batches): at most
         ``size`` shards' activations are in memory at once, and a result is handed on once it and those before it
-        are done. ``progress`` runs after every shard; a shard that raised is raised once every shard finished.
+        are done. A shard that raised is raised once every shard finished.
         """
         if not self._executors:
             for shard in shards:
                 out = fn(self.workers[0], shard)
                 mx.eval(out)  # one shard's activations alive at a time
-                progress()
                 yield out
             return
         # The optimizer replaced the model's arrays since the last call: point every view at the current ones.
@@ -176,7 +167,6 @@ class ShardPool:
         ready, next_index, failure = {}, 0, None
         for _ in shards:
             index, ok, value = results.get()
-            progress()
             if not ok:
                 failure = failure or value
                 continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
@@ -48,7 +47,6 @@ class MinibatchUpdate:
         cfg: PPOUpdateConfig,
         group=None,
         compile_step: bool = True,
-        progress: Callable[[], None] = lambda: None,
         pad_multiple: int = 32,
     ):
         self.container, self.optimizer, self.master = container, optimizer, master
@@ -56,7 +54,6 @@ class MinibatchUpdate:
         self.settings, self.pool, self.group = settings, pool, group
         self.max_grad_norm, self.micro_batch = cfg.max_grad_norm, cfg.micro_batch_size
         self.compile_step = compile_step
-        self.progress = progress  # called after every shard (the service heartbeats from it)
         self._apply = self._make_apply_fn()
 
     def _make_grad_fn(self, module: nn.Module):
@@ -100,7 +97,7 @@ class MinibatchUpdate:
         # Shards come back in order as they finish; each one's stats are token sums over the minibatch's
         # normalisers, so shards add up as whole micro-batches would. Evaluating the running sum frees each shard's
         # gradients (a whole model's with full fine-tuning).
-        for mb_stats, mb_grads in self.pool.imap(self.grad_step, shards, self.progress):
+        for mb_stats, mb_grads in self.pool.imap(self.grad_step, shards):
             if self.master is not None:  # bf16 gradients would round as they add up
                 mb_grads = to_float32(mb_grads)
             grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)

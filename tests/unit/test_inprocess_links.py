@@ -94,7 +94,7 @@ def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers
 
 
 def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
-    """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on between micro-batches."""
+    """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on while it runs."""
     with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=1") as h:
         worker = h.actor(0)
         h.join(worker)
@@ -122,7 +122,7 @@ def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp
 
 def test_the_learner_heartbeats_inside_one_long_micro_batch(model_cache, tmp_path):
     """One evaluation can outlast the actors' patience by itself (a fresh GPU compiles its kernels in the first
-    update, minutes): heartbeats come from a thread while the update runs, not only between micro-batches."""
+    update, minutes): heartbeats come from a thread while the update runs, not between micro-batches."""
     with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=8") as h:
         worker = h.actor(0)
         h.join(worker)
@@ -136,7 +136,7 @@ def test_the_learner_heartbeats_inside_one_long_micro_batch(model_cache, tmp_pat
         learner.minibatches.grad_step = one_long_grad_step
         while worker.sockets.receive_control(0) is not None:  # what the join left queued
             pass
-        learner.update(tiny_experience())  # between micro-batches there are at most 3 chances to beat
+        learner.update(tiny_experience())  # beats between micro-batches alone would be 3 at most
         beats = []
         while (frames := worker.sockets.receive_control(0)) is not None:
             if isinstance(msg := protocol.decode(frames), protocol.Heartbeat):
