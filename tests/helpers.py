@@ -196,7 +196,7 @@ def poll_until(condition, what: str, seconds: float = 300, alive=(), interval: f
     at the deadline or as soon as one of the ``alive`` processes has exited."""
     deadline = time.monotonic() + seconds
     while not condition():
-        dead = {getattr(p, "args", p): p.returncode for p in alive if p.poll() is not None}
+        dead = [(p.args, p.returncode) for p in alive if p.poll() is not None]  # args: a list, not a key
         assert not dead, f"{what}: exited early: {dead}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)  # polling state another process writes; there is nothing to hand-shake with
