@@ -174,6 +174,8 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
             f"ppo.micro_batch_size={u.micro_batch_size} must divide the minibatch size "
             f"{u.batch_size} / {u.num_minibatches} = {u.batch_size // u.num_minibatches}"
         )
+    if u.micro_batch_tokens < -1:
+        p.append(f"ppo.micro_batch_tokens={u.micro_batch_tokens} must be -1 (auto), 0 (off) or > 0")
     if u.update_epochs < 1:
         p.append(f"ppo.update_epochs={u.update_epochs} must be >= 1")
     if u.max_policy_lag < 0:

@@ -79,6 +79,10 @@ class PPOUpdateConfig:
     """Minibatches per epoch; each is one optimizer step."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; gradients of a minibatch's micro-batches are accumulated."""
+    micro_batch_tokens: int = -1
+    """Instead of ``micro_batch_size``: as many length-sorted sequences per pass as fit this many padded tokens
+    (short answers in large micro-batches, long ones in small). -1: chosen from the device's memory on a GPU,
+    off on the CPU backend (learner/micro_batches.py). 0: off."""
     compute_threads: int = 0
     """Threads the learner splits each micro-batch over on the CPU backend (each shard on its own MLX stream;
     peak memory stays one micro-batch's). 0: one per core the learner may use (its share of BLAS threads

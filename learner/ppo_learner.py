@@ -26,6 +26,7 @@ from learner.distributed import sum_over_ranks
 from learner.experience import Experience
 from learner.kl_control import make_kl_controller
 from learner.loss import LossSettings, explained_variance
+from learner.micro_batches import MicroBatching, token_budget
 from learner.models import PolicyAndValue, share_weights_clone
 from learner.optimizer import MasterWeights, make_adam, schedule_of
 from learner.recompute import Recompute, proximal_from_step
@@ -69,18 +70,13 @@ class PPOLearner:
         pool = ShardPool(container, auto_threads(cfg.compute_threads))
         # Full fine-tuning has no adapters to switch off: keep the initial weights (shared, not copied) as reference.
         reference = share_weights_clone(container.policy) if cfg.full_finetune else None
-        self.recompute = Recompute(pool, temperature, cfg.micro_batch_size, reference, pad_multiple)
+        self.micro_batching = MicroBatching(
+            cfg.micro_batch_size, token_budget(cfg.micro_batch_tokens, container.policy), pad_multiple
+        )
+        self.recompute = Recompute(pool, temperature, self.micro_batching, reference)
         settings = LossSettings.from_config(cfg, temperature, self.proximal_in_step)
         self.minibatches = MinibatchUpdate(
-            container,
-            optimizer,
-            master,
-            settings,
-            pool,
-            cfg,
-            group,
-            compile_step,
-            pad_multiple,
+            container, optimizer, master, settings, pool, cfg, self.micro_batching, group, compile_step
         )
 
     @property

@@ -17,8 +17,9 @@ import numpy as np
 from common.config import PPOUpdateConfig
 from common.logprobs import gather_token_logprobs, response_logprobs, sampling_logprobs
 from common.lora import adapters_disabled
-from learner.experience import by_length, rows_cut_to_length
+from learner.experience import rows_cut_to_length
 from learner.loss import token_entropy
+from learner.micro_batches import MicroBatching
 from learner.models import PolicyAndValue
 from learner.shards import ShardPool, Worker, micro_batch_shards
 
@@ -30,20 +31,19 @@ class Recompute:
         self,
         pool: ShardPool,
         temperature: float,
-        micro_batch: int,
+        micro_batching: MicroBatching,
         reference: nn.Module | None = None,
-        pad_multiple: int = 32,
     ):
         """``reference``: the frozen initial policy of a full fine-tuning (None: the policy with its adapters
         off)."""
-        self.pool, self.temperature, self.micro_batch = pool, temperature, micro_batch
-        self.reference, self.pad_multiple = reference, pad_multiple
+        self.pool, self.temperature, self.micro_batching = pool, temperature, micro_batching
+        self.reference = reference
 
     def run(self, arrays: dict[str, np.ndarray], parts: tuple[str, ...]) -> dict[str, np.ndarray]:
         """``proximal``, ``entropy`` and (with a critic) ``values`` for part ``"policy"``, ``ref`` for ``"ref"``."""
         step = partial(self._shard, arrays=arrays, parts=parts)
-        rows = by_length(arrays, np.arange(len(arrays["tokens"])))
-        shards = micro_batch_shards(rows, self.micro_batch, self.pool.size)
+        micro_batches = self.micro_batching(arrays, np.arange(len(arrays["tokens"])))
+        shards = micro_batch_shards(micro_batches, self.pool.size)
         results: dict[str, np.ndarray] = {}
         for shard, out in zip(shards, self.pool.map(step, shards), strict=True):
             for key, value in out.items():  # [b, t] with t cut to the shard's own length: back into [B, T]
@@ -55,7 +55,9 @@ class Recompute:
         self, worker: Worker, rows: np.ndarray, arrays: dict[str, np.ndarray], parts: tuple[str, ...]
     ) -> dict[str, mx.array]:
         cut = rows_cut_to_length(
-            {k: arrays[k] for k in ("tokens", "positions", "response", "mask")}, rows, self.pad_multiple
+            {k: arrays[k] for k in ("tokens", "positions", "response", "mask")},
+            rows,
+            self.micro_batching.multiple,
         )
         tokens, positions, response = (mx.array(cut[k]) for k in ("tokens", "positions", "response"))
         out = {}

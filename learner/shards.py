@@ -55,13 +55,9 @@ def split_rows(rows: np.ndarray, parts: int) -> list[np.ndarray]:
     return np.array_split(rows, min(parts, len(rows))) if len(rows) else []
 
 
-def micro_batch_shards(rows: np.ndarray, micro: int, parts: int) -> list[np.ndarray]:
-    """Micro-batches of ``micro`` of ``rows``, each split over ``parts`` workers (``split_rows``), in order."""
-    return [
-        piece
-        for start in range(0, len(rows), micro)
-        for piece in split_rows(rows[start : start + micro], parts)
-    ]
+def micro_batch_shards(micro_batches: list[np.ndarray], parts: int) -> list[np.ndarray]:
+    """Each of ``micro_batches`` split over ``parts`` workers (``split_rows``), in order."""
+    return [piece for rows in micro_batches for piece in split_rows(rows, parts)]
 
 
 @dataclass

@@ -20,8 +20,9 @@ from mlx.utils import tree_flatten, tree_map
 
 from common.config import PPOUpdateConfig
 from learner.distributed import collective, sum_gradients, sum_over_ranks, sum_stats_over_ranks
-from learner.experience import by_length, rows_cut_to_length
+from learner.experience import rows_cut_to_length
 from learner.loss import LossSettings, ppo_objective
+from learner.micro_batches import MicroBatching
 from learner.models import PolicyAndValue
 from learner.optimizer import MasterWeights, to_float32
 from learner.shards import ShardPool, Worker, micro_batch_shards
@@ -45,14 +46,14 @@ class MinibatchUpdate:
         settings: LossSettings,
         pool: ShardPool,
         cfg: PPOUpdateConfig,
+        micro_batching: MicroBatching,
         group=None,
         compile_step: bool = True,
-        pad_multiple: int = 32,
     ):
         self.container, self.optimizer, self.master = container, optimizer, master
-        self.pad_multiple = pad_multiple  # micro-batches are cut to their own longest, rounded up to it
+        self.micro_batching = micro_batching  # micro-batches are cut to their own longest
         self.settings, self.pool, self.group = settings, pool, group
-        self.max_grad_norm, self.micro_batch = cfg.max_grad_norm, cfg.micro_batch_size
+        self.max_grad_norm = cfg.max_grad_norm
         self.compile_step = compile_step
         self._apply = self._make_apply_fn()
 
@@ -118,10 +119,11 @@ class MinibatchUpdate:
             return {"update/skipped_empty": mx.array(1.0)}
         normaliser, num_tokens = (mx.array(max(v, 1.0), dtype=mx.float32) for v in global_counts)
         step_arrays = {k: v for k, v in arrays.items() if k != "units"}
+        multiple = self.micro_batching.multiple
         shards = [
-            {k: mx.array(v) for k, v in rows_cut_to_length(step_arrays, rows, self.pad_multiple).items()}
+            {k: mx.array(v) for k, v in rows_cut_to_length(step_arrays, rows, multiple).items()}
             | {"normaliser": normaliser, "num_tokens": num_tokens}
-            for rows in micro_batch_shards(by_length(arrays, indices), self.micro_batch, self.pool.size)
+            for rows in micro_batch_shards(self.micro_batching(arrays, indices), self.pool.size)
         ]
         grads, stats = self._accumulate(shards)
         if not self._finite_everywhere(grads, stats["loss/total"]):

@@ -176,18 +176,21 @@ def test_micro_batches_cut_to_their_own_length_train_as_one_batch_padded_to_the_
     model_cache, algorithm
 ):
     """Small micro-batches of similar lengths (cut, and for PPO values recomputed per cut piece, then put back in
-    order) give the update of one micro-batch holding the whole batch."""
+    order), fixed in size or filled to a token budget, give the update of one micro-batch holding the whole batch.
+    """
     settings = {"algorithm": "grpo", "group_size": 4, "value_kind": None} if algorithm == "grpo" else {}
     exp = _mixed_lengths()
     results = []
-    for micro in (8, 2):
-        learner, _ = make_learner(model_cache, micro_batch_size=micro, **settings)
+    # 96 tokens (padding to 32): micro-batches of 3, 2, 1, 1 and 1 sequences (test_micro_batches.py)
+    for micro, tokens in ((8, 0), (2, 0), (8, 96)):
+        learner, _ = make_learner(model_cache, micro_batch_size=micro, micro_batch_tokens=tokens, **settings)
         stats = learner.update(exp)
         results.append((stats, dict(tree_flatten(learner.trainable_weights()))))
-    (whole, whole_weights), (cut, cut_weights) = results
-    for stat in ("loss/total", "grad/norm"):
-        assert whole[stat] == pytest.approx(cut[stat], rel=1e-4, abs=1e-6), stat
-    for key in whole_weights:
-        # Adam's first step is about lr * sign(gradient): an element whose gradient is ~0 moves by up to 1e-6
-        # when its float32 sum is taken in another order (seen with OpenBLAS); 1e-5 is 1% of a step.
-        assert np.allclose(np.array(whole_weights[key]), np.array(cut_weights[key]), atol=1e-5), key
+    whole, whole_weights = results[0]
+    for cut, cut_weights in results[1:]:
+        for stat in ("loss/total", "grad/norm"):
+            assert whole[stat] == pytest.approx(cut[stat], rel=1e-4, abs=1e-6), stat
+        for key in whole_weights:
+            # Adam's first step is about lr * sign(gradient): an element whose gradient is ~0 moves by up to 1e-6
+            # when its float32 sum is taken in another order (seen with OpenBLAS); 1e-5 is 1% of a step.
+            assert np.allclose(np.array(whole_weights[key]), np.array(cut_weights[key]), atol=1e-5), key

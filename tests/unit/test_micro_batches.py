@@ -1,0 +1,68 @@
+"""Micro-batches by token budget (learner/micro_batches.py); the update they give: tests/unit/test_update.py."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from common.logprobs import round_up
+from learner.micro_batches import (
+    MicroBatching,
+    activation_bytes_per_token,
+    plan_micro_batches,
+    resolve_token_budget,
+    token_budget_groups,
+)
+from tests.unit.test_update import _mixed_lengths
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_budget_groups_cover_every_row_once_fill_to_the_budget_and_no_further(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 400, 50))
+    rows = rng.permutation(50)  # any row ids, in the order of their (sorted) lengths
+    budget, multiple = 512, 32
+    groups = token_budget_groups(rows, lengths, budget, multiple)
+    assert np.array_equal(np.concatenate(groups), rows)
+    start = 0
+    for group in groups:
+        longest = round_up(lengths[start + len(group) - 1], multiple)
+        assert len(group) == 1 or len(group) * longest <= budget
+        if start + len(group) < len(rows):  # one more row would not have fit
+            assert (len(group) + 1) * round_up(lengths[start + len(group)], multiple) > budget
+        start += len(group)
+
+
+def test_a_sequence_longer_than_the_budget_goes_alone():
+    groups = token_budget_groups(np.arange(4), np.array([10, 20, 300, 310]), budget=256, multiple=32)
+    assert [g.tolist() for g in groups] == [[0, 1], [2], [3]]
+
+
+def test_micro_batching_sorts_by_length_and_packs_short_sequences_together():
+    arrays = _mixed_lengths().padded(pad_multiple=32)  # lengths 5, 110, 8, 8, 65, 70, 13, 8
+    by_budget = MicroBatching(size=8, token_budget=96, multiple=32)(arrays, np.arange(8))
+    assert [g.tolist() for g in by_budget] == [[0, 2, 3], [7, 6], [4], [5], [1]]
+    fixed = MicroBatching(size=2, token_budget=0, multiple=32)(arrays, np.arange(8))
+    assert [g.tolist() for g in fixed] == [[0, 2], [3, 7], [6, 4], [5, 1]]
+    assert plan_micro_batches(np.arange(5), np.ones(5), 2, 0, 32)[-1].tolist() == [4]
+
+
+def test_the_automatic_budget_is_off_on_the_cpu_and_a_given_one_is_kept():
+    assert mx.default_device() == mx.cpu
+    assert resolve_token_budget(-1, None, mx.float32) == 0
+    assert resolve_token_budget(0, None, mx.float32) == 0
+    assert resolve_token_budget(4096, None, mx.float32) == 4096
+
+
+class _Args:
+    def __init__(self, hidden_size, intermediate_size, num_hidden_layers, vocab_size=49152):
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_hidden_layers, self.vocab_size = num_hidden_layers, vocab_size
+
+
+def test_the_memory_estimate_is_within_the_peaks_measured_on_a_gpu():
+    """The H200's bf16 peaks between 8k- and 32k-token micro-batches (bench/results/h200-warmup.md): 1.59 MB a
+    token on SmolLM2-135M, 3.99 MB on the 1.7B shape. The estimate must not fall below them by more than 5%."""
+    small = activation_bytes_per_token(_Args(576, 1536, 30), 2)
+    large = activation_bytes_per_token(_Args(2048, 8192, 24), 2)
+    assert 0.95 * 1.59e6 <= small <= 1.3 * 1.59e6
+    assert 0.95 * 3.99e6 <= large <= 1.3 * 3.99e6
