@@ -2,6 +2,8 @@
 
     python bench/first_update.py MODEL BATCH PROMPT_LEN RESPONSE_LEN MICRO LORA_RANK REPEATS [nokl]
 
+MICRO: sequences per micro-batch, or ``auto`` (``ppo.micro_batch_tokens = -1``: the budget the learner picks from
+the device's memory; the row then records the budget and the micro-batches it made).
 One process: the bf16 (GPU) or float32 (CPU) GEMM peak, then REPEATS + 1 PPO updates (1 epoch, 1 minibatch,
 value head on the policy trunk, LoRA of LORA_RANK on every linear layer), each timed. ``nokl`` sets
 ``kl_coef = kl_loss_coef = 0`` (the learner then skips the reference pass, and the FLOP count leaves it out).
@@ -32,6 +34,8 @@ def main(argv: list[str]) -> dict:
     from learner.models import build_policy_and_value
     from learner.ppo_learner import PPOLearner
 
+    auto = argv[4] == "auto"
+    argv = [*argv[:4], "0" if auto else argv[4], *argv[5:]]
     model, batch, prompt_len, response_len, micro, rank, repeats = argv[0], *map(int, argv[1:7])
     no_kl = argv[7:8] == ["nokl"]
     peak = matmul_peak_gflops()
@@ -40,8 +44,9 @@ def main(argv: list[str]) -> dict:
         loaded.model, LoraConfig(rank=rank, alpha=2.0 * rank), value_kind="shared"
     )
     kl = {"kl_coef": 0.0, "kl_loss_coef": 0.0} if no_kl else {}
-    cfg = PPOUpdateConfig(batch_size=batch, num_minibatches=1, micro_batch_size=micro, update_epochs=1,
-                          group_size=1, compute_threads=1, **kl)  # fmt: skip
+    cfg = PPOUpdateConfig(batch_size=batch, num_minibatches=1, micro_batch_size=micro or batch,
+                          micro_batch_tokens=-1 if auto else 0, update_epochs=1, group_size=1, compute_threads=1,
+                          **kl)  # fmt: skip
     learner = PPOLearner(container, cfg, temperature=1.0)
     exp = synthetic_experience(loaded.tokenizer, batch, prompt_len, response_len)
     times = []
@@ -54,7 +59,8 @@ def main(argv: list[str]) -> dict:
                          reference=learner.needs_reference)  # fmt: skip
     later = float(np.median(times[1:]))
     return {"model": model, "batch": batch, "prompt_len": prompt_len, "response_len": response_len,
-            "micro": micro, "lora_rank": rank, "no_kl": no_kl, "reference_pass": learner.needs_reference,
+            "micro": "auto" if auto else micro, "token_budget": learner.micro_batching.token_budget,
+            "micro_batches": len(learner.micro_batching(learner.prepare(exp)[0], np.arange(batch))), "lora_rank": rank, "no_kl": no_kl, "reference_pass": learner.needs_reference,
             "ptx_cache": os.environ.get("MLX_PTX_CACHE_DIR", "(default)"), "peak_tflops": peak / 1e3,
             "first_s": times[0], "later_s": later, "mfu": flops / later / 1e9 / peak,
             "peak_gb": mx.get_peak_memory() / 1e9}  # fmt: skip

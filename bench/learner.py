@@ -119,6 +119,7 @@ def measure(value_kind: str, threads: int, opts) -> dict:
         batch_size=opts.batch,
         num_minibatches=1,
         micro_batch_size=opts.micro,
+        micro_batch_tokens=0,
         update_epochs=1,
         group_size=1,
         compute_threads=threads,

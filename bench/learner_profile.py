@@ -142,6 +142,7 @@ def build(opts):
         loaded.model, LoraConfig(rank=rank, alpha=2.0 * rank), value_kind="shared"
     )
     cfg = PPOUpdateConfig(batch_size=opts.batch, num_minibatches=1, micro_batch_size=opts.micro,
+        micro_batch_tokens=0,
                           update_epochs=1, group_size=1, compute_threads=1)  # fmt: skip
     learner = PPOLearner(container, cfg, temperature=1.0)
     exp = synthetic_experience(loaded.tokenizer, opts.batch, opts.prompt_len, opts.response_len)
