@@ -1,6 +1,6 @@
 """The learner's first update against later ones, and its MFU, at one shape (the GPU warm-up question).
 
-    python bench/first_update.py MODEL BATCH PROMPT_LEN RESPONSE_LEN MICRO LORA_RANK REPEATS [nokl]
+    python bench/first_update.py MODEL BATCH PROMPT_LEN RESPONSE_LEN MICRO LORA_RANK REPEATS [nokl] [chunk=N]
 
 MICRO: sequences per micro-batch, or ``auto`` (``ppo.micro_batch_tokens = -1``: the budget the learner picks from
 the device's memory; the row then records the budget and the micro-batches it made).
@@ -37,7 +37,8 @@ def main(argv: list[str]) -> dict:
     auto = argv[4] == "auto"
     argv = [*argv[:4], "0" if auto else argv[4], *argv[5:]]
     model, batch, prompt_len, response_len, micro, rank, repeats = argv[0], *map(int, argv[1:7])
-    no_kl = argv[7:8] == ["nokl"]
+    no_kl = "nokl" in argv[7:]
+    chunk = next((int(a.split("=")[1]) for a in argv[7:] if a.startswith("chunk=")), 0)  # ppo.vocab_chunk
     peak = matmul_peak_gflops()
     loaded = load_model(ModelConfig(name=model))
     container = build_policy_and_value(
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> dict:
     )
     kl = {"kl_coef": 0.0, "kl_loss_coef": 0.0} if no_kl else {}
     cfg = PPOUpdateConfig(batch_size=batch, num_minibatches=1, micro_batch_size=micro or batch,
-                          micro_batch_tokens=-1 if auto else 0, update_epochs=1, group_size=1, compute_threads=1,
+                          micro_batch_tokens=-1 if auto else 0, vocab_chunk=chunk, update_epochs=1, group_size=1, compute_threads=1,
                           **kl)  # fmt: skip
     learner = PPOLearner(container, cfg, temperature=1.0)
     exp = synthetic_experience(loaded.tokenizer, batch, prompt_len, response_len)
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> dict:
     later = float(np.median(times[1:]))
     return {"model": model, "batch": batch, "prompt_len": prompt_len, "response_len": response_len,
             "micro": "auto" if auto else micro, "token_budget": learner.micro_batching.token_budget,
-            "micro_batches": len(learner.micro_batching(learner.prepare(exp)[0], np.arange(batch))), "lora_rank": rank, "no_kl": no_kl, "reference_pass": learner.needs_reference,
+            "micro_batches": len(learner.micro_batching(learner.prepare(exp)[0], np.arange(batch))), "lora_rank": rank, "no_kl": no_kl, "vocab_chunk": chunk, "reference_pass": learner.needs_reference,
             "ptx_cache": os.environ.get("MLX_PTX_CACHE_DIR", "(default)"), "peak_tflops": peak / 1e3,
             "first_s": times[0], "later_s": later, "mfu": flops / later / 1e9 / peak,
             "peak_gb": mx.get_peak_memory() / 1e9}  # fmt: skip

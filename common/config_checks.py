@@ -174,6 +174,8 @@ def validate_ppo(u: PPOUpdateConfig) -> list[str]:
             f"ppo.micro_batch_size={u.micro_batch_size} must divide the minibatch size "
             f"{u.batch_size} / {u.num_minibatches} = {u.batch_size // u.num_minibatches}"
         )
+    if u.vocab_chunk < 0:
+        p.append(f"ppo.vocab_chunk={u.vocab_chunk} must be >= 0 (0: the whole micro-batch at once)")
     if u.micro_batch_tokens < -1:
         p.append(f"ppo.micro_batch_tokens={u.micro_batch_tokens} must be -1 (auto), 0 (off) or > 0")
     if u.update_epochs < 1:

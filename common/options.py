@@ -83,6 +83,10 @@ class PPOUpdateConfig:
     """Instead of ``micro_batch_size``: as many length-sorted sequences per pass as fit this many padded tokens
     (short answers in large micro-batches, long ones in small). -1: chosen from the device's memory on a GPU,
     off on the CPU backend (learner/micro_batches.py). 0: off."""
+    vocab_chunk: int = 0
+    """Response tokens per chunk of the vocabulary pass (log-probs and their gradient without a ``[tokens, V]``
+    float32 array; the backward recomputes each chunk's logits: learner/vocab_pass.py). 0: the whole micro-batch
+    at once. With ``ent_coef > 0`` the entropy bonus takes the plain pass."""
     compute_threads: int = 0
     """Threads the learner splits each micro-batch over on the CPU backend (each shard on its own MLX stream;
     peak memory stays one micro-batch's). 0: one per core the learner may use (its share of BLAS threads

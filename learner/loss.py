@@ -24,6 +24,7 @@ from common.config import PPOUpdateConfig
 from common.logprobs import sampling_logprobs, token_logprobs
 from learner.kl_estimators import k2, k3
 from learner.models import PolicyAndValue
+from learner.vocab_pass import chunked_logprobs_and_entropy, chunked_token_logprobs, flat, head_weight
 
 
 def masked_sum_over(x: mx.array, mask: mx.array, num_tokens: mx.array | float | None = None) -> mx.array:
@@ -222,7 +223,7 @@ def explained_variance(values: mx.array, returns: mx.array, mask: mx.array) -> m
 @dataclass(frozen=True)
 class LossSettings:
     """The objective's settings (``[ppo]``), as the compiled step reads them: a frozen record of one field per
-    option the loss reads (13), no behaviour."""
+    option the loss reads (14), no behaviour."""
 
     temperature: float
     clip: Clip
@@ -241,6 +242,8 @@ class LossSettings:
     is_correction: str = "truncate"
     is_low: float = 0.5
     is_high: float = 2.0
+    vocab_chunk: int = 0
+    """Response tokens per chunk of the vocabulary pass (learner/vocab_pass.py); 0: the plain pass."""
 
     @classmethod
     def from_config(cls, cfg: PPOUpdateConfig, temperature: float, proximal_in_step: bool) -> LossSettings:
@@ -259,18 +262,42 @@ class LossSettings:
             cfg.is_correction,
             cfg.is_low,
             cfg.is_high,
+            cfg.vocab_chunk,
         )
 
 
-def proximal_stats(
-    logits: mx.array, proximal: mx.array, mb: dict[str, mx.array], temperature: float
-) -> dict[str, mx.array]:
+def proximal_stats(entropies: mx.array, proximal: mx.array, mb: dict[str, mx.array]) -> dict[str, mx.array]:
     """Entropy of the proximal policy and its k3 KL to the behaviour policy, as token sums / ``num_tokens``."""
     n, mask = mb["num_tokens"], mb["mask"]
     return {
-        "policy/entropy": masked_sum_over(token_entropy(sampling_logprobs(logits, temperature)), mask, n),
+        "policy/entropy": masked_sum_over(entropies, mask, n),
         "mismatch/behaviour_proximal_kl": masked_sum_over(k3(mb["behaviour"] - proximal), mask, n),
     }
+
+
+def policy_outputs(container: PolicyAndValue, mb: dict[str, mx.array], w: LossSettings):
+    """``([b, T] log-probs of the responses, values or None, () -> [b, T] detached entropies, [b, T, V] logits or
+    None)``: through the chunked vocabulary pass when ``w.vocab_chunk`` > 0 and nothing needs the whole logits
+    (the entropy bonus does), else the plain one."""
+    weight = head_weight(container.policy) if w.vocab_chunk > 0 and w.ent_coef == 0 else None
+    if weight is None:
+        logits, values = container.response_outputs(mb["tokens"], mb["positions"])
+
+        def plain_entropy() -> mx.array:
+            return token_entropy(sampling_logprobs(mx.stop_gradient(logits), w.temperature))
+
+        return token_logprobs(logits, mb["response"], w.temperature), values, plain_entropy, logits
+    hidden, values = container.response_hidden(mb["tokens"], mb["positions"])
+    shape, h, targets = mb["response"].shape, flat(hidden), flat(mb["response"]).astype(mx.int32)
+    logprobs = chunked_token_logprobs(w.temperature, w.vocab_chunk)(h, weight, targets)[0].reshape(shape)
+
+    def chunked_entropy() -> mx.array:
+        detached = mx.stop_gradient(h), mx.stop_gradient(weight)
+        return chunked_logprobs_and_entropy(*detached, targets, w.temperature, w.vocab_chunk)[1].reshape(
+            shape
+        )
+
+    return logprobs, values, chunked_entropy, None
 
 
 def ppo_objective(
@@ -283,8 +310,7 @@ def ppo_objective(
     ``num_tokens`` (for the value loss and the token-mean statistics). Full-vocabulary work is kept to what the
     gradient needs: the entropy term (a second pass over ``[B, T, V]``) is only built when ``ent_coef > 0``.
     """
-    logits, values = container.response_outputs(mb["tokens"], mb["positions"])
-    new_logprobs = token_logprobs(logits, mb["response"], w.temperature)
+    new_logprobs, values, proximal_entropy, logits = policy_outputs(container, mb, w)
     mask, n, weights, norm = mb["mask"], mb["num_tokens"], mb["weights"], mb["normaliser"]
     proximal = mx.stop_gradient(new_logprobs) if w.proximal_in_step else mb["proximal"]
     ratio = (sequence_ratio if w.policy_ratio == "sequence" else token_ratio)(new_logprobs, proximal, mask)
@@ -296,7 +322,7 @@ def ppo_objective(
     stats = policy_stats(ratio, mb["advantages"], is_weights, kept, mask, n, w.clip)
     stats["loss/policy"] = loss
     if w.proximal_in_step:  # what the skipped no-grad pass would have reported
-        stats.update(proximal_stats(mx.stop_gradient(logits), proximal, mb, w.temperature))
+        stats.update(proximal_stats(proximal_entropy(), proximal, mb))
     if w.kl_loss_coef > 0:
         stats["loss/ref_kl"] = reference_kl_loss(new_logprobs, mb["ref"], weights, norm, w.kl_loss_estimator)
         loss = loss + w.kl_loss_coef * stats["loss/ref_kl"]

@@ -86,14 +86,19 @@ class PolicyAndValue(nn.Module):
         Returns:
             ``([B, T, V] logits, [B, T] values or None without a value model)``.
         """
+        hidden, values = self.response_hidden(tokens, positions)
+        return lm_head_logits(self.policy, hidden), values
+
+    def response_hidden(self, tokens: mx.array, positions: mx.array) -> tuple[mx.array, mx.array | None]:
+        """``response_outputs`` before the vocabulary projection: ``([B, T, H] policy trunk outputs, values)``."""
         hidden = self.policy.model(tokens)
         gather = positions[..., None]
-        logits = lm_head_logits(self.policy, mx.take_along_axis(hidden, gather, axis=1))
+        response_hidden = mx.take_along_axis(hidden, gather, axis=1)
         if not self.has_value:
-            return logits, None
+            return response_hidden, None
         features = self.value(tokens, hidden)
         value_hidden = mx.take_along_axis(features, gather, axis=1)
-        return logits, self.value.head(value_hidden).squeeze(-1)
+        return response_hidden, self.value.head(value_hidden).squeeze(-1)
 
 
 def build_policy_and_value(

@@ -22,6 +22,7 @@ from learner.loss import token_entropy
 from learner.micro_batches import MicroBatching
 from learner.models import PolicyAndValue
 from learner.shards import ShardPool, Worker, micro_batch_shards
+from learner.vocab_pass import chunked_logprobs_and_entropy, flat, head_weight
 
 
 class Recompute:
@@ -33,11 +34,12 @@ class Recompute:
         temperature: float,
         micro_batching: MicroBatching,
         reference: nn.Module | None = None,
+        vocab_chunk: int = 0,
     ):
         """``reference``: the frozen initial policy of a full fine-tuning (None: the policy with its adapters
-        off)."""
+        off); ``vocab_chunk``: tokens per chunk of the vocabulary pass (0: all at once)."""
         self.pool, self.temperature, self.micro_batching = pool, temperature, micro_batching
-        self.reference = reference
+        self.reference, self.vocab_chunk = reference, vocab_chunk
 
     def run(self, arrays: dict[str, np.ndarray], parts: tuple[str, ...]) -> dict[str, np.ndarray]:
         """``proximal``, ``entropy`` and (with a critic) ``values`` for part ``"policy"``, ``ref`` for ``"ref"``."""
@@ -62,15 +64,28 @@ class Recompute:
         tokens, positions, response = (mx.array(cut[k]) for k in ("tokens", "positions", "response"))
         out = {}
         if "policy" in parts:
-            logits, values = worker.module.response_outputs(tokens, positions)
-            logprobs = sampling_logprobs(logits, self.temperature)
-            out["proximal"] = gather_token_logprobs(logprobs, response)
-            out["entropy"] = token_entropy(logprobs)
-            if values is not None:
-                out["values"] = values
+            out.update(self.policy_part(worker.module, tokens, positions, response))
         if "ref" in parts:
             out["ref"] = self.reference_logprobs(worker.module, tokens, positions, response)
         return out
+
+    def policy_part(
+        self, module: PolicyAndValue, tokens: mx.array, positions: mx.array, response: mx.array
+    ) -> dict[str, mx.array]:
+        """``proximal`` log-probs, ``entropy`` and (with a critic) ``values``, ``[b, T]`` each."""
+        weight = head_weight(module.policy) if self.vocab_chunk > 0 else None
+        if weight is None:
+            logits, values = module.response_outputs(tokens, positions)
+            logprobs = sampling_logprobs(logits, self.temperature)
+            out = {"proximal": gather_token_logprobs(logprobs, response), "entropy": token_entropy(logprobs)}
+        else:
+            hidden, values = module.response_hidden(tokens, positions)
+            targets = flat(response).astype(mx.int32)
+            parts = chunked_logprobs_and_entropy(
+                flat(hidden), weight, targets, self.temperature, self.vocab_chunk
+            )
+            out = {"proximal": parts[0].reshape(response.shape), "entropy": parts[1].reshape(response.shape)}
+        return out if values is None else out | {"values": values}
 
     def reference_logprobs(
         self, module: PolicyAndValue, tokens: mx.array, positions: mx.array, response: mx.array

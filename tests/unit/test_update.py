@@ -181,14 +181,17 @@ def test_micro_batches_cut_to_their_own_length_train_as_one_batch_padded_to_the_
     settings = {"algorithm": "grpo", "group_size": 4, "value_kind": None} if algorithm == "grpo" else {}
     exp = _mixed_lengths()
     results = []
-    # 96 tokens (padding to 32): micro-batches of 3, 2, 1, 1 and 1 sequences (test_micro_batches.py)
-    for micro, tokens in ((8, 0), (2, 0), (8, 96)):
-        learner, _ = make_learner(model_cache, micro_batch_size=micro, micro_batch_tokens=tokens, **settings)
+    # 96 tokens (padding to 32): micro-batches of 3, 2, 1, 1 and 1 sequences (test_micro_batches.py); the last
+    # takes the vocabulary 7 tokens at a time (learner/vocab_pass.py) in the no-grad pass and the step.
+    for micro, tokens, chunk in ((8, 0, 0), (2, 0, 0), (8, 96, 0), (8, 0, 7)):
+        learner, _ = make_learner(
+            model_cache, micro_batch_size=micro, micro_batch_tokens=tokens, vocab_chunk=chunk, **settings
+        )
         stats = learner.update(exp)
         results.append((stats, dict(tree_flatten(learner.trainable_weights()))))
     whole, whole_weights = results[0]
     for cut, cut_weights in results[1:]:
-        for stat in ("loss/total", "grad/norm"):
+        for stat in ("loss/total", "grad/norm", "policy/entropy"):
             assert whole[stat] == pytest.approx(cut[stat], rel=1e-4, abs=1e-6), stat
         for key in whole_weights:
             # Adam's first step is about lr * sign(gradient): an element whose gradient is ~0 moves by up to 1e-6
