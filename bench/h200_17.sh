@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 17's GPU measurements on the lent H200, as CMD of `bench/cuda_host.sh run .whl .devmodel` (which leaves the
+# random-weight bf16 SmolLM2-135M at /tmp/smollm-bf16):
+#
+#   bash bench/h200_17.sh learner-small OUT_DIR  # 135M learner: fixed vs memory-chosen micro-batches, chunked
+#                                                # vocabulary pass, reference pass skipped at kl 0; part profile
+#   bash bench/h200_17.sh learner-large OUT_DIR  # the same with the 1.7B shape (written to /tmp/smol17-bf16)
+#   bash bench/h200_17.sh ptx OUT_DIR            # the kernel cache archived for a later machine
+#
+# Every process logs to OUT_DIR/NAME.log; `first_update.py` rows are the `ROW {json}` lines, collected into
+# OUT_DIR/learner17.jsonl. The kernel cache (MLX_PTX_CACHE_DIR) is one folder for the whole call, so only the
+# first process of a shape compiles; it is archived to OUT_DIR/ptx-cache.tar.xz for a later machine.
+set -uo pipefail
+mode=$1 out=${2:-/tmp}
+small=${SMALL:-/tmp/smollm-bf16} large=${LARGE:-/tmp/smol17-bf16}
+export PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-/root/.cache/mlx-ppo/kernels/mlx-0.32.4}
+mkdir -p "$MLX_PTX_CACHE_DIR"
+step() {  # step NAME SECONDS CMD...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - start)) s"
+    grep '^ROW ' "$out/$name.log" | sed 's/^ROW //' >>"$out/learner17.jsonl"
+    tail -n 12 "$out/$name.log" | grep -v '^ROW ' | cut -c1-240
+}
+first() {  # first NAME MODEL MICRO [nokl] [chunk=N]: 64 x (128 + 384), LoRA r16, 3 timed updates after the first
+    local name=$1 model=$2 micro=$3
+    shift 3
+    step "$name" 150 python3 bench/first_update.py "$model" 64 128 384 "$micro" 16 3 "$@"
+}
+case $mode in
+learner-small)
+    first s-m16 $small 16
+    first s-auto $small auto
+    first s-auto-chunk $small auto chunk=2048
+    first s-auto-nokl $small auto nokl
+    step s-profile 120 python3 bench/learner_profile.py --model $small --micro 16 --output "$out/profile-135m.json"
+    ;;
+learner-large)
+    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    first l-m16 $large 16
+    first l-auto $large auto
+    first l-auto-chunk $large auto chunk=2048
+    first l-auto-nokl $large auto nokl
+    step l-profile 150 python3 bench/learner_profile.py --model $large --micro 16 --output "$out/profile-1.7b.json"
+    ;;
+ptx)
+    tar -C "$MLX_PTX_CACHE_DIR" -cf - . | xz -T0 -6 >"$out/ptx-cache.tar.xz"
+    ls -l "$out"
+    ;;
+*)
+    sed -n '2,10p' "$0"
+    exit 2
+    ;;
+esac
