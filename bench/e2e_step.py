@@ -126,9 +126,11 @@ def system_rows(record: dict) -> list[dict]:
     gen = float(np.mean(gen[skip:])) if gen and gen[skip:] else None
     note = f"median of {len(measured)} step(s) after {skip}"
     s_per_step = float(np.median(measured)) if measured else None
-    if not measured and record["step_s"]:  # better than nothing, but its warm-up makes the peer look slower
-        s_per_step, note = record["step_s"][0], "FIRST STEP ONLY: holds the warm-up, overstates the time"
-    return [base | {"layout": "", "s_per_step": s_per_step, "gen_tokens": gen, "note": note}]
+    row = base | {"layout": "", "s_per_step": s_per_step, "gen_tokens": gen, "note": note}
+    if not measured and record["step_s"]:  # shown, but no ratio: its warm-up makes the peer look slower
+        row |= {"s_per_step": record["step_s"][0], "first_only": True}
+        row["note"] = "FIRST STEP ONLY: holds the warm-up, overstates the time (no ratio taken)"
+    return [row]
 
 
 def _note(row: dict, updates: int) -> str:
@@ -146,7 +148,11 @@ def render_table(rows: list[dict]) -> list[str]:
     lines = []
     for label in sorted({r["label"] for r in rows}):
         mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["system"] != "ours")
-        peers = {r["system"]: r["s_per_step"] for r in mine if r["system"] != "ours" and r["s_per_step"]}
+        peers = {
+            r["system"]: r["s_per_step"]
+            for r in mine
+            if r["system"] != "ours" and r["s_per_step"] and not r.get("first_only")
+        }
         header = ["system", "layout", "s/step", "gen tokens/step", "learner busy", "learner update s"]
         header += [f"rate vs {name} (target {TARGETS.get(name, 0):g}x)" for name in peers] + ["note"]
         lines += [
