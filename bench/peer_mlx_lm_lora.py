@@ -1,8 +1,21 @@
-"""Peer baseline of the learning benchmark: mlx-lm-lora's GRPO on one of our tasks, for a wall-clock budget.
+"""Peer baseline: mlx-lm-lora's GRPO on one of our tasks, for a wall-clock budget or a number of steps.
 
 Run with the peer environment's python (``bench/peer_env.py``), from anywhere::
 
     .venv-peer/bin/python bench/peer_mlx_lm_lora.py --model DIR --task arithmetic --budget-s 180 --out-dir OUT
+
+or with any python that has mlx, mlx-lm, transformers and tqdm, with mlx-lm-lora's wheel unpacked beside
+(``pip install --no-deps --target SITE mlx_lm_lora-5.10.2-py3-none-any.whl``; its GRPO path needs nothing else),
+e.g. on the GPU host of ``bench/cuda_bench.sh e2e``, timing steps of issue 17's shape::
+
+    PYTHONPATH=SITE:/root/cudasite:$PWD python3 bench/peer_mlx_lm_lora.py --model /tmp/smollm-bf16 \
+        --task arithmetic --steps 2 --prompts-per-step 16 --group-size 8 --max-new-tokens 256 --lora-rank 16 \
+        --lora-alpha 32 --beta 0.04 --label 135m --out-dir OUT
+
+What is measured per optimizer step (``steps`` in ``peer_run.json``, written after every step): ``step_s``, the
+wall-clock seconds since the previous step ended (the first step's from the end of model loading, so it holds
+MLX's kernel warm-up), ``generate_s``, the part spent in its ``generate_grpo`` (timed by a wrapper around that
+function), and the completions' mean length as it reports it (``train_average_generated_tokens``).
 
 It re-execs itself once with the optimized BLAS preloaded (``common.blas``), so no ``python -m common.blas``
 wrapper is needed. Training goes through mlx-lm-lora's own code: ``utils.from_pretrained`` (LoRA on every linear
@@ -18,9 +31,14 @@ layer of every block), the reference model as its ``train.py`` loads it, Adam, a
 - sampling is plain temperature sampling (``--top-p 1 --top-k 0``, ours) unless asked otherwise, and no
   ``</answer>`` stop string.
 
+The weights compute in ``--dtype``: 'auto' is float32 on the CPU (as ours there: common.models) and the checkpoint's
+own dtype elsewhere, where the models are left as mlx-lm-lora's ``train.py`` loads them (LoRA tensors in float32).
+MLX's compiled GPU kernels are kept where the launcher keeps ours (``common.machine_cache``).
+
 The budget counts from the start of this script (model loading included). Past the deadline the reward raises
 ``BudgetExhausted`` before scoring anything, and the per-step callback raises it after an update: training stops
-at the first of the two, the adapters are saved, and ``peer_run.json`` in ``--out-dir`` records the timings.
+at the first of the two (or after ``--steps``), the adapters are saved, and ``peer_run.json`` in ``--out-dir``
+records the timings.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -39,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench.peer_mlx_lm_lora")
 TASK_NAMES = ("arithmetic", "format", "length")
 NEVER = 10**9  # an iteration count / step interval that the budget always ends first
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class BudgetExhausted(Exception):
@@ -50,8 +70,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, required=True, help="an mlx-lm model folder")
     p.add_argument("--task", choices=TASK_NAMES, required=True)
     p.add_argument(
-        "--budget-s", type=float, required=True, help="wall-clock seconds, from this script's start"
+        "--budget-s", type=float, default=None, help="wall-clock seconds, from this script's start"
     )
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=4, help="completions per prompt")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per optimizer step")
@@ -65,8 +86,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0, help="mlx-lm-lora's LoRA scale is alpha / rank")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (default: GRPOTrainingArgs')")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto: float32 on the CPU, else the checkpoint's"
+    )
+    p.add_argument("--label", default="", help="a name for the run's record (e.g. the model size)")
     p.add_argument("--out-dir", type=Path, required=True, help="adapters, adapter_config.json, peer_run.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.budget_s is None and args.steps is None:
+        p.error("give --budget-s, --steps or both")
+    return args
 
 
 def make_reward(task: str, deadline: float) -> Callable[..., list[float]]:
@@ -102,18 +130,33 @@ class StepClock:
     """mlx-lm-lora's training callback: records each step's time and metrics, ends training at the deadline.
 
     With ``steps_per_report=1`` its loop calls ``on_train_loss_report`` after every optimizer update.
+    ``generate_s`` is added to by the ``generate_grpo`` wrapper (``time_generation``); ``on_step`` gets the
+    steps so far after each one (to save them).
     """
 
-    def __init__(self, t_start: float, deadline: float) -> None:
-        self.t_start, self.deadline = t_start, deadline
+    def __init__(
+        self, t_start: float, deadline: float, on_step: Callable[[list[dict]], None] | None = None
+    ) -> None:
+        self.t_start, self.deadline, self.on_step = t_start, deadline, on_step
+        self.t_last = time.time()  # training starts: the first step counts from here
+        self.generate_s = 0.0
         self.steps: list[dict[str, float]] = []
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         keys = ("iteration", "train_loss", "train_total_rewards_mean", "train_kl", "tokens_per_second")
-        step = {"t": time.time(), **{k: float(info[k]) for k in keys if k in info}}
+        keys += ("train_average_generated_tokens", "iterations_per_second", "peak_memory")
+        now = time.time()
+        step = {"t": now, "step_s": now - self.t_last, "generate_s": self.generate_s}
+        step |= {k: float(info[k]) for k in keys if k in info}
         self.steps.append(step)
+        self.t_last, self.generate_s = now, 0.0
         elapsed, reward = step["t"] - self.t_start, step.get("train_total_rewards_mean", float("nan"))
-        logger.info("step %d done at %.1f s: mean reward %.3f", step["iteration"], elapsed, reward)
+        logger.info(
+            "step %d done at %.1f s: %.2f s (generation %.2f s), mean reward %.3f",
+            step["iteration"], elapsed, step["step_s"], step["generate_s"], reward,
+        )  # fmt: skip
+        if self.on_step is not None:
+            self.on_step(self.steps)
         if step["t"] >= self.deadline:
             raise BudgetExhausted
 
@@ -121,10 +164,50 @@ class StepClock:
         """No validation set is given, so this is never called."""
 
 
+def time_generation(clock: StepClock) -> None:
+    """Wrap mlx-lm-lora's ``generate_grpo`` (``train_grpo`` calls it by its module-level name) so that each
+    call's wall-clock time is added to ``clock.generate_s``; its tokens come back evaluated, so the time is
+    the generation's own."""
+    from mlx_lm_lora.trainer import grpo_trainer
+
+    original = grpo_trainer.generate_grpo
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            clock.generate_s += time.time() - start
+
+    grpo_trainer.generate_grpo = timed
+
+
+def checkpoint_dtype(model: Any) -> Any:
+    """The dtype most of ``model``'s floating parameters have (the checkpoint's; fresh LoRA tensors are float32)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    sizes: dict[Any, int] = {}
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.size
+    return max(sizes, key=sizes.get)
+
+
+def to_run_dtype(model: Any, requested: str) -> None:
+    """Cast ``model`` to the dtype ``common.models.compute_dtype`` picks, unless it is the checkpoint's own (then
+    it stays as mlx-lm-lora loaded it)."""
+    from common.models import compute_dtype
+
+    dtype = compute_dtype(requested, checkpoint_dtype(model))
+    if dtype != checkpoint_dtype(model):
+        model.set_dtype(dtype)
+
+
 def load_models(args: argparse.Namespace, beta: float) -> tuple[Any, Any, Any, Path]:
     """Policy with fresh LoRA adapters, frozen reference (None when beta is 0), tokenizer, adapter file.
 
-    The checkpoint may be bf16; both models compute in float32 here, as ours do on the CPU (common.models).
+    The checkpoint may be bf16; on the CPU both models compute in float32, as ours do (``to_run_dtype``).
     """
     import mlx.core as mx
     from mlx_lm.utils import load
@@ -139,12 +222,12 @@ def load_models(args: argparse.Namespace, beta: float) -> tuple[Any, Any, Any, P
     model, tokenizer, adapter_file = from_pretrained(
         model=str(args.model), new_adapter_path=str(args.out_dir), lora_config=lora
     )
-    model.set_dtype(mx.float32)
+    to_run_dtype(model, args.dtype)
     ref_model = None
     if beta != 0:  # as mlx-lm-lora's train.load_reference_model: the same checkpoint, frozen
         ref_model, _ = load(str(args.model))
         ref_model.freeze()
-        ref_model.set_dtype(mx.float32)
+        to_run_dtype(ref_model, args.dtype)
         mx.eval(ref_model.parameters())
     mx.eval(model.parameters())
     return model, ref_model, tokenizer, Path(adapter_file)
@@ -174,7 +257,7 @@ def grpo_args(args: argparse.Namespace, beta: float, adapter_file: Path) -> Any:
     return GRPOTrainingArgs(
         batch_size=args.prompts_per_step,
         group_size=args.group_size,
-        iters=NEVER,
+        iters=args.steps or NEVER,
         steps_per_report=1,
         steps_per_eval=NEVER,
         steps_per_save=NEVER,
@@ -189,8 +272,39 @@ def grpo_args(args: argparse.Namespace, beta: float, adapter_file: Path) -> Any:
     )
 
 
+def versions() -> dict[str, str]:
+    """The installed versions of what the peer runs on."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("mlx", "mlx-lm", "mlx-lm-lora", "transformers"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def base_record(args: argparse.Namespace, t_start: float, deadline: float) -> dict[str, Any]:
+    """What ``peer_run.json`` holds besides the steps: the system, versions, machine, command and settings."""
+    from bench.machine import run_record
+
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    finite = deadline if math.isfinite(deadline) else None
+    times = {"t_start": t_start, "deadline": finite, "warmup_steps": 1}
+    return (
+        {"system": "mlx-lm-lora", "label": args.label, "versions": versions(), **run_record()}
+        | times
+        | {
+            "settings": settings,
+            "sequences_per_step": args.prompts_per_step * args.group_size,
+        }
+    )
+
+
 def train(args: argparse.Namespace, t_start: float) -> dict[str, Any]:
-    """Train until the budget is spent; returns the run's record for ``peer_run.json``."""
+    """Train until the budget is spent or ``--steps`` are done; returns the run's record for ``peer_run.json``,
+    which is also written after every step."""
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -199,16 +313,17 @@ def train(args: argparse.Namespace, t_start: float) -> dict[str, Any]:
 
     from actors.builtin_tasks import TASKS
 
-    deadline = t_start + args.budget_s
+    deadline = math.inf if args.budget_s is None else t_start + args.budget_s
     beta = GRPOTrainingArgs.beta if args.beta is None else args.beta
     np.random.seed(args.seed)  # its batch order
     mx.random.seed(args.seed)  # LoRA init and sampling
     model, ref_model, tokenizer, adapter_file = load_models(args, beta)
     dataset = build_dataset(tokenizer, TASKS[args.task].prompts)
-    clock, t_train = StepClock(t_start, deadline), time.time()
-    logger.info(
-        "loaded in %.1f s as %s; training until %.1f s", t_train - t_start, float_dtypes(model), args.budget_s
-    )
+    record = base_record(args, t_start, deadline) | {"beta": beta, "dtypes": float_dtypes(model)}
+    clock = StepClock(t_start, deadline, lambda steps: save_record(args.out_dir, record, steps))
+    time_generation(clock)
+    record["t_train_start"] = clock.t_last
+    logger.info("loaded in %.1f s as %s", clock.t_last - t_start, record["dtypes"])
     try:
         train_grpo(
             model=model,
@@ -224,10 +339,14 @@ def train(args: argparse.Namespace, t_start: float) -> dict[str, Any]:
     except BudgetExhausted:
         logger.info("budget of %.0f s spent after %d steps", args.budget_s, len(clock.steps))
     mx.save_safetensors(str(adapter_file), dict(tree_flatten(model.trainable_parameters())))
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    times = {"t_start": t_start, "t_train_start": t_train, "deadline": deadline}
-    run = {"beta": beta, "dtypes": float_dtypes(model), "settings": settings, "steps": clock.steps}
-    return times | run
+    return save_record(args.out_dir, record, clock.steps)
+
+
+def save_record(out_dir: Path, record: dict[str, Any], steps: list[dict]) -> dict[str, Any]:
+    """``record`` with ``steps`` (and their ``step_s`` alone) written to ``out_dir/peer_run.json``."""
+    full = record | {"steps": steps, "step_s": [s["step_s"] for s in steps]}
+    (out_dir / "peer_run.json").write_text(json.dumps(full, indent=1))
+    return full
 
 
 def use_repo_root() -> None:
@@ -242,9 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.time()
     use_repo_root()
     from common.blas import reexec_with_fast_blas
+    from common.machine_cache import keep_compiled_kernels
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     reexec_with_fast_blas()  # before mlx is imported: the preload only takes at process start
+    logger.info("MLX kernel cache: %s", keep_compiled_kernels())  # the launcher's: one warm cache serves both
     logger.info("LD_PRELOAD: %s", os.environ.get("LD_PRELOAD") or "none (only Linux needs one)")
     args = parse_args(argv)
     from bench.learning_rewards import LOG_ENV
@@ -252,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.environ.get(LOG_ENV):
         logger.warning("$%s is not set: the rewards are computed but not logged", LOG_ENV)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    record = train(args, t_start)
-    (args.out_dir / "peer_run.json").write_text(json.dumps(record, indent=1))
+    train(args, t_start)
     return 0
 
 

@@ -10,6 +10,11 @@
   generate-then-train loop in one process (``--one-process``), same model, settings and cores. ``--set`` adds
   config overrides after ``SCALING_SETTINGS`` (e.g. larger batches on a GPU); each row also reports the learner's
   busy fraction over updates 2..N, the largest policy lag and the sequences dropped (from ``metrics.jsonl``).
+  More layouts with ``--layout [NAME=]sync|N[:KEY=VALUE;...]`` (``bench/launch_runs.parse_layout``; e.g.
+  ``--layout wide=1:sampling.batch_size=256``: one actor with a batch of its own), ``--no-sync-row``,
+  ``--warmup N`` (updates left out of the rates; 1 by default), ``--run-timeout S`` (a run past it is stopped
+  and counted with the updates it finished). Rows also carry seconds per update, the learner's median update
+  time, generated tokens per update and peak memory; the JSON is rewritten after every row.
 
 Prints markdown tables and writes ``bench/results/runtime.json``.
 """
@@ -18,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from bench.launch_runs import Layout, bench_scaling, exit_on_sigterm, parse_layout  # noqa: E402
 from bench.machine import describe_machine, run_record  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -204,72 +209,7 @@ def bench_transport(repeats: int = 30) -> dict:
     return {"p50_ms": float(np.median(times)), "bytes": size, "update_s": update_s}
 
 
-def _samples_per_s(run_dir: Path, batch: int) -> float:
-    """Sequences trained per second between the first and the last update (start-up excluded)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return (len(rows) - 1) * batch / (rows[-1]["time_s"] - rows[0]["time_s"])
-
-
-def _run_stats(run_dir: Path) -> dict:
-    """Learner busy fraction (updates 2..N), largest lag and sequences dropped, as metrics.jsonl reports them."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    busy = [r["perf/learner_busy_frac"] for r in rows[1:] if "perf/learner_busy_frac" in r]
-    return {
-        "busy_min": min(busy) if busy else None,
-        "busy_max": max(busy) if busy else None,
-        "lag_max": max((r.get("lag/max", 0) for r in rows), default=None),
-        "dropped": rows[-1].get("lag/dropped") if rows else None,
-        "time_s": [r.get("time_s") for r in rows],
-    }
-
-
-def _setting_value(settings: list[str], key: str) -> int:
-    return int([s for s in settings if s.startswith(f"{key}=")][-1].split("=", 1)[1])
-
-
-def bench_scaling(
-    actor_counts: list[int], updates: int, workdir: Path, model: str = "default", extra: tuple[str, ...] = ()
-) -> list[dict]:
-    rows = []
-    launch = str(Path(__file__).resolve().parent.parent / "launch.py")
-    settings = [*SCALING_SETTINGS, *extra]
-    batch = _setting_value(settings, "ppo.batch_size")
-    modes = [("sync", 1)] + [("async", n) for n in actor_counts]
-    for mode, n in modes:
-        run_dir = workdir / f"{mode}-{n}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start each run from nothing
-        cmd = [
-            sys.executable,
-            launch,
-            "--actors",
-            str(n),
-            "--max-updates",
-            str(updates),
-            "--run-dir",
-            str(run_dir),
-        ]
-        cmd += ["--one-process"] if mode == "sync" else []
-        for item in [*settings, f"model.name={json.dumps(model)}"]:
-            cmd += ["--set", item]
-        start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if out.returncode != 0:
-            raise RuntimeError(f"{mode} run with {n} actor(s) failed:\n{out.stderr[-4000:]}")
-        rows.append(
-            {
-                "mode": mode,
-                "actors": n,
-                "samples_per_s": _samples_per_s(run_dir, batch=batch),
-                "wall_s": wall,
-                **_run_stats(run_dir),
-            }
-        )
-        print(f"  {mode} with {n} actor(s): {rows[-1]['samples_per_s']:.3f} samples/s", flush=True)
-    return rows
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -288,25 +228,77 @@ def main() -> None:
         dest="overrides",
         help="scaling: extra config override KEY=VALUE",
     )
+    parser.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        dest="layouts",
+        help="scaling: one more layout after --actors' (parse_layout: e.g. wide=1:sampling.batch_size=64)",
+    )
+    parser.add_argument("--no-sync-row", action="store_true", help="scaling: leave out the one-process row")
+    parser.add_argument("--warmup", type=int, default=1, help="scaling: updates left out of the rates")
+    parser.add_argument("--run-timeout", type=float, default=3600.0, help="scaling: seconds per run")
     parser.add_argument("--output", default=str(RESULTS / "runtime.json"))
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def scaling_layouts(args: argparse.Namespace) -> list[Layout]:
+    """The one-process row (unless ``--no-sync-row``), one row per ``--actors`` count, then ``--layout``'s."""
+    layouts = [] if args.no_sync_row else [parse_layout("sync")]
+    return layouts + [parse_layout(str(n)) for n in args.actors] + [parse_layout(s) for s in args.layouts]
+
+
+def print_scaling(rows: list[dict]) -> None:
+    base = rows[0]["samples_per_s"]
+    print(
+        "| layout | actors | samples/s | vs first row | s/update | learner busy | lag max | dropped |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        busy = "" if r["busy_min"] is None else f"{r['busy_min']:.2f}-{r['busy_max']:.2f}"
+        rate, per = r["samples_per_s"], r["s_per_update"]
+        cells = (
+            ["-", "-", "-"]
+            if rate is None
+            else [f"{rate:.3f}", f"{rate / (base or rate):.2f}x", f"{per:.2f}"]
+        )
+        print(
+            f"| {r['layout']} | {r['actors']} | {' | '.join(cells)} | {busy} | {r['lag_max']} | {r['dropped']} |"
+        )
+
+
+def print_sync(rows: list[dict]) -> None:
+    print(
+        "| actors | where | sync p50 ms | sync p90 ms | snapshot MB | share of full weights |\n"
+        "|---:|---|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        print(
+            f"| {r['actors']} | {r['where']} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['bytes'] / 1e6:.1f} | "
+            f"{r['bytes'] / r['full_bytes']:.2%} |"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    exit_on_sigterm()
     if args.receiver:
         run_receiver(args.parts[0], int(args.parts[1]), args.model)
         return
     results: dict = {**run_record(), "machine": f"{describe_machine()}; date {date.today()}"}
     print(results["machine"])
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict] | None = None) -> None:  # after every part and scaling row: a kill keeps those
+        if rows is not None:
+            results["scaling"] = rows
+        output.write_text(json.dumps(results, indent=2))
+
     if "sync" in args.parts:
         results["sync"] = run_sync(args.actors, args.model, args.netns)
-        print(
-            "| actors | where | sync p50 ms | sync p90 ms | snapshot MB | share of full weights |\n"
-            "|---:|---|---:|---:|---:|---:|"
-        )
-        for r in results["sync"]:
-            print(
-                f"| {r['actors']} | {r['where']} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['bytes'] / 1e6:.1f} | "
-                f"{r['bytes'] / r['full_bytes']:.2%} |"
-            )
+        print_sync(results["sync"])
     if "transport" in args.parts:
         t = results["transport"] = bench_transport()
         print(
@@ -314,24 +306,15 @@ def main() -> None:
             f"{t['p50_ms'] / 1000 / t['update_s']:.4%} of a {t['update_s']:.1f} s update"
         )
     if "scaling" in args.parts:
-        results["scaling_settings"] = [*SCALING_SETTINGS, *args.overrides]
-        rows = results["scaling"] = bench_scaling(
-            args.actors, args.updates, Path(args.workdir), args.model, tuple(args.overrides)
+        settings = [*SCALING_SETTINGS, *args.overrides, f"model.name={json.dumps(args.model)}"]
+        results["scaling_settings"] = settings
+        limits = {"timeout_s": args.run_timeout, "warmup": args.warmup}
+        rows = bench_scaling(
+            scaling_layouts(args), args.updates, Path(args.workdir), settings, save, **limits
         )
-        base = rows[0]["samples_per_s"]
-        print(
-            "| mode | actors | samples/s | vs synchronous | learner busy (updates 2-N) | lag max | dropped |\n"
-            "|---|---:|---:|---:|---:|---:|---:|"
-        )
-        for r in rows:
-            busy = "" if r["busy_min"] is None else f"{r['busy_min']:.2f}-{r['busy_max']:.2f}"
-            print(
-                f"| {r['mode']} | {r['actors']} | {r['samples_per_s']:.3f} | {r['samples_per_s'] / base:.2f}x | "
-                f"{busy} | {r['lag_max']} | {r['dropped']} |"
-            )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+        results["scaling"] = rows
+        print_scaling(rows)
+    save()
 
 
 if __name__ == "__main__":
