@@ -35,7 +35,6 @@ learner-small)
     first s-m16 $small 16
     first s-auto $small auto
     first s-auto-chunk $small auto chunk=2048
-    first s-auto-nokl $small auto nokl
     step s-profile 120 python3 bench/learner_profile.py --model $small --micro 16 --output "$out/profile-135m.json"
     ;;
 learner-large)
@@ -45,6 +44,16 @@ learner-large)
     first l-auto-chunk $large auto chunk=2048
     first l-auto-nokl $large auto nokl
     step l-profile 150 python3 bench/learner_profile.py --model $large --micro 16 --output "$out/profile-1.7b.json"
+    ;;
+trl)  # TRL GRPOTrainer + peft on the host's own PyTorch (carry .whltrl); TRL_TOKENS new tokens, TRL_BETA
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/trlsite .whltrl/*.whl
+    python3 -c "import pyarrow, fsspec, peft, torch; print(pyarrow.__version__, fsspec.__version__, peft.__version__, torch.__version__)"
+    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    for pair in 135m:$small 1.7b:$large; do
+        step trl-${pair%%:*} 240 env PYTHONPATH=/tmp/trlsite:$PWD python3 bench/peer_trl.py --model ${pair#*:} \
+            --steps ${TRL_STEPS:-3} --max-new-tokens ${TRL_TOKENS:-128} --beta ${TRL_BETA:-0.04} \
+            --label ${pair%%:*} --output "$out/trl-${pair%%:*}.json"
+    done
     ;;
 ptx)
     tar -C "$MLX_PTX_CACHE_DIR" -cf - . | xz -T0 -6 >"$out/ptx-cache.tar.xz"

@@ -84,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gradient-checkpointing", choices=("default", "on", "off"), default="default")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="", help="the size label bench/e2e_step.py's table groups rows by")
     args = p.parse_args(argv)
     total = args.prompts * args.num_generations
     if total % args.micro_batch:
@@ -389,6 +390,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = trainer.args
     return {
         "bench": "peer_trl",
+        # what bench/e2e_step.py's table reads: every step's time, the warm-up, tokens generated per step
+        "system": "trl",
+        "label": args.label,
+        "step_s": [s["seconds"] for s in timer.steps],
+        "warmup_steps": args.warmup,
+        "gen_tokens": [s.get("completion_tokens", 0) for s in timer.steps],
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "completions_per_step": args.prompts * args.num_generations,
         **medians(timer.steps, args.warmup),
