@@ -63,20 +63,23 @@ def activation_bytes_per_token(args, dtype_bytes: int) -> int:
     return int(args.num_hidden_layers * per_block + 12 * args.vocab_size)
 
 
-def device_memory_bytes() -> int:
-    """What the default device may hold: Metal's recommended working set, the GPU's memory, else 0 (unknown)."""
-    info = mx.device_info()
-    return int(info.get("max_recommended_working_set_size") or info.get("memory_size") or 0)
+def free_device_memory(info: dict) -> int:
+    """Bytes the default device can still hold, from ``mx.device_info()``: CUDA reports ``free_memory``; Metal
+    its recommended working set (``max_recommended_working_set_size``, or ``memory_size``), less what MLX holds
+    now; 0 when unknown (the CPU backend reports neither)."""
+    if "free_memory" in info:
+        return int(info["free_memory"])
+    total = int(info.get("max_recommended_working_set_size") or info.get("memory_size") or 0)
+    return max(total - mx.get_active_memory(), 0) if total else 0
 
 
 def resolve_token_budget(requested: int, args, dtype: mx.Dtype) -> int:
     """``ppo.micro_batch_tokens`` as the learner uses it: > 0 as given, 0 off, -1 auto (off on the CPU)."""
     if requested >= 0:
         return requested
-    total = device_memory_bytes()
-    if mx.default_device() == mx.cpu or total <= 0:
+    free = free_device_memory(mx.device_info())
+    if mx.default_device() == mx.cpu or free <= 0:
         return 0
-    free = max(total - mx.get_active_memory(), 0)
     per_token = activation_bytes_per_token(args, dtype.size)
     budget = int(AUTO_MEMORY_FRACTION * free / per_token)
     logger.info(

@@ -8,6 +8,7 @@ from common.logprobs import round_up
 from learner.micro_batches import (
     MicroBatching,
     activation_bytes_per_token,
+    free_device_memory,
     plan_micro_batches,
     resolve_token_budget,
     token_budget_groups,
@@ -66,3 +67,12 @@ def test_the_memory_estimate_is_within_the_peaks_measured_on_a_gpu():
     large = activation_bytes_per_token(_Args(2048, 8192, 24), 2)
     assert 0.95 * 1.59e6 <= small <= 1.3 * 1.59e6
     assert 0.95 * 3.99e6 <= large <= 1.3 * 3.99e6
+
+
+def test_free_memory_is_read_from_what_cuda_and_metal_report():
+    """The names MLX 0.32 gives: CUDA's ``free_memory`` (seen on the H200), Metal's recommended working set."""
+    cuda = {"total_memory": 150754820096, "free_memory": 149557477376, "device_name": "NVIDIA H200"}
+    assert free_device_memory(cuda) == 149557477376
+    metal = {"max_recommended_working_set_size": 100 * 2**30, "memory_size": 128 * 2**30}
+    assert 99 * 2**30 < free_device_memory(metal) <= 100 * 2**30
+    assert free_device_memory({"architecture": "x86_64", "device_name": "AMD EPYC"}) == 0
