@@ -73,7 +73,9 @@ class PPOLearner:
         self.micro_batching = MicroBatching(
             cfg.micro_batch_size, token_budget(cfg.micro_batch_tokens, container.policy), pad_multiple
         )
-        self.recompute = Recompute(pool, temperature, self.micro_batching, reference, cfg.vocab_chunk)
+        self.recompute = Recompute(
+            pool, temperature, self.micro_batching, reference, cfg.vocab_chunk, compile_step
+        )
         settings = LossSettings.from_config(cfg, temperature, self.proximal_in_step)
         self.minibatches = MinibatchUpdate(
             container, optimizer, master, settings, pool, cfg, self.micro_batching, group, compile_step

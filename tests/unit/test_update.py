@@ -101,6 +101,24 @@ def test_compiled_step_matches_eager(model_cache):
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
 
 
+def test_compiled_no_grad_passes_match_eager_and_read_the_updated_weights(model_cache):
+    """The compiled policy and reference passes (learner/recompute.py) give the eager arrays before and after an
+    update: a trace that froze the adapters, or the reference's scale of 0 into the policy, would differ."""
+    eager, loaded = make_learner(model_cache)
+    compiled, _ = make_learner(model_cache, compile_step=True)
+    exp = sample_experience(eager, loaded.tokenizer)
+    for round_ in range(2):
+        a, b = eager.prepare(exp)[0], compiled.prepare(exp)[0]
+        for key in ("proximal", "old_values", "advantages"):
+            np.testing.assert_allclose(a[key], b[key], atol=2e-5, err_msg=f"{key}, round {round_}")
+        ref = {
+            k: c.recompute.run(c.prepare(exp)[0], ("ref",))["ref"] for k, c in (("e", eager), ("c", compiled))
+        }
+        np.testing.assert_allclose(ref["e"], ref["c"], atol=2e-5)
+        assert not np.allclose(a["proximal"] * a["mask"], ref["e"] * a["mask"], atol=1e-3)  # adapters matter
+        eager.update(exp), compiled.update(exp)
+
+
 def test_single_step_update_takes_the_proximal_policy_from_its_own_forward(model_cache):
     """GRPO with one epoch and one minibatch skips the no-grad policy pass; the update is the same. Not with a KL
     in the reward: its k1 needs the proximal log-probs before the step."""
