@@ -7,8 +7,11 @@ module runs its own decode loop on mlx-lm models and caches:
 - prompts are left-padded into one ``BatchKVCache`` (per-row RoPE offsets and masks, so padding is invisible);
 - every sequence draws from its own seeded stream of uniforms (inverse-CDF sampling), so its tokens do not depend
   on which batch it was generated in;
-- finished rows leave the batch at once; the next step is queued before the host reads the current one
-  (``mx.async_eval``), as mlx-lm does, so the device never waits on Python.
+- the next step is queued before the host reads the current one (``mx.async_eval``), as mlx-lm does, so the
+  device never waits on Python; per step the host reads back only the sampled tokens and their log-probs;
+- two decode paths with the same samples: on the CPU (tokens drawn in NumPy) the uncompiled step over mlx-lm's
+  ``BatchKVCache``, finished rows leaving at once; on a GPU the compiled step of ``actors/decode.py`` over a
+  fixed-shape cache (the host, not the chip, bounds an uncompiled step there; see that module).
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ def test_chip_rows_are_found_by_device_name(device, cores, bandwidth, name):
 def test_unknown_devices_have_no_row():
     assert chips.chip_for("AMD EPYC") is None
     assert chips.chip_for("NVIDIA GeForce RTX 4090") is None
+    import mlx.core as mx
+
+    here = chips.this_chip()  # MLX's own device name: a CPU has no row, the GPUs we run on have one
+    assert (here is None) == (mx.default_device() == mx.cpu)
 
 
 def test_every_row_says_its_source_and_flop_estimates_are_marked():
