@@ -7,13 +7,15 @@ module runs its own decode loop on mlx-lm models and caches:
 - prompts are left-padded into one ``BatchKVCache`` (per-row RoPE offsets and masks, so padding is invisible);
 - every sequence draws from its own seeded stream of uniforms (inverse-CDF sampling), so its tokens do not depend
   on which batch it was generated in;
-- finished rows leave the batch at once; the next step is queued before the host reads the current one
-  (``mx.async_eval``), as mlx-lm does, so the device never waits on Python.
+- the next step is queued before the host reads the current one (``mx.async_eval``), as mlx-lm does, so the
+  device never waits on Python; per step the host reads back only the sampled tokens and their log-probs;
+- two decode paths with the same samples: on the CPU (tokens drawn in NumPy) the uncompiled step over mlx-lm's
+  ``BatchKVCache``, finished rows leaving at once; on a GPU the compiled step of ``actors/decode.py`` over a
+  fixed-shape cache (the host, not the chip, bounds an uncompiled step there; see that module).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,8 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from actors.decode import FixedBatch, draw, supports_fixed_layout
 from common.config import SamplingConfig
-from common.logprobs import gather_token_logprobs, sample_from_logprobs, sample_on_host, sampling_logprobs
+from common.logprobs import sample_on_host
 from common.models import next_token_logits
 
 
@@ -36,6 +39,12 @@ class SamplingParams:
     """Prompt tokens per forward pass during prefill (bounds activation memory for long prompts)."""
     host_sampling: bool | None = None
     """Draw tokens with NumPy on the host (None: exactly when MLX runs on the CPU)."""
+    compiled_decode: bool | None = None
+    """Decode with ``actors/decode.py``'s compiled step over a fixed-shape cache (None: when tokens are drawn on
+    the device and the model's caches allow it, i.e. on a GPU). The samples are the same either way."""
+    kv_chunk: int = 32
+    """Compiled decode: cache columns added at a time (one trace per width and capacity; larger reads more
+    masked columns per step, smaller re-lays out and retraces more often)."""
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
@@ -93,13 +102,13 @@ def _prefill(model: nn.Module, tokens: mx.array, cache: list, step: int) -> mx.a
     return next_token_logits(model, tokens[:, head_start:], cache)[:, -1, :]
 
 
-def _unique_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], mx.array | None]:
+def _unique_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], list[int] | None]:
     """Distinct prompts in first-seen order and, per sequence, its prompt's row (None when all differ)."""
     rows: dict[tuple[int, ...], int] = {}
     copies = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
     if len(rows) == len(prompts):
         return list(prompts), None
-    return [list(p) for p in rows], mx.array(copies)
+    return [list(p) for p in rows], copies
 
 
 def _left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
@@ -109,30 +118,25 @@ def _left_pad(prompts: Sequence[Sequence[int]]) -> tuple[mx.array, list[int]]:
     return mx.array(rows, dtype=mx.int32), padding
 
 
+def _draws_on_host(params: SamplingParams) -> bool:
+    return mx.default_device() == mx.cpu if params.host_sampling is None else params.host_sampling
+
+
 def _sample_step(logits: mx.array, uniforms: np.ndarray, params: SamplingParams) -> tuple[mx.array, mx.array]:
     """Draw one token per row: ``[B, V]`` logits, ``[B]`` uniforms -> ``[B]`` tokens and their log-probs.
 
-    On the CPU backend the draw runs in NumPy (see ``sample_on_host``); on a GPU it stays on the device, lazy.
+    On the CPU backend the draw runs in NumPy (see ``sample_on_host``); on a GPU it stays on the device, lazy, as
+    one compiled function (``actors.decode.draw``).
     """
-    on_host = mx.default_device() == mx.cpu if params.host_sampling is None else params.host_sampling
-    if on_host:
+    if _draws_on_host(params):
         tokens, logprobs = sample_on_host(np.array(logits.astype(mx.float32)), uniforms, params.temperature)
         return mx.array(tokens.astype(np.int32)), mx.array(logprobs)
-    logprobs = sampling_logprobs(logits, params.temperature)
-    tokens = sample_from_logprobs(logprobs, mx.array(uniforms))
-    return tokens, gather_token_logprobs(logprobs, tokens)
+    return draw(logits, mx.array(uniforms), params.temperature)
 
 
-def _start_rows(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    uniforms: np.ndarray,
-    params: SamplingParams,
-    share: bool,
-    seqs: list[int],
-) -> tuple[list, mx.array, mx.array]:
+def _prefill_rows(model, prompts, uniforms, params: SamplingParams, share: bool, seqs: list[int]) -> tuple:
     """Prefill the prompts of sequences ``seqs`` into a new batch cache and draw each row's first token with its
-    first uniform: (cache, tokens, log-probs).
+    first uniform: (cache, ``[b]`` left padding of each row on the host, (tokens, log-probs)).
 
     ``share``: a prompt that appears several times (GRPO's group) is prefilled once and its cache rows copied.
     """
@@ -141,20 +145,52 @@ def _start_rows(
     padded, padding = _left_pad(unique)
     cache = make_batch_cache(model, padding)
     first_logits = _prefill(model, padded, cache, params.prefill_step_size)
+    left = np.asarray(padding)
     if copies is not None:  # one row per sequence again: copy each prompt's cache rows and logits
+        index = mx.array(copies)
         for c in cache:
-            c.filter(copies)
-        first_logits = first_logits[copies]
-    tokens, token_lp = _sample_step(first_logits, uniforms[seqs, 0], params)
-    return cache, tokens, token_lp
+            c.filter(index)
+        first_logits = first_logits[index]
+        # mlx-lm's filter also cuts the padding every row shares
+        left = left[copies] - (padded.shape[1] - getattr(cache[0], "_idx", padded.shape[1]))
+    return cache, left, _sample_step(first_logits, uniforms[seqs, 0], params)
 
 
-def _join_rows(live: tuple, started: tuple) -> tuple[list, mx.array, mx.array]:
-    """(cache, next tokens, their log-probs) of the live rows followed by the rows just started."""
-    (cache, tokens, token_lp), (new_cache, new_tokens, new_lp) = live, started
-    for c, extra in zip(cache, new_cache, strict=True):
-        c.extend(extra)
-    return cache, mx.concatenate([tokens, new_tokens]), mx.concatenate([token_lp, new_lp])
+class _CacheRows:
+    """The live rows over mlx-lm's ``BatchKVCache`` (the uncompiled path): finished rows leave at once (on the CPU
+    a step costs in proportion to its rows)."""
+
+    def __init__(self, cache: list, first: tuple[mx.array, mx.array], rows: list[int]):
+        self.cache, (self.tokens, self.token_lp), self.rows = cache, first, rows
+
+    @property
+    def live(self) -> int:
+        return len(self.rows)
+
+    def queue(
+        self, model: nn.Module, params: SamplingParams, uniforms: np.ndarray, drawn: np.ndarray
+    ) -> None:
+        """Queue the draw that follows ``tokens`` (uniform ``drawn[r]`` of row ``r``); ``tokens`` become it."""
+        logits = next_token_logits(model, self.tokens[:, None], self.cache)[:, -1, :]
+        self.tokens, self.token_lp = _sample_step(logits, uniforms[self.rows, drawn], params)
+        mx.async_eval(self.tokens, self.token_lp)
+
+    def retire(self, keep: list[int]) -> None:
+        if not keep:  # every live row finished: the cache goes with them
+            self.rows = []
+        elif len(keep) < len(self.rows):
+            keep_idx = mx.array(keep, dtype=mx.int32)
+            for c in self.cache:
+                c.filter(keep_idx)
+            self.tokens, self.token_lp = self.tokens[keep_idx], self.token_lp[keep_idx]
+            self.rows = [self.rows[r] for r in keep]
+
+    def join(self, other: _CacheRows) -> _CacheRows:
+        """These rows followed by ``other``'s."""
+        for c, extra in zip(self.cache, other.cache, strict=True):
+            c.extend(extra)
+        first = mx.concatenate([self.tokens, other.tokens]), mx.concatenate([self.token_lp, other.token_lp])
+        return _CacheRows(self.cache, first, self.rows + other.rows)
 
 
 @dataclass
@@ -164,23 +200,33 @@ class _Outputs:
     responses: list[list[int]]
     logprobs: list[list[float]]
     finish: list[str]
+    limits: np.ndarray
+    """``[n]`` new tokens each sequence may draw at most."""
 
     @classmethod
-    def empty(cls, n: int) -> _Outputs:
-        return cls([[] for _ in range(n)], [[] for _ in range(n)], ["length"] * n)
+    def empty(cls, limits: np.ndarray) -> _Outputs:
+        n = len(limits)
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], ["length"] * n, limits)
 
-    def record(
-        self, tokens: mx.array, token_lp: mx.array, rows: list[int], stop_ids, n_new: int
-    ) -> list[int]:
+    def room(self, rows: list[int]) -> np.ndarray:
+        """For each row, the index of its next uniform when it has room for one more token after the current one,
+        else -1 (-1 rows are filler)."""
+        drawn = np.array([len(self.responses[s]) + 1 if s >= 0 else -1 for s in rows])
+        limits = self.limits[np.maximum(rows, 0)]
+        return np.where((drawn >= 0) & (drawn < limits), drawn, -1)
+
+    def record(self, tokens: mx.array, token_lp: mx.array, rows: list[int], stop_ids) -> list[int]:
         """Append each live row's token and log-prob to its sequence; the rows that go on (no stop, room left)."""
         keep = []
         for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
             seq = rows[r]
+            if seq < 0:  # filler
+                continue
             self.responses[seq].append(tok)
             self.logprobs[seq].append(lp)
             if tok in stop_ids:
                 self.finish[seq] = "stop"
-            elif len(self.responses[seq]) < n_new:
+            elif len(self.responses[seq]) < self.limits[seq]:
                 keep.append(r)
         return keep
 
@@ -193,40 +239,38 @@ class _Outputs:
         ]
 
 
-def _queue_step(model, cache, tokens, uniforms, rows, responses, params: SamplingParams) -> tuple:
-    """Queue the draw that follows ``tokens`` (the n-th of each row's own stream) before the host reads them:
-    ``[R]`` next tokens and log-probs, both None when every live row ends with ``tokens``."""
-    drawn = np.array([len(responses[seq]) + 1 for seq in rows])
-    if not (drawn < params.max_new_tokens).any():
-        return None, None
-    logits = next_token_logits(model, tokens[:, None], cache)[:, -1, :]
-    next_tokens, next_lp = _sample_step(logits, uniforms[rows, drawn], params)
-    mx.async_eval(next_tokens, next_lp)
-    return next_tokens, next_lp
-
-
-def _keep_rows(live: tuple, rows: list[int], keep: list[int]) -> tuple[tuple, list[int]]:
-    """The live batch (cache, next tokens, their log-probs) and its sequences, cut to the rows ``keep``."""
-    if not keep:  # every live row finished: the cache goes with them
-        return live, []
-    if len(keep) == len(rows):
-        return live, rows
-    cache, next_tokens, next_lp = live
-    keep_idx = mx.array(keep, dtype=mx.int32)
-    for c in cache:
-        c.filter(keep_idx)
-    return (cache, next_tokens[keep_idx], next_lp[keep_idx]), [rows[r] for r in keep]
-
-
 def _nothing() -> None:
     pass
 
 
-def _check_inputs(prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> None:
+def _check_inputs(prompts: Sequence[Sequence[int]], seeds: Sequence[int], max_new) -> None:
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
+    if max_new is not None and (len(max_new) != len(prompts) or min(max_new, default=1) < 1):
+        raise ValueError(f"max_new needs one limit >= 1 per prompt, got {len(max_new)} for {len(prompts)}")
+
+
+def _use_fixed_layout(model: nn.Module, params: SamplingParams) -> bool:
+    if params.compiled_decode is not None:
+        return params.compiled_decode
+    return not _draws_on_host(params) and supports_fixed_layout(model)
+
+
+def _starter(model, prompts, uniforms, params: SamplingParams, share: bool, fixed: bool) -> Callable:
+    """``start(seqs)``: the rows of sequences ``seqs`` prefilled, with their first tokens queued."""
+
+    def start(seqs: list[int]):
+        cache, left, first = _prefill_rows(model, prompts, uniforms, params, share, seqs)
+        mx.async_eval(*first)
+        if fixed:
+            return FixedBatch.from_prefill(
+                cache, left, first, seqs, mx.array(uniforms[seqs]), params.kv_chunk
+            )
+        return _CacheRows(cache, first, seqs)
+
+    return start
 
 
 def generate_completions(
@@ -238,6 +282,7 @@ def generate_completions(
     on_step: Callable[[], None] | None = None,
     share_prompts: bool = True,
     max_rows: int = 0,
+    max_new: Sequence[int] | None = None,
 ) -> list[Completion]:
     """Sample one completion per prompt; ``seeds[i]`` alone decides the randomness of sequence ``i``.
 
@@ -245,27 +290,29 @@ def generate_completions(
     ``share_prompts``: a prompt repeated (GRPO's group) is prefilled once and its KV cache rows copied.
     ``max_rows`` > 0 keeps at most that many sequences in the batch and, once half of them finished, refills the
     free rows with the next waiting prompts, prefilled together (not row by row); the samples stay the same.
+    ``max_new``: per sequence, at most this many new tokens (each capped at ``params.max_new_tokens``).
     """
-    _check_inputs(prompts, seeds)
+    _check_inputs(prompts, seeds, max_new)
     if not prompts:
         return []
     n_new, width = params.max_new_tokens, max_rows if 0 < max_rows < len(prompts) else len(prompts)
+    limits = np.minimum(n_new, np.asarray(max_new if max_new is not None else [n_new] * len(prompts)))
     # One extra uniform per sequence: a step queued ahead may draw once past a row's max_new_tokens (discarded).
     uniforms = np.stack([sequence_uniforms(s, n_new + 1) for s in seeds])  # [B, n_new + 1]
-    start = functools.partial(_start_rows, model, prompts, uniforms, params, share_prompts)
-    out = _Outputs.empty(len(prompts))
-    rows = list(range(width))  # live row r is sequence rows[r]
+    fixed = _use_fixed_layout(model, params)
+    start = _starter(model, prompts, uniforms, params, share_prompts, fixed)
+    out = _Outputs.empty(limits)
     waiting = list(range(width, len(prompts)))[::-1]  # popped from the end: next sequence last
-    cache, tokens, token_lp = start(rows)
-    mx.async_eval(tokens, token_lp)
-    while rows:
-        live = (cache, *_queue_step(model, cache, tokens, uniforms, rows, out.responses, params))
-        keep = out.record(tokens, token_lp, rows, stop_ids, n_new)
+    live = start(list(range(width)))
+    while live.rows:
+        tokens, token_lp = live.tokens, live.token_lp  # this step's, maybe still computing
+        drawn = out.room(live.rows)
+        if (drawn >= 0).any():  # queue the next step before reading this one
+            live.queue(model, params, uniforms, drawn)
+        keep = out.record(tokens, token_lp, live.rows, stop_ids)
         (on_step or _nothing)()
-        live, rows = _keep_rows(live, rows, keep)
-        if waiting and len(rows) <= width // 2:
-            new = [waiting.pop() for _ in range(min(width - len(rows), len(waiting)))]
-            live = _join_rows(live, start(new)) if rows else start(new)
-            rows += new
-        cache, tokens, token_lp = live
+        live.retire(keep)
+        if waiting and live.live <= width // 2:
+            new = [waiting.pop() for _ in range(min(width - live.live, len(waiting)))]
+            live = live.join(start(new)) if live.live else start(new)
     return out.completions(prompts)
