@@ -145,3 +145,17 @@ def mbu(tokens_per_s: float, bytes_per_token: float, bandwidth_gbs: float) -> fl
 def mfu(flops_per_s: float, chip: Chip) -> float | None:
     """Model FLOP/s utilisation against the chip's published (or estimated) peak; None without one."""
     return None if chip.tflops is None else flops_per_s / (chip.tflops * 1e12)
+
+
+def markdown_table() -> str:
+    """The peak table as BENCHMARKS.md shows it (``python bench/chips.py``)."""
+    lines = ["| chip | memory GB/s | bf16 TFLOP/s | measured here | source |", "|---|---:|---:|---:|---|"]
+    for c in CHIPS:
+        tflops = "-" if c.tflops is None else f"{c.tflops:g}" + (" (estimate)" if c.estimate else "")
+        measured = "-" if c.measured_tflops is None else f"{c.measured_tflops:g}"
+        lines.append(f"| {c.name} | {c.bandwidth_gbs:g} | {tflops} | {measured} | {c.source} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
