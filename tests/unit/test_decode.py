@@ -55,15 +55,12 @@ def both_paths(model, prompts, params, **kw):
     return runs
 
 
-# On the CPU the two paths agree bit for bit (masked columns add exact zeros); a GPU's attention kernels may sum
-# the extra columns in another order.
-EXACT = mx.default_device() == mx.cpu
-
-
 def assert_same(compiled, plain, model, params):
     for a, b in zip(compiled, plain, strict=True):
         assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=0 if EXACT else 1e-5, rtol=0)
+        # Same tokens always; log-probs to 1e-5 (with OpenBLAS preloaded the masked attention over the fixed cache
+        # sums in another order than the growing cache's: ~1e-6 apart).
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a.logprobs, teacher_forced(model, a, params), atol=1e-4)
 
 
