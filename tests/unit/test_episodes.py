@@ -1,0 +1,115 @@
+"""Multi-turn episodes (actors/episodes.py, actors/environments.py) on the tiny model."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from actors.environments import GuessTheNumber, StepResult, load_environment
+from actors.episodes import run_episodes, user_turn_ids
+from actors.sampler import SamplingParams
+from common.logprobs import pad_sequences, response_logprobs
+from common.ragged import Ragged
+
+PARAMS = SamplingParams(temperature=1.0, max_new_tokens=6)
+
+
+def _episodes(tiny, envs, records, **kwargs):
+    return run_episodes(
+        tiny.model, tiny.tokenizer, envs, records, PARAMS, lambda i, t: 1000 * i + t, **kwargs
+    )
+
+
+def test_the_ids_trained_on_are_the_ids_sampled_in_their_contexts(tiny):
+    """Recomputing the log-probs of each whole episode (what the learner does) gives, at every model token, the
+    behaviour log-prob it was sampled with: the ids and their contexts are exactly the sampled ones. Environment
+    tokens sit between the turns, masked out."""
+    episodes = _episodes(tiny, [GuessTheNumber() for _ in range(3)], [{"secret": s} for s in (7, 50, 93)])
+    for episode in episodes:
+        assert len(episode.rewards) >= 2 and 0 in episode.loss_mask and 1 in episode.loss_mask
+    tokens, positions, targets, mask = pad_sequences(
+        Ragged.from_rows([e.ids for e in episodes]), np.array([e.prompt_len for e in episodes])
+    )
+    recomputed = np.array(response_logprobs(tiny.model, *map(mx.array, (tokens, positions, targets)), 1.0))
+    for row, episode in enumerate(episodes):
+        model_tokens = np.array(episode.loss_mask, bool)
+        np.testing.assert_allclose(
+            recomputed[row, : len(model_tokens)][model_tokens],
+            np.array(episode.logprobs)[model_tokens],
+            atol=1e-4,
+        )
+
+
+def test_an_environment_turn_is_the_chat_templates_next_user_turn(tiny):
+    tok = tiny.tokenizer
+    first = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    reply = tok.encode("yes", add_special_tokens=False) + tok.encode(tok.eos_token, add_special_tokens=False)
+    ids = list(first) + reply + user_turn_ids(tok, "lower", model_stopped=True)
+    conversation = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "lower"},
+    ]
+    assert tok.decode(ids) == tok.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    cut = user_turn_ids(
+        tok, "lower", model_stopped=False
+    )  # a turn cut at the limit: the end token is written
+    assert cut[: len(cut) - len(user_turn_ids(tok, "lower", True))] == tok.encode(
+        tok.eos_token, add_special_tokens=False
+    )
+
+
+class _Raises:
+    max_turns = 3
+
+    def reset(self, record):
+        return "go"
+
+    def step(self, action_text):
+        raise RuntimeError("tool crashed")
+
+
+class _Floods:
+    max_turns = 2
+
+    def reset(self, record):
+        return "go"
+
+    def step(self, action_text):
+        return StepResult("x" * 1_000_000)
+
+
+def test_a_failing_or_flooding_environment_ends_or_is_cut_and_the_others_go_on(tiny):
+    raises, floods, game = _episodes(tiny, [_Raises(), _Floods(), GuessTheNumber()], [{}, {}, {"secret": 3}],
+                                     max_observation_chars=50)  # fmt: skip
+    assert raises.ended == "error" and raises.loss_mask and raises.rewards == []
+    assert floods.ended == "turn_limit" and floods.loss_mask.count(0) < 100
+    assert game.ended in ("turn_limit", "done") and len(game.rewards) >= 1
+
+
+def test_an_episode_over_the_context_budget_ends_cleanly(tiny):
+    (episode,) = _episodes(tiny, [GuessTheNumber()], [{"secret": 5}], max_context=1)
+    assert episode.ended == "context" and episode.loss_mask == []
+
+
+def test_the_guessing_game_answers_higher_lower_and_rewards_the_right_guess():
+    env = GuessTheNumber()
+    assert "between 1 and 100" in env.reset({"secret": 42})
+    assert env.step("I guess 10").observation == "higher"
+    assert env.step("maybe 77?").observation == "lower"
+    assert env.step("no idea").info == {"no_number": 1}
+    right = env.step("42")
+    assert right.done and right.reward == 1.0
+
+
+def test_environments_load_by_name_with_clear_errors():
+    assert load_environment("actors.environments:GuessTheNumber") is GuessTheNumber
+    for bad in (
+        "actors.environments",
+        "actors.environments:Nope",
+        "no_such_module:X",
+        "actors.environments:StepResult",
+    ):
+        with pytest.raises(ValueError):
+            load_environment(bad)
