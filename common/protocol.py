@@ -7,7 +7,7 @@ frame order. Nothing is ever unpickled.
 
 Rules: within a version, fields may only be added, with a dataclass default (decoding reads each field as its
 dataclass declares it, ``common.wire.read_fields``: an older peer's message takes the defaults); renaming,
-removing or changing the meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v2`` holds
+removing or changing the meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v3`` holds
 golden bytes.
 
 ``decode`` raises ``ProtocolError`` with a short ``reason`` (used as a ``reject/<reason>`` counter) for every
@@ -31,7 +31,7 @@ from common import wire
 from common.wire import DTYPES as DTYPES  # re-exported: the wire dtypes, where callers look for them
 from common.wire import ProtocolError, check, read_fields
 
-PROTOCOL_VERSION: Final = 2  # v2: Weights as one flat buffer
+PROTOCOL_VERSION: Final = 3  # v2: Weights as one flat buffer; v3: ExperienceBatch.loss_mask (multi-turn)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 MAX_ACTORS: Final = 4096
 """The most actors a hello may say its run has (the learner reports those that never start, one by one)."""
@@ -125,6 +125,10 @@ class ExperienceBatch:
     behaviour_logprobs: np.ndarray
     ref_logprobs: np.ndarray | None = None
     gen_tokens_per_s: float = 0.0
+    loss_mask: np.ndarray | None = None
+    """uint8 per response token: 1 sampled by the model (trained on), 0 written by an environment between the
+    turns of a multi-turn episode (context only). None: every response token is the model's (v3: a v2 learner
+    would have trained on environment tokens, hence the version)."""
     token: str = ""
     """The token of the Welcome this actor process got (see ``Welcome.token``)."""
 
@@ -263,7 +267,8 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
     body = dict(msg.__dict__)
     if isinstance(msg, ExperienceBatch):  # sequences go last, as lists; ref_logprobs only when there are some
         body["sequences"] = [dataclasses.astuple(s) for s in body.pop("sequences")]
-        arrays = [(name, body.pop(name), None) for name in ("tokens", "behaviour_logprobs", "ref_logprobs")]
+        names = ("tokens", "behaviour_logprobs", "ref_logprobs", "loss_mask")
+        arrays = [(name, body.pop(name), None) for name in names]
         return body, [a for a in arrays if a[1] is not None]
     if isinstance(msg, Weights | WeightsChunk):  # one array, in the wire dtype ``dtype``
         name = "flat" if isinstance(msg, Weights) else "data"
@@ -328,7 +333,12 @@ def _experience_arrays(arrays: dict[str, np.ndarray], sequences: list[Sequence_]
     check(len(behaviour) == n_response, "bad_lengths", f"{len(behaviour)} log-probs, sequences: {n_response}")
     ref_ok = ref is None or (ref.dtype == np.float32 and ref.shape == behaviour.shape)
     check(ref_ok, "bad_dtype", f"ref_logprobs {getattr(ref, 'dtype', '')} {getattr(ref, 'shape', '')}")
-    return {"tokens": tokens, "behaviour_logprobs": behaviour, "ref_logprobs": ref}
+    mask = arrays.get("loss_mask")
+    mask_ok = mask is None or (
+        mask.dtype == np.uint8 and mask.shape == behaviour.shape and mask.max(initial=0) <= 1
+    )
+    check(mask_ok, "bad_dtype", f"loss_mask {getattr(mask, 'dtype', '')} {getattr(mask, 'shape', '')}")
+    return {"tokens": tokens, "behaviour_logprobs": behaviour, "ref_logprobs": ref, "loss_mask": mask}
 
 
 def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBatch:

@@ -32,6 +32,7 @@ DTYPES: Final = {
     "float16": np.float16,
     "bfloat16": np.uint16,
     "uint32": np.uint32,
+    "uint8": np.uint8,
 }
 WIRE_REQUIRED: Final = {"wire_required": True}
 """Field metadata: refuse a message that lacks this field although the dataclass has a default for it."""

@@ -195,6 +195,8 @@ def save_groups(groups: list[Group], path: Path) -> None:
         "behaviour": np.zeros(0, np.float32) if exp is None else exp.behaviour.values.astype(np.float32),
         "ref": exp.ref.values.astype(np.float32) if with_ref else np.zeros(0, np.float32),
     }  # fmt: skip
+    if exp is not None and exp.loss_mask is not None:  # multi-turn episodes (older files have none)
+        arrays["loss_mask"] = exp.loss_mask.values.astype(np.uint8)
     with path.open("wb") as f:
         np.savez(f, with_ref=np.array(with_ref), **arrays)
 
@@ -213,6 +215,7 @@ def load_groups(path: Path) -> list[Group]:
         policy_versions=versions[owner].astype(np.int64),
         ref=Ragged.from_lengths(arrays["ref"], response_lens) if arrays["with_ref"] else None,
         truncated=truncated.astype(bool),
+        loss_mask=Ragged.from_lengths(arrays["loss_mask"], response_lens) if "loss_mask" in arrays else None,
     )
     return [
         Group(int(a), int(b), int(v), exp.select(np.flatnonzero(owner == k)), int(p))

@@ -36,6 +36,9 @@ class Experience:
     """Per sequence, float32: reference log-probs of its response tokens, when actors computed them."""
     truncated: np.ndarray | None = None
     """``[B]`` bool: the response was cut at ``sampling.max_new_tokens`` (None: none was)."""
+    loss_mask: Ragged | None = None
+    """Per sequence, uint8 per response token: 1 the model's (trained on), 0 an environment's turn (multi-turn
+    episodes: context only). None: every response token is the model's."""
     origins: list[tuple[int, int, int]] | None = None
     """Per group: ``(actor id, batch id, prompt index)``, reported in the update's metrics (``trained/groups``)."""
 
@@ -53,6 +56,7 @@ class Experience:
             policy_versions=np.full(len(msg.sequences), msg.policy_version, np.int64),
             ref=None if ref is None else Ragged.from_lengths(ref, response_lens),
             truncated=np.array([s.finish_reason == "length" for s in msg.sequences], bool),
+            loss_mask=None if msg.loss_mask is None else Ragged.from_lengths(msg.loss_mask, response_lens),
         )
 
     @classmethod
@@ -84,6 +88,7 @@ class Experience:
         """The sequences of ``parts`` in order (reference log-probs only if every part has them)."""
         with_ref = all(p.ref is not None for p in parts)
         with_truncated = all(p.truncated is not None for p in parts)
+        with_mask = any(p.loss_mask is not None for p in parts)
         return cls(
             tokens=Ragged.concat([p.tokens for p in parts]),
             prompt_lens=np.concatenate([p.prompt_lens for p in parts]),
@@ -92,6 +97,7 @@ class Experience:
             policy_versions=np.concatenate([p.policy_versions for p in parts]),
             ref=Ragged.concat([p.ref for p in parts]) if with_ref else None,
             truncated=np.concatenate([p.truncated for p in parts]) if with_truncated else None,
+            loss_mask=Ragged.concat([p.model_token_mask() for p in parts]) if with_mask else None,
         )
 
     def select(self, rows: np.ndarray | slice) -> Experience:
@@ -104,7 +110,14 @@ class Experience:
             policy_versions=self.policy_versions[rows],
             ref=None if self.ref is None else self.ref.select(rows),
             truncated=None if self.truncated is None else self.truncated[rows],
+            loss_mask=None if self.loss_mask is None else self.loss_mask.select(rows),
         )
+
+    def model_token_mask(self) -> Ragged:
+        """``loss_mask``, or all ones when every response token is the model's."""
+        if self.loss_mask is not None:
+            return self.loss_mask
+        return Ragged.from_lengths(np.ones(int(self.response_lens.sum()), np.uint8), self.response_lens)
 
     @property
     def size(self) -> int:
@@ -124,13 +137,16 @@ class Experience:
     def padded(self, pad_multiple: int = 32) -> dict[str, np.ndarray]:
         """The update's arrays (``common/logprobs.py``'s ``pad_sequences``, lengths rounded up to
         ``pad_multiple``): ``tokens [B, L]``, and over response tokens ``positions``, ``response``, ``mask`` and
-        ``behaviour`` ``[B, T]`` (with ``ref [B, T]`` when the actors sent reference log-probs)."""
+        ``behaviour`` ``[B, T]`` (with ``ref [B, T]`` when the actors sent reference log-probs, and
+        ``model_tokens [B, T]``, 1/0, when environment turns are among the responses)."""
         tokens, positions, response, mask = pad_sequences(self.tokens, self.prompt_lens, pad_multiple)
         steps = mask.shape[1]
         arrays = {"tokens": tokens, "positions": positions, "response": response, "mask": mask}
         arrays["behaviour"] = self.behaviour.padded(steps).astype(np.float32)
         if self.ref is not None:
             arrays["ref"] = self.ref.padded(steps).astype(np.float32)
+        if self.loss_mask is not None:
+            arrays["model_tokens"] = self.loss_mask.padded(steps).astype(np.float32)
         return arrays
 
 

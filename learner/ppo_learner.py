@@ -113,6 +113,7 @@ class PPOLearner:
         """Pad and compute everything the epochs need; returns the arrays and their statistics."""
         arrays = exp.padded(self.pad_multiple)
         sent_ref = arrays.pop("ref", None)  # the actors' reference log-probs
+        model_tokens = arrays.pop("model_tokens", None)  # multi-turn: environment tokens are context only
         recomputed = self._recomputed(arrays, need_ref=sent_ref is None and self.needs_reference)
         proximal, values, mask = recomputed["proximal"], recomputed.get("values"), arrays["mask"]
         ref = recomputed.get("ref") if sent_ref is None else sent_ref  # None when nothing needs it
@@ -133,6 +134,8 @@ class PPOLearner:
         )
         stats["kl/coef"] = self.kl_controller.value
         loss_mask = adv.loss_mask(mask, exp.truncated, self.cfg.truncated)
+        if model_tokens is not None:
+            loss_mask = loss_mask * model_tokens
         weights, units = loss_weights(loss_mask, self.cfg.loss_aggregation, self.max_new_tokens)
         arrays.update(mask=loss_mask, weights=weights, units=units, proximal=proximal, advantages=advantages)
         if values is not None:

@@ -13,8 +13,8 @@ import numpy as np
 from common import protocol as p
 
 FIXTURES = Path(__file__).parent / "fixtures" / f"protocol_v{p.PROTOCOL_VERSION}"
-# Version 2 as first released (session 2), before fields were added: what older peers still send.
-FIXTURES_BEFORE_ADDED_FIELDS = Path(__file__).parent / "fixtures" / "protocol_v2.0"
+# Version 2's last bytes (before v3 added ExperienceBatch.loss_mask): what a peer of an older release sends.
+PREVIOUS_VERSION_FIXTURES = Path(__file__).parent / "fixtures" / "protocol_v2"
 
 
 def samples() -> dict[str, p.Message]:
@@ -41,6 +41,7 @@ def samples() -> dict[str, p.Message]:
             ref_logprobs=np.array([-0.75, -1.0, -2.5], np.float32),
             gen_tokens_per_s=123.5,
             token="tok-9",
+            loss_mask=np.array([1, 0, 1], np.uint8),
         ),
         "weights": p.Weights(
             policy_version=5,

@@ -113,3 +113,51 @@ def test_environments_load_by_name_with_clear_errors():
     ):
         with pytest.raises(ValueError):
             load_environment(bad)
+
+
+def test_environment_tokens_are_context_only_in_the_update(model_cache, tiny):
+    """An update does not depend on what the behaviour log-probs of environment tokens say (they have none: the
+    model did not sample them); with the mask ignored, their importance ratios would enter the loss."""
+    from mlx.utils import tree_flatten
+
+    from learner.experience import Experience
+    from tests.helpers import make_learner
+
+    episodes = _episodes(tiny, [GuessTheNumber() for _ in range(4)], [{"secret": s} for s in (3, 9, 27, 81)])
+    results = []
+    for env_logprob in (-30.0, -1.0):
+        exp = Experience.from_rows(
+            [e.ids[: e.prompt_len] for e in episodes],
+            [e.ids[e.prompt_len :] for e in episodes],
+            [np.where(np.array(e.loss_mask) == 1, e.logprobs, env_logprob) for e in episodes],
+            np.array([1.0, 0.0, 0.5, 0.0]),
+            np.zeros(4),
+        )
+        exp.loss_mask = Ragged.from_rows([e.loss_mask for e in episodes], np.uint8)
+        learner, _ = make_learner(model_cache, algorithm="grpo", group_size=2, value_kind=None, kl_coef=0.0,
+                                  batch_size=4, micro_batch_size=4)  # fmt: skip
+        stats = learner.update(exp)
+        results.append(
+            (stats["loss/total"], stats["is/weight_mean"], dict(tree_flatten(learner.trainable_weights())))
+        )
+    (loss_a, is_a, weights_a), (loss_b, is_b, weights_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-6) and is_a == pytest.approx(is_b, abs=1e-6)
+    for key in weights_a:
+        assert np.allclose(np.array(weights_a[key]), np.array(weights_b[key]), atol=1e-6), key
+
+
+def test_a_loss_mask_survives_the_message_the_batch_and_the_buffer_file(tmp_path):
+    from common import protocol as p
+    from learner.buffer import Group, load_groups, save_groups
+    from learner.experience import Experience
+    from tests.protocol_samples import samples
+
+    msg = p.decode([bytes(f) for f in p.encode(samples()["experience"])])
+    exp = Experience.from_message(msg)
+    assert exp.loss_mask.values.tolist() == [1, 0, 1]
+    both = Experience.concat([exp, exp.select(np.array([0]))])
+    assert both.loss_mask.values.tolist() == [1, 0, 1, 1, 0]
+    save_groups([Group(1, 9, 4, both, 0)], tmp_path / "b.npz")
+    (group,) = load_groups(tmp_path / "b.npz")
+    assert group.experience.loss_mask.values.tolist() == [1, 0, 1, 1, 0]
+    assert exp.padded(pad_multiple=4)["model_tokens"].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]

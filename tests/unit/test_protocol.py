@@ -8,7 +8,7 @@ import pytest
 from common import protocol as p
 from tests.protocol_samples import (
     FIXTURES,
-    FIXTURES_BEFORE_ADDED_FIELDS,
+    PREVIOUS_VERSION_FIXTURES,
     pack_frames,
     samples,
     unpack_frames,
@@ -43,21 +43,29 @@ def test_golden_bytes(name):
     assert_same(p.decode(unpack_frames(golden)), samples()[name])
 
 
-FIRST_RELEASE = sorted(n for n in samples() if (FIXTURES_BEFORE_ADDED_FIELDS / f"{n}.bin").exists())
+PREVIOUS = sorted(n for n in samples() if (PREVIOUS_VERSION_FIXTURES / f"{n}.bin").exists())
 
 
-@pytest.mark.parametrize("name", FIRST_RELEASE)  # message types added later have no such bytes
-def test_messages_from_before_fields_were_added_decode_with_the_defaults(name):
-    """Within a protocol version fields are only added: a peer of the first v2 release still talks to us."""
-    old = p.decode(unpack_frames((FIXTURES_BEFORE_ADDED_FIELDS / f"{name}.bin").read_bytes()))
-    sample = samples()[name]
-    defaults = {
-        "hello": {"num_actors": 0, "incarnation": ""},
-        "welcome": {"config_hash": "", "next_batch": -1, "token": ""},
-        "weights": {"run_id": ""},
-        "experience": {"token": ""},
-    }
-    assert_same(old, dataclasses.replace(sample, **defaults.get(name, {})))
+@pytest.mark.parametrize("name", PREVIOUS)
+def test_messages_of_the_previous_version_are_refused_by_their_version(name):
+    """v3 changed what an experience message means (environment tokens are not trained on): a v2 peer's message
+    is refused by its header, before its body is read, with the reason counted."""
+    with pytest.raises(p.ProtocolError) as refused:
+        p.decode(unpack_frames((PREVIOUS_VERSION_FIXTURES / f"{name}.bin").read_bytes()))
+    assert refused.value.reason == "bad_version"
+
+
+def test_a_loss_mask_must_be_zeros_and_ones_over_the_response_tokens():
+    sample = samples()["experience"]
+    for bad in (
+        np.array([1, 2, 1], np.uint8),
+        np.array([1, 0], np.uint8),
+        np.array([1.0, 0.0, 1.0], np.float32),
+    ):
+        with pytest.raises(p.ProtocolError):
+            p.decode([bytes(f) for f in p.encode(dataclasses.replace(sample, loss_mask=bad))])
+    plain = p.decode([bytes(f) for f in p.encode(dataclasses.replace(sample, loss_mask=None))])
+    assert plain.loss_mask is None
 
 
 def test_large_arrays_arrive_intact():
