@@ -73,8 +73,15 @@ class PPOLearner:
         self.micro_batching = MicroBatching(
             cfg.micro_batch_size, token_budget(cfg.micro_batch_tokens, container.policy), pad_multiple
         )
+        # The no-grad passes are compiled with LoRA; with full fine-tuning the compiled pass made later evals fail
+        # ("array without a primitive") in the in-process runtime tests, cause not yet found: left eager there.
         self.recompute = Recompute(
-            pool, temperature, self.micro_batching, reference, cfg.vocab_chunk, compile_step
+            pool,
+            temperature,
+            self.micro_batching,
+            reference,
+            cfg.vocab_chunk,
+            compile_step and reference is None,
         )
         settings = LossSettings.from_config(cfg, temperature, self.proximal_in_step)
         self.minibatches = MinibatchUpdate(
