@@ -32,6 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from common.logprobs import gather_token_logprobs, sample_from_logprobs, sampling_logprobs
+from common.models import float32_head_weight
 
 ROW_MULTIPLE = 8
 """Widths after a re-layout are multiples of this (finished rows kept as filler), so compiled shapes recur."""
@@ -126,16 +127,8 @@ def _float32_head(model: nn.Module) -> list:
     Shares ``common.models.next_token_logits``' cached copy (same attribute, same rule: remade when the weight
     array changes), so one copy is held; passed to the step as an input so the trace never keeps a stale one.
     """
-    if not getattr(model, "float32_head", False):
-        return []
-    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
-    if "scales" in layer:  # quantized: the model's own call
-        return []
-    cached = getattr(model, "_float32_head_cache", None)
-    if cached is None or cached[0] is not layer.weight:
-        cached = (layer.weight, layer.weight.astype(mx.float32))
-        object.__setattr__(model, "_float32_head_cache", cached)
-    return [cached[1]]
+    weight = float32_head_weight(model)  # None: the model's own call (no float32 head, or quantized)
+    return [] if weight is None else [weight]
 
 
 def supports_fixed_layout(model: nn.Module) -> bool:

@@ -155,6 +155,11 @@ def vocab_size(model: nn.Module) -> int:
     return int(model.model.embed_tokens.weight.shape[0])
 
 
+def head_layer(model: nn.Module) -> nn.Module:
+    """``model``'s vocabulary projection: its ``lm_head``, or the embedding it is tied to."""
+    return model.lm_head if "lm_head" in model else model.model.embed_tokens
+
+
 def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
     """Apply ``model``'s vocabulary projection to trunk outputs ``[..., H]`` -> ``[..., V]``.
 
@@ -162,7 +167,7 @@ def lm_head_logits(model: nn.Module, hidden: mx.array) -> mx.array:
     runs in float32: logits, and so the log-probs of PPO's ratio, carry no low-precision rounding (MiniMax-M1,
     arXiv:2506.13585, found the head the main source of sampler/trainer mismatch). Quantized heads run as they are.
     """
-    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    layer = head_layer(model)
     if getattr(model, "float32_head", False) and "scales" not in layer:
         return hidden.astype(mx.float32) @ layer.weight.astype(mx.float32).T
     return layer(hidden) if "lm_head" in model else layer.as_linear(hidden)
@@ -175,12 +180,19 @@ def next_token_logits(model: nn.Module, tokens: mx.array, cache: list) -> mx.arr
     decoding step (a [V, H] cast per token would cost more than the step)."""
     if not getattr(model, "float32_head", False):
         return model(tokens, cache=cache)
-    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
     hidden = model.model(tokens, cache=cache)
-    if "scales" in layer:  # quantized: as it is
-        return lm_head_logits(model, hidden)
+    weight = float32_head_weight(model)
+    return lm_head_logits(model, hidden) if weight is None else hidden.astype(mx.float32) @ weight.T
+
+
+def float32_head_weight(model: nn.Module) -> mx.array | None:
+    """The float32 copy of a ``float32_head`` model's head weight, made once per weight array (remade when a
+    full fine-tuning snapshot replaces it); None for a quantized head or a model without ``float32_head``."""
+    layer = head_layer(model)
+    if not getattr(model, "float32_head", False) or "scales" in layer:
+        return None
     cached = getattr(model, "_float32_head_cache", None)
-    if cached is None or cached[0] is not layer.weight:  # new weights (a full fine-tuning snapshot)
+    if cached is None or cached[0] is not layer.weight:
         cached = (layer.weight, layer.weight.astype(mx.float32))
         object.__setattr__(model, "_float32_head_cache", cached)  # a plain attribute, not a parameter
-    return hidden.astype(mx.float32) @ cached[1].T
+    return cached[1]

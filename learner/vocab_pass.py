@@ -23,12 +23,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from common.cpu_ops import exp, logsumexp
+from common.models import head_layer
 
 
 def head_weight(model: nn.Module) -> mx.array | None:
     """``[V, H]`` weight of ``model``'s vocabulary projection (the tied embedding or ``lm_head``), in the dtype
     the projection runs in (float32 with ``float32_head``); None when it is not a plain matrix (quantized, bias)."""
-    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    layer = head_layer(model)
     if "scales" in layer or "bias" in layer:
         return None
     weight = layer.weight
