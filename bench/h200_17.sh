@@ -6,6 +6,9 @@
 #                                                # vocabulary pass, reference pass skipped at kl 0; part profile
 #   bash bench/h200_17.sh learner-large OUT_DIR  # the same with the 1.7B shape (written to /tmp/smol17-bf16)
 #   bash bench/h200_17.sh ptx OUT_DIR            # the kernel cache archived for a later machine
+#   bash bench/h200_17.sh finish-a OUT_DIR       # after the compiled no-grad passes and the memory budget fix:
+#                                                # 135M cold then warm cache, memory-chosen micro-batches (auto)
+#   bash bench/h200_17.sh finish-b OUT_DIR       # 1.7B shape: auto, 1 x 64, chunks, kl 0; generation MBU
 #
 # Every process logs to OUT_DIR/NAME.log; `first_update.py` rows are the `ROW {json}` lines, collected into
 # OUT_DIR/learner17.jsonl. The kernel cache (MLX_PTX_CACHE_DIR) is one folder for the whole call, so only the
@@ -28,7 +31,7 @@ step() {  # step NAME SECONDS CMD...
 first() {  # first NAME MODEL MICRO [nokl] [chunk=N]: 64 x (128 + 384), LoRA r16, 3 timed updates after the first
     local name=$1 model=$2 micro=$3
     shift 3
-    step "$name" 150 python3 bench/first_update.py "$model" 64 128 384 "$micro" 16 3 "$@"
+    step "$name" "${FIRST_LIMIT:-150}" python3 bench/first_update.py "$model" 64 128 384 "$micro" 16 3 "$@"
 }
 case $mode in
 learner-small)
@@ -54,6 +57,21 @@ trl)  # TRL GRPOTrainer + peft on the host's own PyTorch (carry .whltrl); TRL_TO
             --steps ${TRL_STEPS:-3} --max-new-tokens ${TRL_TOKENS:-128} --beta ${TRL_BETA:-0.04} \
             --label ${pair%%:*} --output "$out/trl-${pair%%:*}.json"
     done
+    ;;
+finish-a)
+    FIRST_LIMIT=300 first s-auto-cold $small auto   # the first process here: the kernel cache starts empty
+    first s-auto $small auto        # the same shapes with the cache the first filled: the warm first update
+    first s-auto-nokl $small auto nokl
+    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    ;;
+finish-b)
+    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    first l-auto $large auto
+    first l-m64 $large 64
+    first l-auto-chunk $large auto chunk=2048
+    first l-auto-nokl $large auto nokl
+    step gen-1.7b 240 python3 bench/generation.py --model $large --batch-sizes 32,128,256 --new-tokens 128 \
+        --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 2 --output "$out/h200-generation-1.7b.json"
     ;;
 ptx)
     tar -C "$MLX_PTX_CACHE_DIR" -cf - . | xz -T0 -6 >"$out/ptx-cache.tar.xz"
