@@ -42,7 +42,11 @@ def checked_token_rewards(
     if rewards is None:
         return None
     check(rewards.dtype == np.float32, "bad_dtype", _detail("token_rewards", rewards))
-    check(rewards.shape == (n_response,), "bad_lengths", f"{rewards.shape} token rewards for {n_response} tokens")
+    check(
+        rewards.shape == (n_response,),
+        "bad_lengths",
+        f"{rewards.shape} token rewards for {n_response} tokens",
+    )
     check(bool(np.isfinite(rewards).all()), "bad_rewards", "token_rewards holds a non-finite value")
     on_environment = mask is not None and bool(np.any(rewards[mask == 0] != 0))
     check(not on_environment, "bad_rewards", "token_rewards nonzero on an environment token (loss_mask 0)")
@@ -52,4 +56,7 @@ def checked_token_rewards(
 def checked_per_token(arrays: dict[str, np.ndarray], n_response: int) -> dict[str, np.ndarray | None]:
     """The message's optional per-token arrays (``PER_TOKEN``), each checked; absent ones are None."""
     mask = checked_loss_mask(arrays.get("loss_mask"), n_response)
-    return {"loss_mask": mask, "token_rewards": checked_token_rewards(arrays.get("token_rewards"), n_response, mask)}
+    return {
+        "loss_mask": mask,
+        "token_rewards": checked_token_rewards(arrays.get("token_rewards"), n_response, mask),
+    }
