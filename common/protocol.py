@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 
 from common import wire
+from common.per_token import PER_TOKEN, checked_per_token
 from common.wire import DTYPES as DTYPES  # re-exported: the wire dtypes, where callers look for them
 from common.wire import ProtocolError, check, read_fields
 
@@ -131,6 +132,10 @@ class ExperienceBatch:
     would have trained on environment tokens, hence the version)."""
     token: str = ""
     """The token of the Welcome this actor process got (see ``Welcome.token``)."""
+    token_rewards: np.ndarray | None = None
+    """float32 per response token: rewards earned at a model token (a turn's reward on its last token); 0 on
+    environment tokens. ``score`` stays the episode's return: the learner puts what these leave of it on the
+    last model token. None: the score alone (an older v3 peer's message decodes so)."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +272,7 @@ def _to_body(msg: Message) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, 
     body = dict(msg.__dict__)
     if isinstance(msg, ExperienceBatch):  # sequences go last, as lists; ref_logprobs only when there are some
         body["sequences"] = [dataclasses.astuple(s) for s in body.pop("sequences")]
-        names = ("tokens", "behaviour_logprobs", "ref_logprobs", "loss_mask")
+        names = ("tokens", "behaviour_logprobs", "ref_logprobs", *PER_TOKEN)
         arrays = [(name, body.pop(name), None) for name in names]
         return body, [a for a in arrays if a[1] is not None]
     if isinstance(msg, Weights | WeightsChunk):  # one array, in the wire dtype ``dtype``
@@ -321,7 +326,8 @@ def _sequence(entry: Any) -> Sequence_:
 
 
 def _experience_arrays(arrays: dict[str, np.ndarray], sequences: list[Sequence_]) -> dict[str, Any]:
-    """The batch's token and log-prob arrays: 1-D, of their dtypes, as long as its sequences say."""
+    """The batch's token and log-prob arrays: 1-D, of their dtypes, as long as its sequences say (the optional
+    per-token arrays: ``common/per_token.py``)."""
     tokens, behaviour, ref = (arrays.get(k) for k in ("tokens", "behaviour_logprobs", "ref_logprobs"))
     required = tokens is not None and behaviour is not None
     check(required, "bad_arrays", "tokens and behaviour_logprobs are required")
@@ -333,12 +339,8 @@ def _experience_arrays(arrays: dict[str, np.ndarray], sequences: list[Sequence_]
     check(len(behaviour) == n_response, "bad_lengths", f"{len(behaviour)} log-probs, sequences: {n_response}")
     ref_ok = ref is None or (ref.dtype == np.float32 and ref.shape == behaviour.shape)
     check(ref_ok, "bad_dtype", f"ref_logprobs {getattr(ref, 'dtype', '')} {getattr(ref, 'shape', '')}")
-    mask = arrays.get("loss_mask")
-    mask_ok = mask is None or (
-        mask.dtype == np.uint8 and mask.shape == behaviour.shape and mask.max(initial=0) <= 1
-    )
-    check(mask_ok, "bad_dtype", f"loss_mask {getattr(mask, 'dtype', '')} {getattr(mask, 'shape', '')}")
-    return {"tokens": tokens, "behaviour_logprobs": behaviour, "ref_logprobs": ref, "loss_mask": mask}
+    given = {"tokens": tokens, "behaviour_logprobs": behaviour, "ref_logprobs": ref}
+    return given | checked_per_token(arrays, n_response)
 
 
 def _build_experience(body: dict, arrays: dict[str, np.ndarray]) -> ExperienceBatch:

@@ -4,9 +4,11 @@ All of an update's advantage math is here: the scores' shaping (``shaped_scores`
 KL in the reward (``reward_kl``), GAE, GRPO/RLOO group baselines and their normalisations, whitening
 (``training_signal`` puts them together), and the tokens the loss sees (``loss_mask``).
 
-Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1 on real response tokens (a prefix
-of each row) and 0 on padding. Every output is 0 where ``mask`` is 0. Advantages are data preparation, not
-differentiated, so they stay in NumPy and are computed once per update.
+Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1 on the tokens the model sampled and
+0 elsewhere: on padding, and in a multi-turn episode on the environment's turns between the model's (context
+only: they are not steps of the policy, so rewards, KL, advantages and the critic's returns live on model tokens
+alone). Single-turn, the mask is a prefix of each row. Every output is 0 where ``mask`` is 0. Advantages are data
+preparation, not differentiated, so they stay in NumPy and are computed once per update.
 
 References: GAE, Schulman et al. 2016 (arXiv:1506.02438); per-token KL penalty, Ziegler et al. 2019
 (arXiv:1909.08593); k3 estimator, Schulman 2020 ("Approximating KL Divergence"); GRPO, Shao et al. 2024
@@ -22,6 +24,7 @@ import numpy as np
 
 from common.config import PPOUpdateConfig
 from learner.aggregation import default_overlong_buffer, overlong_penalty
+from learner.experience import masked_extent
 from learner.kl_estimators import kl_estimate
 
 
@@ -59,31 +62,57 @@ def masked_whiten(x: np.ndarray, mask: np.ndarray, shift_mean: bool = True, eps:
 
 
 def last_token_index(mask: np.ndarray) -> np.ndarray:
-    """``[B]`` index of each row's last response token (rows need at least one)."""
-    lengths = mask.sum(axis=1).astype(np.int64)
-    if (lengths < 1).any():
-        raise ValueError("every sequence needs at least one response token")
-    return lengths - 1
+    """``[B]`` index of each row's last masked token: its last response token, or in a multi-turn episode its
+    last model token (rows need at least one)."""
+    extent = masked_extent(mask)
+    if (extent < 1).any():
+        raise ValueError("every sequence needs at least one response token (one the model sampled)")
+    return extent - 1
 
 
-def shape_rewards(scores: np.ndarray, kl: np.ndarray, mask: np.ndarray, kl_coef: float) -> np.ndarray:
-    """Per-token rewards ``[B, T]``: ``-kl_coef * kl_t`` everywhere, plus the sequence score on the last token.
+def shape_rewards(
+    scores: np.ndarray,
+    kl: np.ndarray,
+    mask: np.ndarray,
+    kl_coef: float,
+    token_rewards: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-token rewards ``[B, T]``: ``-kl_coef * kl_t`` on every (model) token, plus the sequence score on the
+    last one; with ``token_rewards``, each model token's own reward, and on the last one only what they leave of
+    the score: ``r_t = token_rewards_t + [t last] * (score - sum_s token_rewards_s) - kl_coef * kl_t``.
+
+    The score is the episode's return, so the rewards of a sequence (KL aside) always add up to its score: the
+    return PPO's critic learns is the one GRPO/RLOO compare, per-turn rewards only say *where* it was earned
+    (credit to the turn that earned it, GAE carrying it back), and all of a score on its last token is exactly
+    the case without them. OpenRLHF puts the score on the last action token and adds per-token rewards on top
+    (its return is their sum plus the score); verl keeps a per-token ``token_level_scores`` tensor; the
+    remainder rule makes both readings agree whenever the score is the sum of the turn rewards.
 
     Args:
-        scores: ``[B]`` sequence scores from the reward function. kl: ``[B, T]`` per-token KL estimates.
+        scores: ``[B]`` sequence scores (episode returns). kl: ``[B, T]`` per-token KL estimates.
+        token_rewards: ``[B, T]`` rewards on model tokens (0 elsewhere), or None.
     """
-    rewards = -kl_coef * kl * mask
-    rewards[np.arange(len(scores)), last_token_index(mask)] += scores
+    rewards = -kl_coef * np.asarray(kl, np.float64) * mask
+    remainder = np.asarray(scores, np.float64)
+    if token_rewards is not None:
+        placed = np.asarray(token_rewards, np.float64) * mask
+        rewards, remainder = rewards + placed, remainder - placed.sum(axis=1)
+    rewards[np.arange(len(remainder)), last_token_index(mask)] += remainder
     return rewards.astype(np.float32)
 
 
 def compute_gae(
     rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Generalized advantage estimation over response tokens.
+    """Generalized advantage estimation over the tokens where ``mask`` is 1, the others skipped.
 
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V`` after the last token is 0: the episode ends there) and
-    ``A_t = delta_t + gamma * lam * A_{t+1}``; returns ``R_t = A_t + V_t``.
+    Along each row's masked tokens ``t_1 < ... < t_n``: ``delta_i = r_{t_i} + gamma * V_{t_{i+1}} - V_{t_i}``
+    (``V_{t_{n+1}}`` = 0: the episode ends there) and ``A_i = delta_i + gamma * lam * A_{i+1}``; returns
+    ``R = A + V``. Single-turn the masked tokens are a prefix and this is plain GAE. In a multi-turn episode the
+    environment's tokens (mask 0) are not steps of the policy: the value a model token bootstraps from is the
+    next *model* token's, across the environment's turn, and gamma and lambda apply once per model token (verl's
+    rule: "skip values and TD-error on observation tokens"). Values, rewards and advantages at unmasked
+    positions are never read.
 
     Args:
         rewards, values, mask: ``[B, T]``.
@@ -91,17 +120,18 @@ def compute_gae(
     Returns:
         ``(advantages, returns)``, both ``[B, T]`` float32, 0 where ``mask`` is 0.
     """
-    rewards, values, mask = (np.asarray(a, dtype=np.float64) for a in (rewards, values, mask))
+    rewards, values = (np.asarray(a, dtype=np.float64) for a in (rewards, values))
+    present = np.asarray(mask) > 0
     batch, steps = rewards.shape
     advantages = np.zeros((batch, steps))
-    next_advantage = np.zeros(batch)
-    next_value = np.zeros(batch)
+    next_advantage, next_value = np.zeros(batch), np.zeros(batch)
     for t in reversed(range(steps)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        advantages[:, t] = next_advantage
-        next_value = values[:, t] * mask[:, t]
-    returns = (advantages + values) * mask
+        advantage = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_advantage
+        here = present[:, t]  # elsewhere the step is skipped: what follows passes through unchanged
+        advantages[:, t] = np.where(here, advantage, 0.0)
+        next_advantage = np.where(here, advantage, next_advantage)
+        next_value = np.where(here, values[:, t], next_value)
+    returns = np.where(present, advantages + values, 0.0)
     return advantages.astype(np.float32), returns.astype(np.float32)
 
 
@@ -216,6 +246,7 @@ def training_signal(
     values: np.ndarray | None,
     kl_coef: float,
     sum_over_ranks: Callable[[np.ndarray], np.ndarray] = _identity,
+    token_rewards: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(advantages [B, T], returns [B, T] or None)`` for an update, in the order of the papers.
 
@@ -226,9 +257,13 @@ def training_signal(
         kl_coef: the KL coefficient now (the adaptive controller's).
         sum_over_ranks: elementwise sum of a small array over data-parallel ranks, so that batch statistics
             (LitePPO's std, PPO's whitening) are those of the whole batch, as one learner would compute them.
+        token_rewards: ``[B, T]`` rewards the actors placed on model tokens (per-turn rewards), or None.
 
-    PPO: per-token reward ``-kl_coef * k1`` plus the score on the last token, GAE, whitening. Critic-free: the
-    group (GRPO/RLOO) advantage of the scores, then minus the KL penalty-to-go (``critic_free_advantages``).
+    ``mask`` is the model's tokens (see the module docstring): with multi-turn episodes every step below runs
+    over them alone. PPO: per-token reward ``-kl_coef * k1`` plus ``token_rewards`` and what they leave of the
+    score on the last model token (``shape_rewards``), GAE over model tokens, whitening. Critic-free: the group
+    (GRPO/RLOO) advantage of the scores (the episode returns: ``token_rewards`` only place a return, which a
+    sequence-level baseline does not look into), on every model token, minus the KL penalty-to-go.
     """
     if cfg.is_critic_free:
         norm = None if cfg.advantage_norm == "auto" else cfg.advantage_norm
@@ -237,7 +272,7 @@ def training_signal(
             moments = sum_over_ranks(masked_moments(scores, np.ones_like(scores, dtype=np.float64)))
         seq_adv = group_advantages(scores, cfg.group_size, cfg.algorithm, norm, moments)
         return critic_free_advantages(seq_adv, k1, mask, kl_coef), None
-    rewards = shape_rewards(scores, k1, mask, kl_coef)
+    rewards = shape_rewards(scores, k1, mask, kl_coef, token_rewards)
     advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:  # over the whole batch of all ranks, as one learner would
         advantages = whiten_with(advantages, mask, sum_over_ranks(masked_moments(advantages, mask)))

@@ -5,8 +5,9 @@ accepted or dropped whole, so GRPO/RLOO baselines always see complete groups. A 
 log-probs (behaviour or reference) are not finite, or whose log-probs are positive, drops its group
 (``reject/bad_score`` or ``reject/bad_logprobs``), as do token ids outside the vocabulary (``reject/bad_tokens``:
 the embedding lookup would read out of bounds) and prompts or responses longer than the config allows
-(``reject/too_long``); a group older than ``max_policy_lag`` policy versions is dropped on arrival and again
-when a batch is taken (``lag/dropped``).
+(``reject/too_long``), and a multi-turn response without a single model token (``reject/no_model_tokens``: its
+loss mask is all environment, nothing to train on or to put its score on); a group older than ``max_policy_lag``
+policy versions is dropped on arrival and again when a batch is taken (``lag/dropped``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def _problem(exp: Experience, b: int, limits: SequenceLimits) -> str | None:
         return "reject/bad_tokens"
     if not np.isfinite(exp.scores[b]):
         return "reject/bad_score"
+    if (
+        exp.loss_mask is not None and not exp.loss_mask[b].any()
+    ):  # nothing the model sampled: nothing to train
+        return "reject/no_model_tokens"
     for logprobs in (exp.behaviour[b], None if exp.ref is None else exp.ref[b]):
         if logprobs is not None and (not np.isfinite(logprobs).all() or (logprobs > _LOGPROB_SLACK).any()):
             return "reject/bad_logprobs"
@@ -197,8 +202,15 @@ def save_groups(groups: list[Group], path: Path) -> None:
     }  # fmt: skip
     if exp is not None and exp.loss_mask is not None:  # multi-turn episodes (older files have none)
         arrays["loss_mask"] = exp.loss_mask.values.astype(np.uint8)
+    if exp is not None and exp.token_rewards is not None:  # per-turn rewards (older files have none)
+        arrays["token_rewards"] = exp.token_rewards.values.astype(np.float32)
     with path.open("wb") as f:
         np.savez(f, with_ref=np.array(with_ref), **arrays)
+
+
+def _optional_rows(arrays: dict[str, np.ndarray], key: str, lengths: np.ndarray) -> Ragged | None:
+    """The per-response-token array ``key`` of a buffer file as rows, or None in a file written without it."""
+    return Ragged.from_lengths(arrays[key], lengths) if key in arrays else None
 
 
 def load_groups(path: Path) -> list[Group]:
@@ -215,7 +227,8 @@ def load_groups(path: Path) -> list[Group]:
         policy_versions=versions[owner].astype(np.int64),
         ref=Ragged.from_lengths(arrays["ref"], response_lens) if arrays["with_ref"] else None,
         truncated=truncated.astype(bool),
-        loss_mask=Ragged.from_lengths(arrays["loss_mask"], response_lens) if "loss_mask" in arrays else None,
+        loss_mask=_optional_rows(arrays, "loss_mask", response_lens),
+        token_rewards=_optional_rows(arrays, "token_rewards", response_lens),
     )
     return [
         Group(int(a), int(b), int(v), exp.select(np.flatnonzero(owner == k)), int(p))

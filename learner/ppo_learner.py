@@ -121,13 +121,16 @@ class PPOLearner:
         arrays = exp.padded(self.pad_multiple)
         sent_ref = arrays.pop("ref", None)  # the actors' reference log-probs
         model_tokens = arrays.pop("model_tokens", None)  # multi-turn: environment tokens are context only
+        token_rewards = arrays.pop("token_rewards", None)  # per-turn rewards, on model tokens
         recomputed = self._recomputed(arrays, need_ref=sent_ref is None and self.needs_reference)
-        proximal, values, mask = recomputed["proximal"], recomputed.get("values"), arrays["mask"]
+        proximal, values = recomputed["proximal"], recomputed.get("values")
+        # The model's tokens: what KL, rewards, advantages, returns and statistics are over (not the environment's).
+        mask = arrays["mask"] if model_tokens is None else arrays["mask"] * model_tokens
         ref = recomputed.get("ref") if sent_ref is None else sent_ref  # None when nothing needs it
         scores = adv.shaped_scores(self.cfg, exp.scores, mask.sum(axis=1), self.max_new_tokens)
         k1 = adv.reward_kl(proximal, ref, mask)
         advantages, returns = adv.training_signal(
-            self.cfg, scores, k1, mask, values, self.kl_controller.value, self._sum_over_ranks
+            self.cfg, scores, k1, mask, values, self.kl_controller.value, self._sum_over_ranks, token_rewards
         )
         stats, global_size = batch_stats(
             exp,
@@ -141,8 +144,6 @@ class PPOLearner:
         )
         stats["kl/coef"] = self.kl_controller.value
         loss_mask = adv.loss_mask(mask, exp.truncated, self.cfg.truncated)
-        if model_tokens is not None:
-            loss_mask = loss_mask * model_tokens
         weights, units = loss_weights(loss_mask, self.cfg.loss_aggregation, self.max_new_tokens)
         arrays.update(mask=loss_mask, weights=weights, units=units, proximal=proximal, advantages=advantages)
         if values is not None:

@@ -43,6 +43,17 @@ def samples() -> dict[str, p.Message]:
             token="tok-9",
             loss_mask=np.array([1, 0, 1], np.uint8),
         ),
+        "experience_turn_rewards": p.ExperienceBatch(  # a multi-turn episode's per-turn rewards
+            actor_id=1,
+            batch_id=10,
+            policy_version=4,
+            sequences=(p.Sequence_(2, 4, 1.5, "stop", 0), p.Sequence_(2, 1, 0.0, "stop", 0)),
+            tokens=np.array([1, 2, 3, 4, 5, 6, 1, 2, 7], np.int32),
+            behaviour_logprobs=np.array([-0.5, 0.0, 0.0, -0.25, -1.0], np.float32),
+            token="tok-9",
+            loss_mask=np.array([1, 0, 0, 1, 1], np.uint8),
+            token_rewards=np.array([0.5, 0.0, 0.0, 1.0, 0.0], np.float32),
+        ),
         "weights": p.Weights(
             policy_version=5,
             checksum="c0ffee",

@@ -68,6 +68,36 @@ def test_a_loss_mask_must_be_zeros_and_ones_over_the_response_tokens():
     assert plain.loss_mask is None
 
 
+TOKEN_REWARD_REFUSALS = {
+    "bad_dtype": np.array([0.5, 0.0, 0.0, 1.0, 0.0], np.float64),
+    "bad_lengths": np.array([0.5, 0.0, 0.0, 1.0], np.float32),  # one short: rows would shift
+    "bad_rewards": np.array([0.5, 0.0, 0.0, np.nan, 0.0], np.float32),
+}
+
+
+@pytest.mark.parametrize("reason", [*sorted(TOKEN_REWARD_REFUSALS), "bad_rewards on an environment token"])
+def test_token_rewards_are_refused_with_their_reason(reason):
+    """Per-token rewards must be float32, one per response token, finite, and 0 where ``loss_mask`` is 0 (an
+    environment's token: nothing the model did there earned a reward)."""
+    sample = samples()["experience_turn_rewards"]
+    bad = TOKEN_REWARD_REFUSALS.get(reason, np.array([0.5, 0.25, 0.0, 1.0, 0.0], np.float32))
+    with pytest.raises(p.ProtocolError) as refused:
+        p.decode([bytes(f) for f in p.encode(dataclasses.replace(sample, token_rewards=bad))])
+    assert refused.value.reason == reason.split()[0]
+
+
+def test_token_rewards_are_optional_and_need_no_loss_mask():
+    sample = samples()["experience_turn_rewards"]
+    plain = p.decode([bytes(f) for f in p.encode(dataclasses.replace(sample, token_rewards=None))])
+    assert plain.token_rewards is None and plain.loss_mask is not None
+    # a single-turn batch may carry rewards per token too: every token is the model's
+    single = dataclasses.replace(sample, loss_mask=None, token_rewards=np.full(5, 0.25, np.float32))
+    assert p.decode([bytes(f) for f in p.encode(single)]).token_rewards.tolist() == [0.25] * 5
+    # the golden v3 experience (no token rewards) decodes to None: a v3 peer of before this field still talks
+    golden = p.decode(unpack_frames((FIXTURES / "experience.bin").read_bytes()))
+    assert golden.token_rewards is None
+
+
 def test_large_arrays_arrive_intact():
     big = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
     msg = p.Weights(1, "x", ("w",), ((1024, 1024),), "float32", big.reshape(-1))
