@@ -6,7 +6,8 @@ module runs its own decode loop on mlx-lm models and caches:
 
 - prompts are left-padded into one ``BatchKVCache`` (per-row RoPE offsets and masks, so padding is invisible);
 - every sequence draws from its own seeded stream of uniforms (inverse-CDF sampling), so its tokens do not depend
-  on which batch it was generated in;
+  on which batch it was generated in, nor on when it joined a running one (``CompletionStream``, continuous
+  batching: ``generate_completions`` is one loop over it; multi-turn episodes submit each turn as it comes);
 - the next step is queued before the host reads the current one (``mx.async_eval``), as mlx-lm does, so the
   device never waits on Python; per step the host reads back only the sampled tokens and their log-probs;
 - two decode paths with the same samples: on the CPU (tokens drawn in NumPy) the uncompiled step over mlx-lm's
