@@ -14,10 +14,11 @@ mask (masked columns add exact zeros to the softmax), so one trace serves up to 
 - the rows are laid out again (finished rows dropped, common left padding cut, room for up to ``chunk`` more
   tokens) only when the buffer is full or half of its rows have finished; a finished row decodes filler until
   then and its tokens are never read (on a GPU an extra row costs almost nothing next to reading the weights);
-- widths are multiples of 8 (finished rows as filler) and capacities multiples of ``chunk``, so shapes recur and
-  ``mx.compile``'s cache serves them: a new (width, capacity) costs one trace (~10 plain steps of host time);
+- widths are multiples of 8 (finished rows, or copies of a row when rows join a running batch, as filler) and
+  capacities multiples of ``chunk``, so shapes recur and ``mx.compile``'s cache serves them: a new (width,
+  capacity) costs one trace (~10 plain steps of host time);
 - each row's uniforms sit on the device ``[W, n + 1]`` with a per-row draw counter advanced inside the step: a step
-  uploads nothing, and the host reads back only the sampled tokens and their log-probs (``out.record``).
+  uploads nothing, and the host reads back only the sampled tokens and their log-probs (the stream's ``_record``).
 
 The samples are those of the uncompiled path (tests/unit/test_decode.py).
 """
@@ -254,22 +255,35 @@ class FixedBatch:
             self.tokens, self.token_lp = self.tokens[idx], self.token_lp[idx]
 
     def join(self, other: FixedBatch) -> FixedBatch:
-        """These rows followed by ``other``'s, both right-aligned at the later of the two write columns."""
+        """These rows followed by ``other``'s, both right-aligned at the later of the two write columns, then filler
+        rows up to a multiple of ``ROW_MULTIPLE``, so a join makes a width that recurs rather than a new trace.
+
+        The filler rows are copies of ``other``'s first row, not zeros: an all-masked row would sample from NaN
+        logits, and its tokens feed the next step's embedding lookup."""
         self.relayout(filler=False)
         other.relayout(filler=False)
         pos = max(self.pos, other.pos)
         capacity = round_up(pos + 1, self.chunk)
-        shifted = [(b, pos - b.pos) for b in (self, other)]
+        n = len(self.rows) + len(other.rows)
+        fill = round_up(n, ROW_MULTIPLE) - n
+        parts = [(self, None), (other, None)] + ([(other, np.zeros(fill, np.int64))] if fill else [])
+
+        def pick(b: FixedBatch, name: str, rows: np.ndarray | None):  # one per-row array, for parts' rows
+            a = getattr(b, name)
+            return a if rows is None else a[rows if isinstance(a, np.ndarray) else mx.array(rows, mx.int32)]
 
         def stack(name: str) -> list[mx.array]:
-            parts = [_columns(getattr(b, name), None, 0, b.pos, shift, capacity) for b, shift in shifted]
-            return [mx.concatenate(layer) for layer in zip(*parts, strict=True)]
+            layers = []
+            for b, rows in parts:
+                idx = None if rows is None else mx.array(rows, mx.int32)
+                layers.append(_columns(getattr(b, name), idx, 0, b.pos, pos - b.pos, capacity))
+            return [mx.concatenate(layer) for layer in zip(*layers, strict=True)]
 
         def cat(name: str) -> mx.array:
-            return mx.concatenate([getattr(self, name), getattr(other, name)])
+            return mx.concatenate([pick(b, name, rows) for b, rows in parts])
 
-        left_pad = np.concatenate([b.left_pad + shift for b, shift in shifted])
-        rows = self.rows + other.rows
+        left_pad = np.concatenate([pick(b, "left_pad", rows) + pos - b.pos for b, rows in parts])
+        rows = self.rows + other.rows + [-1] * fill
         return FixedBatch(
             stack("keys"), stack("values"), left_pad, pos, rows, cat("uniforms"), cat("drawn"), cat("tokens"),
             cat("token_lp"), self.chunk,

@@ -6,7 +6,8 @@ module runs its own decode loop on mlx-lm models and caches:
 
 - prompts are left-padded into one ``BatchKVCache`` (per-row RoPE offsets and masks, so padding is invisible);
 - every sequence draws from its own seeded stream of uniforms (inverse-CDF sampling), so its tokens do not depend
-  on which batch it was generated in;
+  on which batch it was generated in, nor on when it joined a running one (``CompletionStream``, continuous
+  batching: ``generate_completions`` is one loop over it; multi-turn episodes submit each turn as it comes);
 - the next step is queued before the host reads the current one (``mx.async_eval``), as mlx-lm does, so the
   device never waits on Python; per step the host reads back only the sampled tokens and their log-probs;
 - two decode paths with the same samples: on the CPU (tokens drawn in NumPy) the uncompiled step over mlx-lm's
@@ -16,8 +17,9 @@ module runs its own decode loop on mlx-lm models and caches:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,14 +136,13 @@ def _sample_step(logits: mx.array, uniforms: np.ndarray, params: SamplingParams)
     return draw(logits, mx.array(uniforms), params.temperature)
 
 
-def _prefill_rows(model, prompts, uniforms, params: SamplingParams, share: bool, seqs: list[int]) -> tuple:
-    """Prefill the prompts of sequences ``seqs`` into a new batch cache and draw each row's first token with its
-    first uniform: (cache, ``[b]`` left padding of each row on the host, (tokens, log-probs)).
+def _prefill_rows(model, prompts, first_uniforms: np.ndarray, params: SamplingParams, share: bool) -> tuple:
+    """Prefill ``prompts`` into a new batch cache and draw each row's first token with ``first_uniforms`` ``[b]``:
+    (cache, ``[b]`` left padding of each row on the host, (tokens, log-probs)).
 
     ``share``: a prompt that appears several times (GRPO's group) is prefilled once and its cache rows copied.
     """
-    chosen = [prompts[i] for i in seqs]
-    unique, copies = _unique_prompts(chosen) if share else (chosen, None)
+    unique, copies = _unique_prompts(prompts) if share else (prompts, None)
     padded, padding = _left_pad(unique)
     cache = make_batch_cache(model, padding)
     first_logits = _prefill(model, padded, cache, params.prefill_step_size)
@@ -153,26 +154,25 @@ def _prefill_rows(model, prompts, uniforms, params: SamplingParams, share: bool,
         first_logits = first_logits[index]
         # mlx-lm's filter also cuts the padding every row shares
         left = left[copies] - (padded.shape[1] - getattr(cache[0], "_idx", padded.shape[1]))
-    return cache, left, _sample_step(first_logits, uniforms[seqs, 0], params)
+    return cache, left, _sample_step(first_logits, first_uniforms, params)
 
 
 class _CacheRows:
     """The live rows over mlx-lm's ``BatchKVCache`` (the uncompiled path): finished rows leave at once (on the CPU
-    a step costs in proportion to its rows)."""
+    a step costs in proportion to its rows). ``uniforms`` ``[b, n + 1]``: each row's seeded uniforms, on the host."""
 
-    def __init__(self, cache: list, first: tuple[mx.array, mx.array], rows: list[int]):
-        self.cache, (self.tokens, self.token_lp), self.rows = cache, first, rows
+    def __init__(self, cache: list, first: tuple[mx.array, mx.array], rows: list[int], uniforms: np.ndarray):
+        self.cache, (self.tokens, self.token_lp), self.rows, self.uniforms = cache, first, rows, uniforms
 
     @property
     def live(self) -> int:
         return len(self.rows)
 
-    def queue(
-        self, model: nn.Module, params: SamplingParams, uniforms: np.ndarray, drawn: np.ndarray
-    ) -> None:
+    def queue(self, model: nn.Module, params: SamplingParams, drawn: np.ndarray) -> None:
         """Queue the draw that follows ``tokens`` (uniform ``drawn[r]`` of row ``r``); ``tokens`` become it."""
         logits = next_token_logits(model, self.tokens[:, None], self.cache)[:, -1, :]
-        self.tokens, self.token_lp = _sample_step(logits, uniforms[self.rows, drawn], params)
+        u = self.uniforms[np.arange(len(self.rows)), drawn]
+        self.tokens, self.token_lp = _sample_step(logits, u, params)
         mx.async_eval(self.tokens, self.token_lp)
 
     def retire(self, keep: list[int]) -> None:
@@ -183,60 +183,151 @@ class _CacheRows:
             for c in self.cache:
                 c.filter(keep_idx)
             self.tokens, self.token_lp = self.tokens[keep_idx], self.token_lp[keep_idx]
-            self.rows = [self.rows[r] for r in keep]
+            self.rows, self.uniforms = [self.rows[r] for r in keep], self.uniforms[keep]
 
     def join(self, other: _CacheRows) -> _CacheRows:
         """These rows followed by ``other``'s."""
         for c, extra in zip(self.cache, other.cache, strict=True):
             c.extend(extra)
         first = mx.concatenate([self.tokens, other.tokens]), mx.concatenate([self.token_lp, other.token_lp])
-        return _CacheRows(self.cache, first, self.rows + other.rows)
+        return _CacheRows(
+            self.cache, first, self.rows + other.rows, np.concatenate([self.uniforms, other.uniforms])
+        )
 
 
 @dataclass
-class _Outputs:
-    """What each sequence sampled so far: its tokens, their log-probs, and why it ended."""
+class _Sequence:
+    """One submitted sequence: its prompt, its seeded uniforms, its limit and what it sampled so far."""
 
-    responses: list[list[int]]
-    logprobs: list[list[float]]
-    finish: list[str]
-    limits: np.ndarray
-    """``[n]`` new tokens each sequence may draw at most."""
+    key: Hashable
+    prompt: list[int]
+    uniforms: np.ndarray
+    """``[max_new_tokens + 1]``: one per new token, and one for a step queued past the limit (discarded)."""
+    limit: int
+    response: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
-    @classmethod
-    def empty(cls, limits: np.ndarray) -> _Outputs:
-        n = len(limits)
-        return cls([[] for _ in range(n)], [[] for _ in range(n)], ["length"] * n, limits)
+    def completion(self, finish_reason: str) -> Completion:
+        return Completion(self.prompt, self.response, np.asarray(self.logprobs, np.float32), finish_reason)
 
-    def room(self, rows: list[int]) -> np.ndarray:
+
+class CompletionStream:
+    """Continuous batching: sequences submitted at any time join the running batch, and each ``step()`` decodes one
+    token of every live row and hands back the sequences that finished.
+
+    A sequence's samples depend on its prompt and seed alone, not on when it joined or with whom (each draws from
+    its own seeded uniforms; padding and row order are invisible to attention). ``max_rows`` > 0: at most that many
+    sequences decode at once. Waiting sequences join, prefilled together, once at most ``refill_at`` rows are live
+    (None: half of ``max_rows``, or at once without ``max_rows``): joining copies the live cache, so joining in
+    groups copies it less often. ``share_prompts``: a prompt repeated among those joining is prefilled once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: SamplingParams,
+        stop_ids: set[int] | frozenset[int],
+        max_rows: int = 0,
+        refill_at: int | None = None,
+        share_prompts: bool = True,
+    ):
+        if max_rows < 0 or (refill_at is not None and refill_at < 0):
+            raise ValueError(f"max_rows and refill_at must be >= 0, got {max_rows=} {refill_at=}")
+        self.model, self.params, self.stop_ids = model, params, frozenset(stop_ids)
+        self.max_rows, self.share_prompts = max_rows, share_prompts
+        self.refill_at = refill_at if refill_at is not None or max_rows == 0 else max_rows // 2
+        self._fixed = _use_fixed_layout(model, params)
+        self._seqs: dict[int, _Sequence] = {}
+        self._waiting: deque[int] = deque()
+        self._live: _CacheRows | FixedBatch | None = None
+        self._next = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a submitted sequence has not been handed back yet (waiting or decoding)."""
+        return bool(self._seqs)
+
+    @property
+    def width(self) -> int:
+        """Rows of the running batch, filler rows of the compiled path included (0 when none runs)."""
+        return 0 if self._live is None else len(self._live.rows)
+
+    def submit(self, key: Hashable, prompt_ids: Sequence[int], seed: int, max_new: int | None = None) -> None:
+        """Queue one sequence; ``step()`` hands back ``(key, its Completion)`` once it finished. ``seed`` alone
+        decides its randomness; ``max_new``: at most this many new tokens (capped at ``params.max_new_tokens``)."""
+        if len(prompt_ids) == 0:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        if max_new is not None and max_new < 1:
+            raise ValueError(f"max_new must be >= 1, got {max_new}")
+        n_new = self.params.max_new_tokens
+        limit = n_new if max_new is None else min(n_new, int(max_new))
+        seq = _Sequence(key, [int(t) for t in prompt_ids], sequence_uniforms(seed, n_new + 1), limit)
+        self._seqs[self._next] = seq
+        self._waiting.append(self._next)
+        self._next += 1
+
+    def step(self) -> list[tuple[Hashable, Completion]]:
+        """Let waiting sequences join if there is room, decode one token per live row, and return the sequences
+        that finished with it (stop token or limit), in row order."""
+        self._refill()
+        live = self._live
+        if live is None:
+            return []
+        tokens, token_lp = live.tokens, live.token_lp  # this step's, maybe still computing
+        drawn = self._room(live.rows)
+        if (drawn >= 0).any():  # queue the next step before reading this one
+            live.queue(self.model, self.params, drawn)
+        keep, finished = self._record(tokens, token_lp, live.rows)
+        live.retire(keep)
+        if not live.rows:
+            self._live = None
+        return finished
+
+    def _refill(self) -> None:
+        live = 0 if self._live is None else self._live.live
+        if not self._waiting or (live and self.refill_at is not None and live > self.refill_at):
+            return
+        room = self.max_rows - live if self.max_rows else len(self._waiting)
+        new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        if new:
+            rows = self._start(new)
+            self._live = self._live.join(rows) if live else rows
+
+    def _start(self, seqs: list[int]) -> _CacheRows | FixedBatch:
+        """The rows of sequences ``seqs`` prefilled, with their first tokens queued."""
+        uniforms = np.stack([self._seqs[s].uniforms for s in seqs])  # [b, n_new + 1]
+        prompts = [self._seqs[s].prompt for s in seqs]
+        cache, left, first = _prefill_rows(
+            self.model, prompts, uniforms[:, 0], self.params, self.share_prompts
+        )
+        mx.async_eval(*first)
+        if self._fixed:
+            return FixedBatch.from_prefill(cache, left, first, seqs, mx.array(uniforms), self.params.kv_chunk)
+        return _CacheRows(cache, first, seqs, uniforms)
+
+    def _room(self, rows: list[int]) -> np.ndarray:
         """For each row, the index of its next uniform when it has room for one more token after the current one,
         else -1 (-1 rows are filler)."""
-        drawn = np.array([len(self.responses[s]) + 1 if s >= 0 else -1 for s in rows])
-        limits = self.limits[np.maximum(rows, 0)]
-        return np.where((drawn >= 0) & (drawn < limits), drawn, -1)
+        drawn = [len(self._seqs[s].response) + 1 if s >= 0 else -1 for s in rows]
+        return np.array(
+            [d if s >= 0 and d < self._seqs[s].limit else -1 for s, d in zip(rows, drawn, strict=True)]
+        )
 
-    def record(self, tokens: mx.array, token_lp: mx.array, rows: list[int], stop_ids) -> list[int]:
-        """Append each live row's token and log-prob to its sequence; the rows that go on (no stop, room left)."""
-        keep = []
+    def _record(self, tokens: mx.array, token_lp: mx.array, rows: list[int]) -> tuple[list[int], list]:
+        """Append each live row's token and log-prob to its sequence: (rows that go on, finished completions)."""
+        keep, finished = [], []
         for r, (tok, lp) in enumerate(zip(tokens.tolist(), token_lp.tolist(), strict=True)):
-            seq = rows[r]
-            if seq < 0:  # filler
+            if rows[r] < 0:  # filler
                 continue
-            self.responses[seq].append(tok)
-            self.logprobs[seq].append(lp)
-            if tok in stop_ids:
-                self.finish[seq] = "stop"
-            elif len(self.responses[seq]) < self.limits[seq]:
+            seq = self._seqs[rows[r]]
+            seq.response.append(tok)
+            seq.logprobs.append(lp)
+            if tok in self.stop_ids or len(seq.response) >= seq.limit:
+                del self._seqs[rows[r]]
+                finished.append((seq.key, seq.completion("stop" if tok in self.stop_ids else "length")))
+            else:
                 keep.append(r)
-        return keep
-
-    def completions(self, prompts: Sequence[Sequence[int]]) -> list[Completion]:
-        return [
-            Completion(
-                list(p), self.responses[i], np.asarray(self.logprobs[i], dtype=np.float32), self.finish[i]
-            )
-            for i, p in enumerate(prompts)
-        ]
+        return keep, finished
 
 
 def _nothing() -> None:
@@ -260,21 +351,6 @@ def _use_fixed_layout(model: nn.Module, params: SamplingParams) -> bool:
     return not _draws_on_host(params) and supports_fixed_layout(model)
 
 
-def _starter(model, prompts, uniforms, params: SamplingParams, share: bool, fixed: bool) -> Callable:
-    """``start(seqs)``: the rows of sequences ``seqs`` prefilled, with their first tokens queued."""
-
-    def start(seqs: list[int]):
-        cache, left, first = _prefill_rows(model, prompts, uniforms, params, share, seqs)
-        mx.async_eval(*first)
-        if fixed:
-            return FixedBatch.from_prefill(
-                cache, left, first, seqs, mx.array(uniforms[seqs]), params.kv_chunk
-            )
-        return _CacheRows(cache, first, seqs)
-
-    return start
-
-
 def generate_completions(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -295,26 +371,12 @@ def generate_completions(
     ``max_new``: per sequence, at most this many new tokens (each capped at ``params.max_new_tokens``).
     """
     _check_inputs(prompts, seeds, max_new)
-    if not prompts:
-        return []
-    n_new, width = params.max_new_tokens, max_rows if 0 < max_rows < len(prompts) else len(prompts)
-    limits = np.minimum(n_new, np.asarray(max_new if max_new is not None else [n_new] * len(prompts)))
-    # One extra uniform per sequence: a step queued ahead may draw once past a row's max_new_tokens (discarded).
-    uniforms = np.stack([sequence_uniforms(s, n_new + 1) for s in seeds])  # [B, n_new + 1]
-    fixed = _use_fixed_layout(model, params)
-    start = _starter(model, prompts, uniforms, params, share_prompts, fixed)
-    out = _Outputs.empty(limits)
-    waiting = list(range(width, len(prompts)))[::-1]  # popped from the end: next sequence last
-    live = start(list(range(width)))
-    while live.rows:
-        tokens, token_lp = live.tokens, live.token_lp  # this step's, maybe still computing
-        drawn = out.room(live.rows)
-        if (drawn >= 0).any():  # queue the next step before reading this one
-            live.queue(model, params, uniforms, drawn)
-        keep = out.record(tokens, token_lp, live.rows, stop_ids)
+    stream = CompletionStream(model, params, stop_ids, max_rows=max_rows, share_prompts=share_prompts)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        stream.submit(i, prompt, seed, None if max_new is None else max_new[i])
+    completions: list[Completion | None] = [None] * len(prompts)
+    while stream.busy:
+        for i, completion in stream.step():
+            completions[i] = completion
         (on_step or _nothing)()
-        live.retire(keep)
-        if waiting and live.live <= width // 2:
-            new = [waiting.pop() for _ in range(min(width - live.live, len(waiting)))]
-            live = live.join(start(new)) if live.live else start(new)
-    return out.completions(prompts)
+    return completions  # type: ignore[return-value]
