@@ -258,26 +258,44 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.communicate()  # reaps it and closes its stdin pipe
 
 
+def _spawn(scratch: str, settings: dict, wall_s: float, stdout: Any, stderr: Any) -> int | None:
+    """Run the guard in ``scratch`` with ``settings`` on its stdin and its output to ``stdout``/``stderr`` (open
+    files outside scratch): its exit code, None when killed at ``wall_s``. Its process group is killed either way."""
+    proc = subprocess.Popen(
+        _command(scratch), cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE, stdout=stdout,
+        stderr=stderr, start_new_session=True, pass_fds=(settings["results_fd"],),
+    )  # fmt: skip
+    try:
+        proc.communicate(json.dumps(settings).encode(), timeout=wall_s)
+        returncode = proc.returncode
+    except subprocess.TimeoutExpired:
+        returncode = None
+    if returncode is not None and returncode > 128 and isolation() == "bwrap":
+        returncode = 128 - returncode  # bwrap reports its child killed by signal N as 128 + N
+    _kill_group(proc)  # what it started dies too (in bwrap the PID namespace is gone with it already)
+    return returncode
+
+
 def _run_child(scratch: str, settings: dict, wall_s: float) -> tuple[int | None, str, bytes]:
     """Run the guard in ``scratch``: (exit code or None when killed at ``wall_s``, the end of its output, what
     it wrote to the results file). Output and results go to files outside scratch, passed in as descriptors."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as results:
         settings = {**settings, "results_fd": results.fileno()}
-        proc = subprocess.Popen(
-            _command(scratch), cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(results.fileno(),),
-        )  # fmt: skip
-        try:
-            proc.communicate(json.dumps(settings).encode(), timeout=wall_s)
-            returncode = proc.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-        if returncode is not None and returncode > 128 and isolation() == "bwrap":
-            returncode = 128 - returncode  # bwrap reports its child killed by signal N as 128 + N
-        _kill_group(proc)  # what it started dies too (in bwrap the PID namespace is gone with it already)
+        returncode = _spawn(scratch, settings, wall_s, out, subprocess.STDOUT)
         out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
         results.seek(0)
         return returncode, out.read().decode(errors="replace"), results.read(MAX_RESULTS_BYTES + 1)
+
+
+def _settings(code: str, cases: list[str], limits: SandboxLimits, nonce: str) -> dict[str, Any]:
+    return {"nonce": nonce, "code": code, "cases": cases, "cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb,
+            "output_kb": limits.output_kb}  # fmt: skip
+
+
+def _blocked(returncode: int | None, output: str) -> str:
+    """The forbidden action the guard reported in ``output`` when it ended the child for one, else ''."""
+    _, marker, what = output.rpartition("sandbox: blocked ")
+    return what.strip() if marker and returncode == BLOCKED else ""
 
 
 def _reported(raw: bytes, count: int, nonce: str) -> list[Any] | None:
@@ -304,16 +322,14 @@ def run_python_cases(code: str, cases: list[Check], limits: SandboxLimits | None
     limits = limits or SandboxLimits()
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="mlx-ppo-sandbox-"))
     nonce = secrets.token_hex(16)
-    settings = {"nonce": nonce, "code": code, "cases": [c.expr for c in cases], "cpu_s": limits.cpu_s,
-                "memory_mb": limits.memory_mb, "output_kb": limits.output_kb}  # fmt: skip
+    settings = _settings(code, [c.expr for c in cases], limits, nonce)
     try:  # the working folder: under bubblewrap its private /tmp; elsewhere this scratch folder
         returncode, output, raw = _run_child(scratch, settings, limits.wall_s)
     finally:
         _remove(scratch)
     results = _reported(raw, len(cases), nonce) if returncode == 0 else None
     passed = results is not None and all(grade(c, r) for c, r in zip(cases, results, strict=True))
-    _, marker, what = output.rpartition("sandbox: blocked ")
-    blocked = what.strip() if marker and returncode == BLOCKED else ""
+    blocked = _blocked(returncode, output)
     return SandboxResult(
         passed, returncode, returncode is None, blocked, output, scratch, results or [], isolation()
     )
@@ -322,3 +338,49 @@ def run_python_cases(code: str, cases: list[Check], limits: SandboxLimits | None
 def run_python_tests(code: str, tests: str, limits: SandboxLimits | None = None) -> SandboxResult:
     """``run_python_cases`` with the cases of ``tests`` (assert lines, ``parse_asserts``)."""
     return run_python_cases(code, parse_asserts(tests), limits)
+
+
+@dataclass(frozen=True)
+class SnippetResult:
+    """What a snippet run by ``run_python_snippet`` printed, and how it ended."""
+
+    stdout: str
+    stderr: str
+    """Its standard error: a Python error raised by the code is one line ``sandbox: Type: message``."""
+    returncode: int | None
+    """0 when the code ran to its end; 1 when it raised; negative: killed by that signal; None: wall clock."""
+    timed_out: bool
+    """Killed at the wall-clock limit or at the CPU-time limit (SIGXCPU, then SIGKILL)."""
+    blocked: str
+    """The forbidden action that ended it (the audit hook), or ''."""
+    isolation: str = ""
+
+
+def _head(file: Any, limit: int) -> str:
+    file.seek(0)
+    return file.read(limit).decode(errors="replace")
+
+
+def run_python_snippet(code: str, limits: SandboxLimits | None = None) -> SnippetResult:
+    """Run ``code`` in the sandbox (the same isolation and limits as ``run_python_cases``) and return what it
+    wrote: for a tool that runs a model's code and shows it the output.
+
+    Each of stdout and stderr holds at most ``limits.output_kb`` KiB: past that a write fails in the child (file
+    size limit), which stops code that prints without end. Never raises for anything the code does. Output still
+    in the child's buffers when it is killed (a timeout) is lost.
+    """
+    limits = limits or SandboxLimits()
+    scratch = os.path.realpath(tempfile.mkdtemp(prefix="mlx-ppo-snippet-"))
+    settings = _settings(code, [], limits, secrets.token_hex(16))
+    cap = limits.output_kb * 1024
+    try:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            with tempfile.TemporaryFile() as results:  # the guard's (empty) results line: not read here
+                returncode = _spawn(
+                    scratch, {**settings, "results_fd": results.fileno()}, limits.wall_s, out, err
+                )
+            stdout, stderr = _head(out, cap), _head(err, cap)
+    finally:
+        _remove(scratch)
+    timed_out = returncode is None or returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+    return SnippetResult(stdout, stderr, returncode, timed_out, _blocked(returncode, stderr), isolation())

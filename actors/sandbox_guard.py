@@ -112,17 +112,23 @@ def main() -> None:
     os.close(0)
     _set_limits(settings["cpu_s"], settings["memory_mb"], settings["output_kb"])
     scratch = os.path.realpath(os.getcwd())
-    solution = compile(settings["code"], "solution.py", "exec")
     cases = [compile(expr, f"case {i}", "eval") for i, expr in enumerate(settings["cases"])]
     # Locals, bound before the candidate runs: immune to its monkeypatching of os, json, builtins.
     run, evaluate, write, exit_now, dumps = exec, eval, os.write, os._exit, json.dumps
     results_fd, nonce, plain, name_of = settings["results_fd"], settings["nonce"], _plain_maker(), type
-    streams = (sys.stdout, sys.stderr)
+    streams, suppress = (sys.stdout, sys.stderr), contextlib.suppress
+
+    def flush() -> None:  # what the code printed, for logs and tools (os._exit does not flush)
+        for stream in streams:
+            with suppress(Exception):
+                stream.flush()
+
     sys.addaudithook(_make_hook(scratch))
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        run(solution, namespace)
+    try:  # a syntax error too is reported as one line, not as a traceback through this file
+        run(compile(settings["code"], "solution.py", "exec"), namespace)
     except BaseException as e:  # SystemExit and KeyboardInterrupt included: nothing is a pass then
+        flush()
         write(2, f"sandbox: {name_of(e).__name__}: {e}\n".encode(errors="replace"))
         exit_now(1)
     results = []
@@ -131,9 +137,7 @@ def main() -> None:
             results.append({"value": plain(evaluate(case, namespace))})
         except BaseException as e:
             results.append({"error": f"{name_of(e).__name__}: {e}"[:300]})
-    for stream in streams:  # what the code printed, for the logs (os._exit does not flush)
-        with contextlib.suppress(Exception):
-            stream.flush()
+    flush()
     write(results_fd, (dumps({"nonce": nonce, "results": results}) + "\n").encode())
     exit_now(0)
 
