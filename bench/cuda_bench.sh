@@ -8,6 +8,7 @@
 #   bash bench/cuda_bench.sh warm OUT_DIR      # fill MLX's kernel cache: short runs of ours and mlx-lm-lora
 #   bash bench/cuda_bench.sh e2e OUT_DIR       # issue 17 item 4: one GRPO step, ours (1, 2 actors) vs mlx-lm-lora
 #   bash bench/cuda_bench.sh layouts OUT_DIR   # issue 17 item 3: 4 actors, one wide actor, one process
+#   bash bench/cuda_bench.sh ours-e2e OUT_DIR  # ours alone at 2 and 1 actors (peers from an earlier call)
 #
 # bench/runtime/tests are meant to run as CMD of `bench/cuda_host.sh run WHEEL_DIR MODEL_META_DIR`, which leaves
 # the bfloat16 random-weight SmolLM2-135M in /tmp/smollm-bf16. Each step has its own time limit so that one
@@ -127,6 +128,19 @@ layouts) # estimated ~5 min: 4 actors of half a step each, one actor of two step
             "1x$((seqs * 2))=1:sampling.batch_size=$((seqs * 2));ppo.max_policy_lag=4" "sync=sync"
     done
     table
+    ;;
+ours-e2e) # ours alone at E2E_SIZES (2 actors, then 1, one step a batch each); peers' records from an earlier call
+    # are rendered beside these by `bench/e2e_step.py table`. A cold kernel cache is first warmed by ours alone.
+    e2e_settings
+    if [ ! -e "$kernels/.e2e-warm" ]; then
+        size_fields "${sizes%% *}"
+        (label=warm-$label updates=2 && ours "$label-ours" 330 300 "1") && mkdir -p "$kernels" &&
+            touch "$kernels/.e2e-warm"
+    fi
+    for size in $sizes; do
+        size_fields "$size"
+        ours "e2e-$label-ours" 300 140 "2x$seqs=2" "1x$seqs=1"
+    done
     ;;
 tests)
     step h100-tests 270 python3 -m pytest -q tests -p no:cacheprovider -rfE --timeout 150 --durations=15 \
