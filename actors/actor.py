@@ -16,6 +16,7 @@ from actors.rollout import Rollout, RolloutStats, is_stale
 from actors.tasks import Task, TaskSetupError, resolve_task
 from actors.weights_client import WeightsClient
 from common.config import Config
+from common.device_share import apply_device_share
 from common.exit_codes import ExitCode
 from common.logs import RateLimitFilter
 from common.models import LoadedModel, load_policy
@@ -226,6 +227,7 @@ def prepare_actor(cfg: Config) -> tuple[Task, LoadedModel]:
 
 def run_actor(cfg: Config, actor_id: int, num_actors: int, endpoints: Endpoints) -> int:
     """The actor process: load the policy, connect, then step until the learner says stop. Returns an exit code."""
+    apply_device_share("actor")  # its part of a GPU shared with the learner and other actors
     try:
         task, loaded = prepare_actor(cfg)
     except (TaskSetupError, ValueError) as e:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from common.device_share import share_env
 from common.exit_codes import ExitCode
 from launcher.defaults import ENTRY_POINT
 from launcher.supervision import supervise
@@ -98,11 +99,16 @@ def local_run_problems(cfg, num_actors: int, num_learners: int) -> list[str]:
     return []
 
 
-def start_learners(cfg, config_path: Path, ranks: list, threads: int, resume: bool, script: Path) -> dict:
-    """One process per learner rank (rank ``r`` bound to ``ranks[r]``), by name."""
+def start_learners(
+    cfg, config_path: Path, ranks: list, threads: int, resume: bool, script: Path, share: dict | None = None
+) -> dict:
+    """One process per learner rank (rank ``r`` bound to ``ranks[r]``), by name; ``share``: the device-share
+    variable (``common/device_share.py``) every child gets."""
     run_dir, procs = Path(cfg.run.run_dir), {}
     for rank, endpoints in enumerate(ranks):
-        env = child_env(threads, learner_rank_env(run_dir, cfg.transport.host, rank, len(ranks)))
+        env = child_env(
+            threads, {**learner_rank_env(run_dir, cfg.transport.host, rank, len(ranks)), **(share or {})}
+        )
         extra = ["--rank", str(rank)] + ["--resume"] * resume
         procs[f"learner-{rank}"] = subprocess.Popen(
             child_command(script, "learner", config_path, endpoints, extra), env=env, start_new_session=True
@@ -111,7 +117,7 @@ def start_learners(cfg, config_path: Path, ranks: list, threads: int, resume: bo
 
 
 def actor_starters(
-    config_path: Path, ranks: list, num_actors: int, threads: int, script: Path
+    config_path: Path, ranks: list, num_actors: int, threads: int, script: Path, share: dict | None = None
 ) -> dict[str, Callable[[], subprocess.Popen]]:
     """How to start (and restart) each actor, by name; actor ``i`` connects to rank ``i % len(ranks)``."""
     starters = {}
@@ -119,7 +125,7 @@ def actor_starters(
         extra = ["--actor-id", str(i), "--num-actors", str(num_actors)]
         command = child_command(script, "actor", config_path, ranks[i % len(ranks)], extra)
         starters[f"actor-{i}"] = functools.partial(
-            subprocess.Popen, command, env=child_env(threads), start_new_session=True
+            subprocess.Popen, command, env=child_env(threads, share), start_new_session=True
         )
     return starters
 
@@ -146,8 +152,9 @@ def launch_local_run(
     host = cfg.transport.host
     ranks = [Endpoints.tcp(host, free_tcp_ports(host)) for _ in range(num_learners)]
     learner_threads, actor_threads = split_threads(os.cpu_count() or 1, num_actors, num_learners)
-    procs = start_learners(cfg, config_path, ranks, learner_threads, resume, script)
-    starters = actor_starters(config_path, ranks, num_actors, actor_threads, script)
+    share = share_env(num_learners, num_actors)  # every process here runs on this machine's one device
+    procs = start_learners(cfg, config_path, ranks, learner_threads, resume, script, share)
+    starters = actor_starters(config_path, ranks, num_actors, actor_threads, script, share)
     procs.update({name: start() for name, start in starters.items()})
     logger.info(
         "run %s: %d learner rank(s), rank 0 at %s, %d BLAS thread(s) each; %d actor(s), %d each",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from common.device_share import applied_limit
 from common.logprobs import round_up
 from learner.experience import by_length, sequence_lengths
 
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 AUTO_MEMORY_FRACTION = 0.5
 """Of the device memory free at start-up (weights loaded), what auto-sized micro-batches may use: actors on the
 same GPU (a Mac's unified memory) keep the rest for their weights and KV caches."""
+SHARED_PART_FRACTION = 0.75
+"""With the device shared by the launcher (``common/device_share.py``: the actors hold their own parts), what
+auto-sized micro-batches may use of the learner's part left after its weights; the rest is the optimizer state
+and the allocator's slack (the measured peak was 1.2x the activation estimate)."""
 
 
 def token_budget_groups(
@@ -73,33 +78,45 @@ def free_device_memory(info: dict) -> int:
     return max(total - mx.get_active_memory(), 0) if total else 0
 
 
-def resolve_token_budget(requested: int, args, dtype: mx.Dtype) -> int:
-    """``ppo.micro_batch_tokens`` as the learner uses it: > 0 as given, 0 off, -1 auto (off on the CPU)."""
+def resolve_token_budget(requested: int, args, dtype: mx.Dtype, shared_limit: int = 0) -> int:
+    """``ppo.micro_batch_tokens`` as the learner uses it: > 0 as given, 0 off, -1 auto (off on the CPU);
+    ``shared_limit``: this process's memory limit on a shared device (0: alone)."""
     if requested >= 0:
         return requested
-    free = free_device_memory(mx.device_info())
+    free, fraction = budget_memory(free_device_memory(mx.device_info()), shared_limit)
     if mx.default_device() == mx.cpu or free <= 0:
         return 0
     per_token = activation_bytes_per_token(args, dtype.size)
-    budget = int(AUTO_MEMORY_FRACTION * free / per_token)
+    budget = int(fraction * free / per_token)
     logger.info(
         "micro-batches of up to %d tokens (%.0f%% of %.1f GB free / %.2f MB per token)",
         budget,
-        100 * AUTO_MEMORY_FRACTION,
+        100 * fraction,
         free / 1e9,
         per_token / 1e6,
     )
     return max(budget, 1)
 
 
-def token_budget(requested: int, model) -> int:
+def budget_memory(free: int, shared_limit: int) -> tuple[int, float]:
+    """The memory auto-sized micro-batches are cut from and the fraction of it they may use: the device's free
+    memory, or with a shared device (``shared_limit`` > 0, this process's memory limit) the part of it left."""
+    if shared_limit <= 0:
+        return free, AUTO_MEMORY_FRACTION
+    return min(free, max(shared_limit - mx.get_active_memory(), 0)), SHARED_PART_FRACTION
+
+
+def token_budget(requested: int, model, shared_limit: int | None = None) -> int:
     """``resolve_token_budget`` for an mlx-lm ``model`` (its args and compute dtype); auto is off for a model
-    without mlx-lm's args."""
+    without mlx-lm's args. ``shared_limit``: default, the limit ``common.device_share`` set in this process."""
     args = getattr(model, "args", None)
     if requested < 0 and not hasattr(args, "intermediate_size"):
         return 0
     dtype = model.model.embed_tokens.weight.dtype
-    return resolve_token_budget(requested, args, dtype if mx.issubdtype(dtype, mx.floating) else mx.bfloat16)
+    dtype = dtype if mx.issubdtype(dtype, mx.floating) else mx.bfloat16
+    return resolve_token_budget(
+        requested, args, dtype, applied_limit() if shared_limit is None else shared_limit
+    )
 
 
 def plan_micro_batches(

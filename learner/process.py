@@ -110,11 +110,13 @@ def run_learner(cfg: Config, endpoints: Endpoints, run_dir: Path, resume: bool =
 
     ``resume``: continue from the newest checkpoint in ``run_dir`` (``ExitCode.BAD_SETUP`` if there is none).
     """
+    from common.device_share import apply_device_share
     from learner.checkpoint import latest_checkpoint
     from learner.distributed import init_group
     from learner.service import LearnerService
 
     stop = _stop_flag()
+    apply_device_share("learner")  # before the model loads: its part of a GPU shared with actors
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         logger.error("nothing to resume: no checkpoint in %s", run_dir / "checkpoints")

@@ -76,3 +76,27 @@ def test_free_memory_is_read_from_what_cuda_and_metal_report():
     metal = {"max_recommended_working_set_size": 100 * 2**30, "memory_size": 128 * 2**30}
     assert 99 * 2**30 < free_device_memory(metal) <= 100 * 2**30
     assert free_device_memory({"architecture": "x86_64", "device_name": "AMD EPYC"}) == 0
+
+
+def test_a_shared_device_is_split_between_learners_and_actors():
+    """The launcher's 'learners,actors' share: parts that add up to the device, alone or malformed = whole."""
+    from common.device_share import LEARNER_PART, memory_part, share_env
+
+    share = share_env(1, 2)["MLX_PPO_DEVICE_SHARE"]
+    assert memory_part("learner", share) == LEARNER_PART
+    assert memory_part("actor", share) == pytest.approx((1 - LEARNER_PART) / 2)
+    two_ranks = share_env(2, 4)["MLX_PPO_DEVICE_SHARE"]
+    parts = 2 * memory_part("learner", two_ranks) + 4 * memory_part("actor", two_ranks)
+    assert parts == pytest.approx(1.0)
+    assert memory_part("learner", None) == memory_part("actor", "1,0") == memory_part("actor", "x") == 1.0
+
+
+def test_a_shared_limit_sizes_the_automatic_budget_from_the_learners_part():
+    """With the device shared, the budget comes from the learner's limit, not from the whole free device."""
+    from learner.micro_batches import SHARED_PART_FRACTION, budget_memory
+
+    free = 140 * 2**30
+    assert budget_memory(free, 0)[0] == free
+    limit = 80 * 2**30
+    memory, fraction = budget_memory(free, limit)
+    assert memory <= limit and memory < free and fraction == SHARED_PART_FRACTION
