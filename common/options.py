@@ -66,7 +66,7 @@ class SamplingConfig:
     """With ``run.environment``: response tokens of one episode, all its turns (the model's and the
     environment's). A model turn starts only while ``max_new_tokens`` more fit below this, so a response holds
     at most ``max_episode_tokens - 1``, the limit the learner accepts (``max_response_tokens``). Must exceed
-    ``max_new_tokens``; ``max_prompt_tokens + max_episode_tokens`` must fit the model's context."""
+    ``max_new_tokens``; ``max_prompt_tokens + max_episode_tokens - 1`` must fit the model's context."""
 
 
 @dataclass(frozen=True)
