@@ -15,7 +15,7 @@ from actors.link import ActorStopped, Grants, LearnerLink
 from actors.rollout import Rollout, RolloutStats, is_stale
 from actors.tasks import Task, TaskSetupError, resolve_task
 from actors.weights_client import WeightsClient
-from common.config import Config
+from common.config import Config, max_response_tokens
 from common.device_share import apply_device_share
 from common.exit_codes import ExitCode
 from common.logs import RateLimitFilter
@@ -217,10 +217,11 @@ def prepare_actor(cfg: Config) -> tuple[Task, LoadedModel]:
     task = resolve_task(cfg)  # before the model: a bad prompt file or reward fails in seconds
     loaded = load_policy(cfg.model, cfg.lora, cfg.ppo.full_finetune)
     context = getattr(loaded.model.args, "max_position_embeddings", None) or 0
-    needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens
+    needed = cfg.sampling.max_prompt_tokens + max_response_tokens(cfg)
+    budget = "max_episode_tokens - 1" if cfg.run.environment else "max_new_tokens"
     if context and needed > context:
         raise ValueError(
-            f"sampling.max_prompt_tokens + max_new_tokens = {needed} > the model's context of {context} tokens"
+            f"sampling.max_prompt_tokens + {budget} = {needed} > the model's context of {context} tokens"
         )
     return task, loaded
 

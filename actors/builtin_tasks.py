@@ -36,6 +36,11 @@ class Task:
     """Set by ``resolve_task``: scores whole batches (the ``reward`` per sample, a batched function, a model)."""
     check: Callable[[], None] | None = None
     """Raises ``TaskSetupError`` when the task cannot run on this machine (a missing package)."""
+    environment: type | None = None
+    """With ``run.environment``: the environment class, built once per episode (``actors/episode_rollout.py``);
+    its episodes' returns are the scores and ``reward`` is not used."""
+    records: tuple[Mapping[str, Any], ...] = ()
+    """With ``environment``: what each episode's ``reset`` gets (``prompts`` holds their "prompt" fields)."""
 
 
 _NUMBER = re.compile(r"-?\d+")

@@ -184,10 +184,15 @@ def load_reward(
 def task_problems(cfg: Config) -> list[str]:
     """What would stop actors from setting up ``cfg``'s task, found without loading prompts or models: an
     unknown task, a missing prompt file or reward model, a reward function that cannot be imported. For the
-    launcher to check once before starting anything."""
+    launcher to check once before starting anything. With ``run.environment`` no task or reward is used: the
+    environment's problems alone (``actors.environments.environment_problems``)."""
     from common.reward_model import RM_CONFIG
 
     r, problems = cfg.run, []
+    if r.environment:
+        from actors.environments import environment_problems
+
+        return environment_problems(cfg)
     if r.task not in TASKS:
         problems.append(f"unknown task {r.task!r}: built-in tasks are {', '.join(sorted(TASKS))}")
     if r.prompts and not r.prompts.startswith("hf:") and not Path(r.prompts).expanduser().is_file():

@@ -1,4 +1,5 @@
-"""One rollout: this actor's next prompts -> sampled completions -> scores -> an ``ExperienceBatch``.
+"""One rollout: this actor's next prompts -> sampled completions -> scores -> an ``ExperienceBatch``; with
+``run.environment``, its next records -> multi-turn episodes (``actors/episode_rollout.py``) -> the same batch.
 
 Prompts come in a deterministic, sharded order and every sequence has its own seed, so the same run, actor and
 batch always sample the same way. The reference pass (``ppo.reference_on = "actors"``) runs here too.
@@ -15,11 +16,12 @@ import mlx.nn as nn
 import numpy as np
 
 from actors.builtin_tasks import Task
+from actors.episode_rollout import EpisodeCounts, EpisodeLimits, SequenceRow, episode_seed, play_episodes
 from actors.reference import reference_logprobs
 from actors.rewards import encode_prompts, load_reward
 from actors.sampler import Completion, SamplingParams, generate_completions
 from common import protocol
-from common.config import Config
+from common.config import Config, max_response_tokens
 from common.protocol import ExperienceBatch
 
 logger = logging.getLogger(__name__)
@@ -38,12 +40,13 @@ def is_stale(batch_version: int, current_version: int, max_policy_lag: int) -> b
 
 class PromptShard:
     """This actor's encoded prompts in a deterministic, sharded order: actor ``i`` of ``n`` takes every n-th
-    prompt of a seeded shuffle (all of them when there are fewer prompts than actors)."""
+    prompt of a seeded shuffle (all of them when there are fewer prompts than actors). ``ids`` is empty for an
+    environment's records (its ``reset`` writes each prompt)."""
 
     def __init__(self, ids: list[list[int]], texts: list[str], actor_id: int, num_actors: int, seed: int):
         self.ids, self.texts = ids, texts
-        order = np.random.default_rng(seed).permutation(len(ids))
-        self.order = order[actor_id::num_actors] if len(ids) >= num_actors else order
+        order = np.random.default_rng(seed).permutation(len(texts))
+        self.order = order[actor_id::num_actors] if len(texts) >= num_actors else order
         self.cursor = 0  # prompts of this shard taken so far
 
     def next_indices(self, count: int) -> list[int]:
@@ -64,10 +67,12 @@ class RolloutStats:
     blocked_send_s: float = 0.0
     batches_sent: int = 0
     stale_dropped: int = 0
+    episodes: EpisodeCounts = field(default_factory=EpisodeCounts)
     started: float = field(default_factory=time.perf_counter)
 
     def as_dict(self) -> dict[str, float]:
-        return {
+        """The heartbeat's statistics; the episode counters only once there were episodes (run.environment)."""
+        return (self.episodes.as_dict() if self.episodes.episodes else {}) | {
             "gen_tokens_per_s": self.generated_tokens / max(self.generate_s, 1e-9),
             "wait_weights_s": self.wait_weights_s,
             "wait_grant_s": self.wait_grant_s,
@@ -98,12 +103,17 @@ class Rollout:
             tokenizer,
             stats,
         )
-        # resolve_task's batch scorer; a Task built by hand scores with its per-sample reward.
-        self.scorer = task.scorer or load_reward("", task, cfg.run.reward_timeout_s)
         self.params = SamplingParams.from_config(cfg.sampling)
         self.stop_ids = set(tokenizer.eos_token_ids)
-        ids, texts = encode_prompts(tokenizer, task.prompts, cfg.sampling.max_prompt_tokens)
-        self.shard = PromptShard(ids, texts, actor_id, num_actors, cfg.run.seed)
+        self.environment, self.records = task.environment, task.records
+        if self.environment is not None:  # episodes score themselves: no reward, prompts from reset
+            self.scorer = None
+            self.shard = PromptShard([], list(task.prompts), actor_id, num_actors, cfg.run.seed)
+        else:
+            # resolve_task's batch scorer; a Task built by hand scores with its per-sample reward.
+            self.scorer = task.scorer or load_reward("", task, cfg.run.reward_timeout_s)
+            ids, texts = encode_prompts(tokenizer, task.prompts, cfg.sampling.max_prompt_tokens)
+            self.shard = PromptShard(ids, texts, actor_id, num_actors, cfg.run.seed)
         self.prompts_per_batch = cfg.sampling.batch_size // cfg.ppo.group_size  # distinct prompts
         self.batch_id = 0
 
@@ -117,28 +127,64 @@ class Rollout:
         step (heartbeats keep flowing during a long generation)."""
         group = self.cfg.ppo.group_size
         indices = [i for i in self.shard.next_indices(self.prompts_per_batch) for _ in range(group)]
-        completions = self._generate([self.shard.ids[i] for i in indices], on_step)
-        texts = [
-            self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids]) for c in completions
-        ]
-        scores = self.scorer([self.shard.texts[i] for i in indices], texts)  # NaN where the reward failed
+        if self.environment is not None:
+            rows = self._episodes(indices, on_step)
+        else:
+            completions = self._generate([self.shard.ids[i] for i in indices], on_step)
+            texts = [
+                self.tokenizer.decode([t for t in c.response_ids if t not in self.stop_ids])
+                for c in completions
+            ]
+            scores = self.scorer([self.shard.texts[i] for i in indices], texts)  # NaN where the reward failed
+            rows = [
+                SequenceRow(c.prompt_ids, c.response_ids, c.logprobs, [], score, c.finish_reason, [])
+                for c, score in zip(completions, scores, strict=True)
+            ]
+        batch = self._batch(rows, indices, policy_version, token)
+        self.batch_id += 1
+        return batch
+
+    def _batch(
+        self, rows: list[SequenceRow], indices: list[int], policy_version: int, token: str
+    ) -> ExperienceBatch:
+        """The experience message of ``rows`` (``loss_mask`` sent when the rows have one: episodes)."""
         sequences = [
-            protocol.Sequence_(len(c.prompt_ids), len(c.response_ids), score, c.finish_reason, i)
-            for i, c, score in zip(indices, completions, scores, strict=True)
+            protocol.Sequence_(len(r.prompt), len(r.response), r.score, r.finish_reason, i)
+            for i, r in zip(indices, rows, strict=True)
         ]
-        batch = ExperienceBatch(
+        masks = [r.loss_mask for r in rows] if self.environment is not None else None
+        return ExperienceBatch(
             self.actor_id,
             self.batch_id,
             policy_version,
             tuple(sequences),
-            np.concatenate([np.asarray(c.prompt_ids + c.response_ids, np.int32) for c in completions]),
-            np.concatenate([c.logprobs for c in completions]).astype(np.float32),
-            self._reference(completions),
+            np.concatenate([np.asarray([*r.prompt, *r.response], np.int32) for r in rows]),
+            np.concatenate([np.asarray(r.logprobs, np.float32) for r in rows]),
+            self._reference([r.prompt for r in rows], [r.response for r in rows]),
             gen_tokens_per_s=self.stats.as_dict()["gen_tokens_per_s"],
+            loss_mask=None if masks is None else np.concatenate([np.asarray(m, np.uint8) for m in masks]),
             token=token,
         )
-        self.batch_id += 1
-        return batch
+
+    def _episodes(self, indices: list[int], on_step: Callable[[], None]) -> list[SequenceRow]:
+        """One episode per index (a fresh environment each), as rows; counted in ``stats.episodes``."""
+        r = self.cfg.run
+        limits = EpisodeLimits(r.env_step_timeout_s, r.max_observation_chars, max_response_tokens(self.cfg))
+        start = time.perf_counter()
+        rows = play_episodes(
+            self.model,
+            self.tokenizer,
+            self.environment,
+            [dict(self.records[i]) for i in indices],
+            self.params,
+            lambda k, turn: episode_seed(r.seed, self.actor_id, self.batch_id, k, turn),
+            limits,
+            self.stats.episodes,
+            on_step,
+        )
+        self.stats.generate_s += time.perf_counter() - start
+        self.stats.generated_tokens += sum(sum(row.loss_mask) for row in rows)
+        return rows
 
     def _generate(self, prompts: list[list[int]], on_step: Callable[[], None]) -> list[Completion]:
         seeds = [
@@ -158,16 +204,11 @@ class Rollout:
         self.stats.generated_tokens += sum(len(c.response_ids) for c in completions)
         return completions
 
-    def _reference(self, completions: Sequence[Completion]) -> np.ndarray | None:
+    def _reference(self, prompts: Sequence[list[int]], responses: Sequence[list[int]]) -> np.ndarray | None:
         """Reference log-probs of every response token, when this actor computes them (``ppo.reference_on``)."""
         if self.cfg.ppo.reference_on != "actors":
             return None
         start = time.perf_counter()
-        ref = reference_logprobs(
-            self.model,
-            [c.prompt_ids for c in completions],
-            [c.response_ids for c in completions],
-            self.params.temperature,
-        )
+        ref = reference_logprobs(self.model, list(prompts), list(responses), self.params.temperature)
         self.stats.reference_s += time.perf_counter() - start
         return np.concatenate(ref).astype(np.float32)

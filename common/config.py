@@ -25,6 +25,7 @@ from common.options import (
     RunConfig,
     SamplingConfig,
     TransportConfig,
+    max_response_tokens,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "config_to_dict",
     "config_to_toml",
     "load_config",
+    "max_response_tokens",
     "parse_overrides",
 ]
 

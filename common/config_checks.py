@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.network import exposed_without_keys, needs_keys_message
-from common.options import Config, PPOUpdateConfig
+from common.options import Config, PPOUpdateConfig, max_response_tokens
 
 WHY_REFUSED = {
     "ppo.kl_estimator": (
@@ -98,10 +98,11 @@ def validate_run(cfg: Config) -> list[str]:
         p.append(
             f"sampling.batch_size={cfg.sampling.batch_size} must be a multiple of ppo.group_size={cfg.ppo.group_size}"
         )
-    if cfg.ppo.truncated == "overlong_penalty" and cfg.ppo.overlong_buffer > cfg.sampling.max_new_tokens:
+    if cfg.ppo.truncated == "overlong_penalty" and cfg.ppo.overlong_buffer > max_response_tokens(cfg):
+        budget = "sampling.max_episode_tokens - 1" if r.environment else "sampling.max_new_tokens"
         p.append(
-            f"ppo.overlong_buffer={cfg.ppo.overlong_buffer} must be at most sampling.max_new_tokens="
-            f"{cfg.sampling.max_new_tokens}"
+            f"ppo.overlong_buffer={cfg.ppo.overlong_buffer} must be at most the response budget "
+            f"{max_response_tokens(cfg)} ({budget})"
         )
     steps = r.max_updates * cfg.ppo.update_epochs * cfg.ppo.num_minibatches
     if cfg.ppo.warmup_steps >= steps and (cfg.ppo.warmup_steps or cfg.ppo.lr_schedule != "constant"):
@@ -111,6 +112,40 @@ def validate_run(cfg: Config) -> list[str]:
         )
     if cfg.sampling.max_rows < 0:
         p.append(f"sampling.max_rows={cfg.sampling.max_rows} must be >= 0 (0: the whole batch at once)")
+    return p + validate_environment(cfg)
+
+
+_IDENTIFIER = r"[A-Za-z_]\w*"
+_FUNCTION_SPEC = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}")
+
+
+def validate_environment(cfg: Config) -> list[str]:
+    """Problems with the multi-turn settings (``run.environment`` and its limits). Whether the environment
+    loads is the actors' check (``actors.environments.environment_problems``, run by the launcher before
+    anything starts): only they import it, possibly on other machines."""
+    r, s, p = cfg.run, cfg.sampling, []
+    named = re.fullmatch(_IDENTIFIER, r.environment) or _FUNCTION_SPEC.fullmatch(r.environment)
+    if r.environment and not named:
+        p.append(
+            f"run.environment={r.environment!r}: use a registry name (guess_number, calculator, python), "
+            "module:Class (e.g. my_envs:Game), or '' (single-turn)"
+        )
+    if not r.env_step_timeout_s > 0:
+        p.append(f"run.env_step_timeout_s={r.env_step_timeout_s} must be > 0")
+    if r.max_observation_chars < 1:
+        p.append(f"run.max_observation_chars={r.max_observation_chars} must be >= 1")
+    if not r.environment:
+        return p
+    if s.max_episode_tokens <= s.max_new_tokens:
+        p.append(
+            f"sampling.max_episode_tokens={s.max_episode_tokens} must exceed sampling.max_new_tokens="
+            f"{s.max_new_tokens}: an episode needs room for at least one whole model turn"
+        )
+    if r.reward:
+        p.append(
+            f"run.reward={r.reward!r} is not used with run.environment={r.environment!r}: an episode's score "
+            "is the sum of the environment's step rewards; remove run.reward"
+        )
     return p
 
 
@@ -128,10 +163,6 @@ def validate_transport(cfg: Config) -> list[str]:
     if exposed_without_keys([t.host], t.keys_dir):
         p.append(needs_keys_message(f"transport.host={t.host!r} is reachable from other machines"))
     return p
-
-
-_IDENTIFIER = r"[A-Za-z_]\w*"
-_FUNCTION_SPEC = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}")
 
 
 def validate_sources(prompts: str, reward: str) -> list[str]:

@@ -62,6 +62,11 @@ class SamplingConfig:
     max_rows: int = 0
     """At most this many of them decode at once (bounds the KV cache); finished rows are refilled with the
     batch's waiting prompts once half are free. 0: the whole batch at once."""
+    max_episode_tokens: int = 1024
+    """With ``run.environment``: response tokens of one episode, all its turns (the model's and the
+    environment's). A model turn starts only while ``max_new_tokens`` more fit below this, so a response holds
+    at most ``max_episode_tokens - 1``, the limit the learner accepts (``max_response_tokens``). Must exceed
+    ``max_new_tokens``; ``max_prompt_tokens + max_episode_tokens - 1`` must fit the model's context."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,16 @@ class RunConfig:
     """The launcher restarts a failed actor (after 1, 2, 4 ... s) up to this many times in all; then the run stops."""
     reward_timeout_s: float = 10.0
     """A reward call taking longer is abandoned: the sequence scores NaN and its group is dropped (0: no limit)."""
+    environment: str = ""
+    """Multi-turn episodes (actors/environments.py): '' trains single-turn completions scored by the reward;
+    a registry name (guess_number, calculator, python), whose environment brings its own offline records, or
+    module:Class, whose records are run.prompts' (a .jsonl object a line, every field given to ``reset``). The
+    episode's return (sum of its step rewards) is its score: run.reward is not used and must stay ''."""
+    env_step_timeout_s: float = 30.0
+    """An environment's ``reset`` or ``step`` taking longer ends its episode (``env_timeouts``): scored NaN,
+    its group dropped and counted, never trained on."""
+    max_observation_chars: int = 4000
+    """An environment answer longer than this is cut to it (``observation_cuts``)."""
     collective_timeout_s: float = 120.0
     """With several learner ranks: a gradient or statistics exchange not done after this long means a rank
     or the network between ranks is gone; the rank prints where it waited and exits instead of hanging."""
@@ -288,3 +303,9 @@ class Config:
     ppo: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def max_response_tokens(cfg: Config) -> int:
+    """Response tokens a sequence may hold: ``sampling.max_new_tokens``, or with ``run.environment`` fewer than
+    ``sampling.max_episode_tokens`` (every turn of an episode is in its response)."""
+    return cfg.sampling.max_episode_tokens - 1 if cfg.run.environment else cfg.sampling.max_new_tokens

@@ -39,6 +39,9 @@ def evaluate(args: argparse.Namespace) -> int:
     prompts = [f"run.prompts={json.dumps(args.prompts)}"] if args.prompts else []
     try:
         cfg = load_config(run_dir / "config.toml", [*args.overrides, *prompts])
+        if cfg.run.environment:  # it samples one completion a prompt and scores it with the reward
+            raise TaskSetupError(f"eval scores single completions: run.environment={cfg.run.environment!r} is "
+                                 "not evaluated yet (its episodes' returns are in the run's metrics)")  # fmt: skip
         task = resolve_task(cfg)
     except (ConfigError, TaskSetupError) as e:
         logger.error("%s", e)

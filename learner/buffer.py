@@ -33,7 +33,7 @@ _EQUAL_SCORES = 1e-6  # scores closer than this in a group count as equal (dynam
 @dataclass(frozen=True)
 class SequenceLimits:
     """What a sequence may hold: token ids in ``[0, vocab_size)``, at most ``max_prompt`` prompt tokens
-    (sampling.max_prompt_tokens) and ``max_response`` response tokens (sampling.max_new_tokens)."""
+    (sampling.max_prompt_tokens) and ``max_response`` response tokens (``common.config.max_response_tokens``)."""
 
     vocab_size: int = 2**31 - 1
     max_prompt: int = 2**31 - 1

@@ -7,7 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
-from common.config import Config
+from common.config import Config, max_response_tokens
 from common.exit_codes import ExitCode
 from common.transport import Endpoints, LearnerSockets, curve_keys, zmq_context
 
@@ -42,7 +42,7 @@ def build_learner(cfg: Config, group=None):
         group=group,
         seed=cfg.run.seed,
         total_updates=cfg.run.max_updates,
-        max_new_tokens=cfg.sampling.max_new_tokens,
+        max_new_tokens=max_response_tokens(cfg),  # an episode's budget with run.environment
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
-from common.config import Config, config_to_dict
+from common.config import Config, config_to_dict, max_response_tokens
 from common.models import vocab_size
 from common.protocol import Heartbeat, Shutdown
 from common.transport import LearnerSockets
@@ -39,8 +39,9 @@ class LearnerService:
     def __init__(self, cfg: Config, sockets: LearnerSockets, learner: PPOLearner, run_dir: Path):
         self.cfg, self.sockets, self.learner, self.run_dir = cfg, sockets, learner, run_dir
         learner.while_busy = BusyHeartbeats(self.heartbeat, cfg.transport.heartbeat_s / 2).running
+        # An episode's response holds all its turns: with run.environment, up to max_episode_tokens - 1.
         limits = SequenceLimits(
-            vocab_size(learner.container.policy), cfg.sampling.max_prompt_tokens, cfg.sampling.max_new_tokens
+            vocab_size(learner.container.policy), cfg.sampling.max_prompt_tokens, max_response_tokens(cfg)
         )
         self.buffer = ExperienceBuffer(
             cfg.transport.buffer_batches * cfg.ppo.batch_size,

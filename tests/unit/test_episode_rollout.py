@@ -1,0 +1,110 @@
+"""The actor's episode path (actors/episode_rollout.py): episodes as batch rows, rewards on tokens, the guard
+around an environment, a batch of episodes on the tiny model within its token budget."""
+
+import math
+import threading
+
+import pytest
+
+from actors.environments import GuessTheNumber, StepResult
+from actors.episode_rollout import (
+    EpisodeCounts,
+    EpisodeLimits,
+    GuardedEnvironment,
+    episode_row,
+    play_episodes,
+    token_rewards,
+)
+from actors.episodes import Episode
+from actors.sampler import SamplingParams
+
+
+def test_each_turns_reward_sits_on_the_last_token_of_that_model_turn():
+    mask = [1, 1, 0, 0, 1, 0, 1, 1, 1]
+    assert token_rewards(mask, [0.5, -0.1, 1.0]) == [0, 0.5, 0, 0, -0.1, 0, 0, 0, 1.0]
+    assert token_rewards(mask, [0.5, 2.0]) == [
+        0,
+        0.5,
+        0,
+        0,
+        2.0,
+        0,
+        0,
+        0,
+        0,
+    ]  # the last turn failed: no reward
+    with pytest.raises(ValueError):
+        token_rewards([1, 0, 1], [1.0, 1.0, 1.0])
+
+
+def _episode(mask, ended, rewards):
+    return Episode(ids=[7, 8] + list(range(10, 10 + len(mask))), prompt_len=2,
+                   logprobs=[-1.0 if m else 0.0 for m in mask], loss_mask=list(mask), rewards=rewards, ended=ended)  # fmt: skip
+
+
+def test_an_episode_becomes_a_row_up_to_its_last_model_turn():
+    row = episode_row(_episode([1, 1, 0, 0, 1, 0, 0], "context", [0.25, 0.5]), end_token=2)
+    assert row.prompt == [7, 8] and row.response == [10, 11, 12, 13, 14]  # the unread last answer left out
+    assert row.loss_mask == [1, 1, 0, 0, 1] and row.logprobs == [-1, -1, 0, 0, -1]
+    assert row.score == 0.75 and row.finish_reason == "length"
+    assert episode_row(_episode([1, 0, 1], "done", [0.0, 1.0]), 2).finish_reason == "stop"
+    assert episode_row(_episode([1, 0, 1], "turn_limit", [0.0, 0.0]), 2).finish_reason == "stop"
+    for failed in ("error", "timeout"):  # dropped by the learner, whatever the turns before earned
+        assert math.isnan(episode_row(_episode([1, 0, 1], failed, [1.0]), 2).score)
+    empty = episode_row(_episode([], "context", []), end_token=2)  # no room for a turn: not an empty response
+    assert empty.response == [2] and empty.loss_mask == [0] and math.isnan(empty.score)
+
+
+class _Slow:
+    max_turns = 3
+    release = threading.Event()
+
+    def reset(self, record):
+        if record.get("hang_reset"):
+            self.release.wait(30)
+        return "go"
+
+    def step(self, action_text):
+        if action_text == "hang":
+            self.release.wait(30)
+        if action_text == "exit":
+            raise SystemExit(3)
+        if action_text == "nan":
+            return StepResult("ok", reward=float("nan"))
+        return StepResult("y" * 100, reward=0.5)
+
+
+def test_the_guard_times_out_a_hanging_call_and_checks_and_cuts_what_comes_back():
+    beats = []
+    guard = GuardedEnvironment(_Slow, 0.2, 10, on_wait=lambda: beats.append(1))
+    assert guard.reset({}) == "go" and guard.reset({"hang_reset": True}) == "go"  # reset once per episode
+    result = guard.step("fine")
+    assert result.observation == "y" * 10 and result.reward == 0.5 and guard.cuts == 1
+    for bad in ("nan", "exit"):  # a non-finite reward, a SystemExit: errors of the episode, not the actor's
+        with pytest.raises(Exception) as err:
+            guard.step(bad)
+        assert not isinstance(err.value, SystemExit)
+    with pytest.raises(Exception, match="took longer than 0.2 s"):
+        guard.step("hang")
+    assert guard.failed == "timeout" and len(beats) >= 2  # heartbeats while it waited
+    late = GuardedEnvironment(_Slow, 0.2, 10, on_wait=lambda: None)
+    assert late.reset({"hang_reset": True}) != "go" and late.failed == "timeout"
+    with pytest.raises(RuntimeError):  # an episode that did not start ends at its first step
+        late.step("fine")
+
+
+def test_a_batch_of_episodes_stays_within_its_token_budget(tiny):
+    """Prompts of different lengths, one budget: every response (all turns) holds at most the budget's ids
+    (max_episode_tokens - 1) and ends on a model token; the counters add up."""
+    records = [{"secret": 5, "low": 1, "high": 10}, {"secret": 5, "low": 1, "high": 10**12}] * 2
+    counts, multi_turn = EpisodeCounts(), 0
+    for budget in (47, 64, 90, 120, 150):
+        limits = EpisodeLimits(5.0, 100, budget)
+        params = SamplingParams(max_new_tokens=6)
+        rows = play_episodes(tiny.model, tiny.tokenizer, GuessTheNumber, records, params,
+                             lambda i, t, b=budget: 1000 * b + 100 * i + t, limits, counts)  # fmt: skip
+        assert len({len(r.prompt) for r in rows}) == 2
+        assert all(len(r.response) <= budget and r.loss_mask[-1] == 1 for r in rows), budget
+        multi_turn += sum(0 in r.loss_mask for r in rows)
+    assert multi_turn and counts.episodes == 20 and counts.env_errors == counts.env_timeouts == 0
+    assert counts.context_ends + counts.turn_limit_ends <= 20 and counts.as_dict()["turns_per_episode"] > 1
