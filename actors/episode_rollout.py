@@ -52,7 +52,8 @@ class GuardedEnvironment:
     """
 
     def __init__(self, cls: type, timeout_s: float, max_observation_chars: int, on_wait: Callable[[], None]):
-        self.name, self.timeout_s, self.on_wait = cls.__name__, timeout_s, on_wait
+        self.name, self.timeout_s, self._on_wait = cls.__name__, timeout_s, on_wait
+        self._owner = threading.current_thread()  # heartbeats use the actor's sockets: its own thread only
         self.max_chars = max_observation_chars
         self.failed = ""  # '', 'error' (it raised while starting) or 'timeout' (a call ran past timeout_s)
         self.cuts = 0  # answers cut to max_chars
@@ -81,6 +82,12 @@ class GuardedEnvironment:
             self.cuts += 1
             observation = observation[: self.max_chars]
         return StepResult(observation, reward, done, dict(getattr(result, "info", None) or {}))
+
+    def on_wait(self) -> None:
+        """Heartbeat while waiting, from the thread that built the guard only (the episode runner steps
+        environments on its own threads and heartbeats itself)."""
+        if threading.current_thread() is self._owner:
+            self._on_wait()
 
     def _start(self, fn: Callable[..., Any], what: str, *args: Any) -> Any:
         """``fn(*args)`` for a start of the episode; None (``failed`` set, logged) when it raises or hangs."""
@@ -191,6 +198,15 @@ def token_rewards(loss_mask: Sequence[int], turn_rewards: Sequence[float]) -> li
     return out
 
 
+def row_token_rewards(row: SequenceRow) -> np.ndarray:
+    """``ExperienceBatch.token_rewards`` of one row: its turns' rewards on their last tokens (PPO's per-token
+    returns); zeros for a row scored NaN (a failed episode, dropped by the learner: the protocol refuses
+    non-finite token rewards, which would cost the whole batch)."""
+    if not math.isfinite(row.score):
+        return np.zeros(len(row.response), np.float32)
+    return np.asarray(token_rewards(row.loss_mask, row.turn_rewards), np.float32)
+
+
 def episode_row(episode: Episode, end_token: int) -> SequenceRow:
     """The sequence of ``episode``. Environment ids after its last model turn are left out (an answer the model
     never read conditions nothing trained). An episode with no model turn at all (its prompt left no room for
@@ -218,9 +234,13 @@ def play_episodes(
     limits: EpisodeLimits,
     counts: EpisodeCounts,
     on_step: Callable[[], None] = lambda: None,
+    max_rows: int = 0,
 ) -> list[SequenceRow]:
     """One episode per record, each with a fresh ``env_cls()`` behind ``GuardedEnvironment``; their rows, and
-    what they did added to ``counts``. ``seed_of(episode, turn)``: a model turn's sampling seed."""
+    what they did added to ``counts``. ``seed_of(episode, turn)``: a model turn's sampling seed. The episodes
+    decode as one continuous batch (``run_episodes``; at most ``max_rows`` rows, 0: all): an episode waiting for
+    its environment does not hold up the others. The guards keep the time limit; ``on_step`` runs on this thread
+    only (it sends heartbeats on the actor's sockets, which no other thread may use)."""
     guard = (env_cls, limits.step_timeout_s, limits.max_observation_chars, on_step)
     guards = [GuardedEnvironment(*guard) for _ in records]
     prompt_lens = [len(chat_prompt_ids(tokenizer, g.reset(r))) for g, r in zip(guards, records, strict=True)]
@@ -228,7 +248,18 @@ def play_episodes(
     # (a longer prompt's episode gets that much less room).
     max_context = min(prompt_lens) + limits.max_response_tokens
     chars = limits.max_observation_chars
-    episodes = run_episodes(model, tokenizer, guards, records, params, seed_of, max_context, chars)
+    episodes = run_episodes(
+        model,
+        tokenizer,
+        guards,
+        records,
+        params,
+        seed_of,
+        max_context,
+        chars,
+        max_rows=max_rows,
+        on_step=on_step,
+    )
     for episode, guard in zip(episodes, guards, strict=True):
         if episode.ended == "error" and guard.failed == "timeout":
             episode.ended = "timeout"

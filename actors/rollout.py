@@ -16,7 +16,14 @@ import mlx.nn as nn
 import numpy as np
 
 from actors.builtin_tasks import Task
-from actors.episode_rollout import EpisodeCounts, EpisodeLimits, SequenceRow, episode_seed, play_episodes
+from actors.episode_rollout import (
+    EpisodeCounts,
+    EpisodeLimits,
+    SequenceRow,
+    episode_seed,
+    play_episodes,
+    row_token_rewards,
+)
 from actors.reference import reference_logprobs
 from actors.rewards import encode_prompts, load_reward
 from actors.sampler import Completion, SamplingParams, generate_completions
@@ -152,7 +159,8 @@ class Rollout:
             protocol.Sequence_(len(r.prompt), len(r.response), r.score, r.finish_reason, i)
             for i, r in zip(indices, rows, strict=True)
         ]
-        masks = [r.loss_mask for r in rows] if self.environment is not None else None
+        episodes = self.environment is not None
+        masks = [r.loss_mask for r in rows] if episodes else None
         return ExperienceBatch(
             self.actor_id,
             self.batch_id,
@@ -163,6 +171,7 @@ class Rollout:
             self._reference([r.prompt for r in rows], [r.response for r in rows]),
             gen_tokens_per_s=self.stats.as_dict()["gen_tokens_per_s"],
             loss_mask=None if masks is None else np.concatenate([np.asarray(m, np.uint8) for m in masks]),
+            token_rewards=np.concatenate([row_token_rewards(r) for r in rows]) if episodes else None,
             token=token,
         )
 
@@ -181,6 +190,7 @@ class Rollout:
             limits,
             self.stats.episodes,
             on_step,
+            max_rows=self.cfg.sampling.max_rows,
         )
         self.stats.generate_s += time.perf_counter() - start
         self.stats.generated_tokens += sum(sum(row.loss_mask) for row in rows)

@@ -108,3 +108,31 @@ def test_a_batch_of_episodes_stays_within_its_token_budget(tiny):
         multi_turn += sum(0 in r.loss_mask for r in rows)
     assert multi_turn and counts.episodes == 20 and counts.env_errors == counts.env_timeouts == 0
     assert counts.context_ends + counts.turn_limit_ends <= 20 and counts.as_dict()["turns_per_episode"] > 1
+
+
+def test_turn_rewards_go_on_the_wire_on_their_turns_last_tokens_and_a_failed_row_sends_zeros():
+    """What the actor sends for PPO's per-token returns: each turn's reward where ``token_rewards`` puts it, the
+    protocol's checks pass (nonzero on model tokens only, finite), and a NaN-scored row carries zeros (a
+    non-finite value would make the learner refuse the whole batch, the good rows with it)."""
+    import numpy as np
+
+    from actors.episode_rollout import row_token_rewards
+
+    good = episode_row(_episode([1, 1, 0, 0, 1, 0, 1], "done", [0.25, -0.1, 1.0]), end_token=2)
+    failed = episode_row(_episode([1, 0, 1], "error", [1.0]), end_token=2)
+    sent = row_token_rewards(good)
+    assert sent.dtype == np.float32 and sent.tolist() == pytest.approx([0, 0.25, 0, 0, -0.1, 0, 1.0])
+    assert sent.sum() == pytest.approx(good.score)  # the learner's remainder on the last token is then 0
+    assert math.isnan(failed.score) and row_token_rewards(failed).tolist() == [0.0] * len(failed.response)
+
+
+def test_the_guard_heartbeats_from_its_own_thread_only():
+    """Heartbeats go out on the actor's sockets, which only the actor's thread may use: a guard stepped on the
+    episode runner's threads must not call them."""
+    beats = []
+    guard = GuardedEnvironment(_Slow, 5.0, 100, on_wait=lambda: beats.append(threading.current_thread()))
+    guard.reset({})
+    worker = threading.Thread(target=guard.step, args=("fine",))
+    worker.start()
+    worker.join(10)
+    assert beats and all(t is threading.current_thread() for t in beats)
