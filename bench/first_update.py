@@ -1,6 +1,7 @@
 """The learner's first update against later ones, and its MFU, at one shape (the GPU warm-up question).
 
     python bench/first_update.py MODEL BATCH PROMPT_LEN RESPONSE_LEN MICRO LORA_RANK REPEATS [nokl] [chunk=N]
+    python bench/first_update.py collect ROWS.jsonl OUT.json MACHINE COMMAND   # rows -> a result for report.py
 
 MICRO: sequences per micro-batch, or ``auto`` (``ppo.micro_batch_tokens = -1``: the budget the learner picks from
 the device's memory; the row then records the budget and the micro-batches it made).
@@ -67,5 +68,31 @@ def main(argv: list[str]) -> dict:
             "peak_gb": mx.get_peak_memory() / 1e9}  # fmt: skip
 
 
+def collect(rows_path: str, out_path: str, machine: str, command: str) -> None:
+    """The ``ROW`` lines of a call (``bench/h200_17.sh`` collects them) as one result file for ``bench/report.py``."""
+    rows = [json.loads(line) for line in Path(rows_path).read_text().splitlines() if line.strip()]
+    date = time.strftime("%Y-%m-%d", time.gmtime(Path(rows_path).stat().st_mtime))
+    result = {"command": command, "machine": machine, "date": date, "rows": rows}
+    Path(out_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def render_first_updates(result: dict) -> list[str]:
+    """One line per process: its micro-batching, first and later update, their ratio, MFU and peak memory."""
+    lines = ["| model | micro-batches | vocabulary pass | reference pass | first s | later s | first / later "
+             "| MFU | peak GB | bf16 peak TFLOP/s |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result["rows"]:
+        micro = f"{r['micro_batches']} (auto: {r['token_budget']} tokens)" if r["micro"] == "auto" else (
+            f"{r['micro_batches']} x {r['micro']}")  # fmt: skip
+        chunk = f"chunks of {r['vocab_chunk']}" if r["vocab_chunk"] else "whole"
+        reference = "yes" if r["reference_pass"] else "skipped (kl 0)"
+        lines.append(f"| {Path(r['model']).name} | {micro} | {chunk} | {reference} | {r['first_s']:.2f} | "
+                     f"{r['later_s']:.2f} | {r['first_s'] / r['later_s']:.2f} | {100 * r['mfu']:.1f}% | "
+                     f"{r['peak_gb']:.1f} | {r['peak_tflops']:.0f} |")  # fmt: skip
+    return lines
+
+
 if __name__ == "__main__":
-    print("ROW", json.dumps(main(sys.argv[1:])), flush=True)
+    if sys.argv[1:2] == ["collect"]:
+        collect(*sys.argv[2:6])
+    else:
+        print("ROW", json.dumps(main(sys.argv[1:])), flush=True)

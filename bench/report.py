@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages
     sys.path.insert(0, str(ROOT))
 
 from bench.faults import render_faults  # noqa: E402
+from bench.first_update import render_first_updates  # noqa: E402
 from bench.learning_curves import render_learning  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,6 +35,7 @@ BLAS = "python -m common.blas -- python"
 NOT_RECORDED = "not recorded"
 OFFLINE = "bash bench/offline_host.sh .whl .devmodel python3 "
 CUDA = "bash bench/cuda_host.sh run .whl .devmodel bash bench/cuda_bench.sh "
+H200 = "bash bench/cuda_host.sh run .whl .devmodel bash bench/h200_17.sh "
 
 logger = logging.getLogger("bench.report")
 
@@ -101,6 +103,14 @@ def best_rates(rows: list[dict]) -> dict[tuple, float]:
     return rates
 
 
+def best_ours(rates: dict[tuple, float], blas: str, batch: int) -> float | None:
+    """Our fastest sampler at (BLAS, batch): 'ours', or its variants ('ours (compiled step)', ...)."""
+    mine = [
+        v for (b, n, sampler), v in rates.items() if (b, n) == (blas, batch) and sampler.startswith("ours")
+    ]
+    return max(mine, default=None)
+
+
 def render_generation(result: dict) -> Lines:
     rates = best_rates(result["rows"])
     gpu_rows = any(blas == "gpu" for blas, _, _ in rates)
@@ -110,7 +120,7 @@ def render_generation(result: dict) -> Lines:
     rows = []
     for batch in sorted({b for _, b, _ in rates}):
         for blas in ("openblas", "stock", "gpu"):
-            ours, theirs = rates.get((blas, batch, "ours")), rates.get((blas, batch, "mlx_lm.batch_generate"))
+            ours, theirs = best_ours(rates, blas, batch), rates.get((blas, batch, "mlx_lm.batch_generate"))
             if ours is None or theirs is None:
                 continue
             stock = rates.get(("stock", batch, "ours"))
@@ -341,6 +351,18 @@ BENCHMARKS = [
     Benchmark("h100-learner-b16", "h100-learner-b16.json", CUDA + "bench", render_learner),
     Benchmark("h100-learner-b64", "h100-learner-b64.json", CUDA + "bench", render_learner),
     Benchmark("h100-runtime", "h100-runtime.json", CUDA + "runtime", render_scaling_run),
+    Benchmark(
+        "h200-learner",
+        "h200/finish/learner17.json",
+        H200 + "finish-a OUT; ... finish-b OUT",
+        render_first_updates,
+    ),
+    Benchmark(
+        "h200-generation-1.7b",
+        "h200/finish/h200-generation-1.7b.json",
+        H200 + "finish-b OUT",
+        render_generation,
+    ),
 ]
 
 
