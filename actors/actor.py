@@ -129,6 +129,9 @@ class Actor:
     def poll_grant(self, timeout_ms: int) -> bool:
         """Ask the learner for a batch (again every heartbeat interval while unanswered); True once granted and
         running at least the grant's policy version."""
+        # What arrived while this actor generated (a long batch, an episode batch of a minute on a CPU) first:
+        # the learner was heard then, not silent.
+        self.take_messages()
         if self.link.watch():  # no requests into the void; hellos with backoff instead
             if (frames := self.sockets.receive_control(timeout_ms)) is not None:
                 self._handle(frames)

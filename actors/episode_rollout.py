@@ -130,6 +130,8 @@ class EpisodeLimits:
     step_timeout_s: float
     max_observation_chars: int
     max_response_tokens: int
+    max_prompt_tokens: int = 0
+    """``sampling.max_prompt_tokens``: a longer first message is not played (0: no limit)."""
 
 
 @dataclass
@@ -142,6 +144,7 @@ class EpisodeCounts:
     context_ends: int = 0
     turn_limit_ends: int = 0
     observation_cuts: int = 0
+    prompt_too_long: int = 0
     turns: int = 0
 
     def add(self, episode: Episode, guard: GuardedEnvironment) -> None:
@@ -150,6 +153,7 @@ class EpisodeCounts:
         self.env_timeouts += episode.ended == "timeout"
         self.context_ends += episode.ended == "context"
         self.turn_limit_ends += episode.ended == "turn_limit"
+        self.prompt_too_long += episode.ended == "prompt_too_long"
         self.observation_cuts += guard.cuts
         self.turns += len(model_turns(episode.loss_mask))
 
@@ -244,27 +248,40 @@ def play_episodes(
     guard = (env_cls, limits.step_timeout_s, limits.max_observation_chars, on_step)
     guards = [GuardedEnvironment(*guard) for _ in records]
     prompt_lens = [len(chat_prompt_ids(tokenizer, g.reset(r))) for g, r in zip(guards, records, strict=True)]
-    # run_episodes takes one context bound for all: the shortest prompt's keeps every response within budget
-    # (a longer prompt's episode gets that much less room).
-    max_context = min(prompt_lens) + limits.max_response_tokens
-    chars = limits.max_observation_chars
-    episodes = run_episodes(
-        model,
-        tokenizer,
-        guards,
-        records,
-        params,
-        seed_of,
-        max_context,
-        chars,
-        max_rows=max_rows,
-        on_step=on_step,
-    )
+    fits = [
+        i for i, n in enumerate(prompt_lens) if not limits.max_prompt_tokens or n <= limits.max_prompt_tokens
+    ]
+    episodes = [
+        None if i in fits else _unplayed(tokenizer, guards[i].reset(r), limits.max_prompt_tokens)
+        for i, r in enumerate(records)
+    ]
+    if len(fits) < len(records):  # the learner would refuse them (reject/too_long): no time spent on them
+        logger.error("%d first message(s) of %s over sampling.max_prompt_tokens=%d (the longest %d tokens): not "
+                     "played; raise the limit", len(records) - len(fits), env_cls.__name__,
+                     limits.max_prompt_tokens, max(prompt_lens))  # fmt: skip
+    if fits:
+        # run_episodes takes one context bound for all: the shortest prompt's keeps every response within
+        # budget (a longer prompt's episode gets that much less room).
+        max_context = min(prompt_lens[i] for i in fits) + limits.max_response_tokens
+        played = run_episodes(
+            model, tokenizer, [guards[i] for i in fits], [records[i] for i in fits], params,
+            lambda k, turn: seed_of(fits[k], turn), max_context, limits.max_observation_chars,
+            max_rows=max_rows, on_step=on_step,
+        )  # fmt: skip
+        for i, episode in zip(fits, played, strict=True):
+            episodes[i] = episode
     for episode, guard in zip(episodes, guards, strict=True):
         if episode.ended == "error" and guard.failed == "timeout":
             episode.ended = "timeout"
         counts.add(episode, guard)
     return [episode_row(e, int(tokenizer.eos_token_id)) for e in episodes]
+
+
+def _unplayed(tokenizer: Any, first_message: str, max_prompt_tokens: int) -> Episode:
+    """The stand-in of an episode not played for its over-long first message (its prompt cut to the limit,
+    no model turn: ``episode_row`` makes it a masked, NaN-scored row the learner drops)."""
+    prompt = chat_prompt_ids(tokenizer, first_message)[: max_prompt_tokens or None]
+    return Episode(ids=list(prompt), prompt_len=len(prompt), ended="prompt_too_long")
 
 
 def episode_seed(run_seed: int, actor_id: int, batch_id: int, index: int, turn: int) -> int:

@@ -178,7 +178,12 @@ class Rollout:
     def _episodes(self, indices: list[int], on_step: Callable[[], None]) -> list[SequenceRow]:
         """One episode per index (a fresh environment each), as rows; counted in ``stats.episodes``."""
         r = self.cfg.run
-        limits = EpisodeLimits(r.env_step_timeout_s, r.max_observation_chars, max_response_tokens(self.cfg))
+        limits = EpisodeLimits(
+            r.env_step_timeout_s,
+            r.max_observation_chars,
+            max_response_tokens(self.cfg),
+            self.cfg.sampling.max_prompt_tokens,
+        )
         start = time.perf_counter()
         rows = play_episodes(
             self.model,

@@ -139,3 +139,24 @@ def test_the_example_configs_are_valid_environment_runs():
         assert (
             cfg.sampling.batch_size == 8 and max_response_tokens(cfg) == cfg.sampling.max_episode_tokens - 1
         )
+
+
+def test_the_tool_environments_train_with_ppo_and_grpo(model_cache, tmp_path):
+    """The calculator with PPO and its critic (per-turn rewards on the wire, values at model tokens) and the
+    Python tool with GRPO (snippets in the sandbox) complete their updates through separate processes; no batch
+    is refused for its per-token arrays."""
+    for env, algorithm in (("calculator", "ppo"), ("python", "grpo")):
+        run_dir = tmp_path / env
+        # their instructions take ~380 of the tiny model's byte-level tokens (~130 of the bundled model's)
+        settings = (
+            f'run.environment="{env}"',
+            f"ppo.algorithm={algorithm}",
+            "sampling.max_prompt_tokens=512",
+        )
+        out = launch(model_cache, run_dir, *settings)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = metric_rows(run_dir)
+        assert [r["policy_version"] for r in rows] == [1, 2], env
+        bad = ("reject/bad_rewards", "reject/bad_lengths", "reject/bad_dtype", "reject/too_long")
+        assert all(r.get(k, 0) == 0 for r in rows for k in bad), env
+        assert counter(rows, "episodes") >= 4 and counter(rows, "env_errors") == 0, env

@@ -136,3 +136,20 @@ def test_the_guard_heartbeats_from_its_own_thread_only():
     worker.start()
     worker.join(10)
     assert beats and all(t is threading.current_thread() for t in beats)
+
+
+def test_a_first_message_over_the_prompt_limit_is_not_played_and_is_counted(tiny):
+    """An episode whose first message exceeds sampling.max_prompt_tokens would be refused by the learner: the
+    actor spends no generation on it (no model turn, NaN score, masked) and counts it; the others are played."""
+    from common.models import chat_prompt_ids
+
+    records = [{"secret": 5, "low": 1, "high": 10}, {"secret": 5, "low": 1, "high": 10**12}]
+    lens = [len(chat_prompt_ids(tiny.tokenizer, GuessTheNumber().reset(r))) for r in records]
+    assert lens[0] < lens[1]
+    counts = EpisodeCounts()
+    limits = EpisodeLimits(5.0, 100, 40, max_prompt_tokens=lens[0])
+    rows = play_episodes(tiny.model, tiny.tokenizer, GuessTheNumber, records, SamplingParams(max_new_tokens=6),
+                         lambda i, t: 10 * i + t, limits, counts)  # fmt: skip
+    assert 1 in rows[0].loss_mask and math.isfinite(rows[0].score)
+    assert rows[1].loss_mask == [0] and math.isnan(rows[1].score) and len(rows[1].prompt) == lens[0]
+    assert counts.prompt_too_long == 1 and counts.episodes == 2

@@ -93,6 +93,29 @@ def test_an_actor_notices_a_silent_learner_and_says_hello_again_until_it_answers
         assert not worker.link.silent and "the learner answers again" in caplog.text
 
 
+def test_an_actor_that_generated_past_the_silence_timeout_reads_what_came_meanwhile_before_judging(
+    model_cache, tmp_path, caplog
+):
+    """A batch can take longer than transport.learner_timeout_s to generate (a minute of episodes on a CPU)
+    while the learner's messages wait unread: the actor reads them before deciding the learner went silent (it
+    had declared it silent after every long batch, then 'answers again' at once)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="actors.link")
+    with harness_with(model_cache, tmp_path, "transport.learner_timeout_s=0.3") as h:
+        worker = h.actor(0)
+        h.join(worker)
+        worker.grants.ask(worker.stats.stale_dropped)
+        deadline = time.monotonic() + 10
+        while h.service.admission.outstanding == 0 and time.monotonic() < deadline:
+            h.service.poll(5)  # the learner grants: its answer waits in the actor's socket
+        assert h.service.admission.outstanding > 0
+        worker.link.seen -= 10  # last read 10 s ago: the actor was generating
+        worker.poll_grant(20)
+        assert not worker.link.silent and "went silent" not in caplog.text
+        assert worker.grants.granted > 0
+
+
 def test_the_learner_heartbeats_its_actors_during_a_long_update(model_cache, tmp_path):
     """An update can outlast the actors' patience (minutes on a CPU): heartbeats go on while it runs."""
     with harness_with(model_cache, tmp_path, "transport.heartbeat_s=0.05", "ppo.micro_batch_size=1") as h:
