@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +55,30 @@ class Environment(Protocol):
     def reset(self, record: dict[str, Any]) -> str: ...
 
     def step(self, action_text: str) -> StepResult: ...
+
+
+class OneTurn:
+    """A single-turn task as an environment: the record's ``prompt`` is the first message, the model answers
+    once, and ``reward(prompt, answer)`` is the episode's return. Built by ``one_turn``; the actor's single-turn
+    path (``actors/rollout.py``, batched reward functions) samples and scores the same way, faster."""
+
+    max_turns = 1
+
+    @staticmethod
+    def reward(prompt: str, completion: str) -> float:
+        raise NotImplementedError("build the class with one_turn(reward)")
+
+    def reset(self, record: dict[str, Any]) -> str:
+        self.prompt = str(record["prompt"])
+        return self.prompt
+
+    def step(self, action_text: str) -> StepResult:
+        return StepResult("", reward=float(self.reward(self.prompt, action_text)), done=True)
+
+
+def one_turn(reward: Callable[[str, str], float]) -> type:
+    """The ``OneTurn`` environment class of a per-sample reward function ``(prompt, completion) -> float``."""
+    return type("OneTurn", (OneTurn,), {"reward": staticmethod(reward)})
 
 
 def load_environment(spec: str) -> type:

@@ -161,3 +161,30 @@ def test_a_loss_mask_survives_the_message_the_batch_and_the_buffer_file(tmp_path
     (group,) = load_groups(tmp_path / "b.npz")
     assert group.experience.loss_mask.values.tolist() == [1, 0, 1, 1, 0]
     assert exp.padded(pad_multiple=4)["model_tokens"].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
+
+
+def test_a_single_turn_task_is_the_one_turn_episode(tiny):
+    """``one_turn(reward)``: the episode of a prompt is exactly the single-turn completion of that prompt with
+    the same seed (ids, log-probs), no environment tokens, and its return is the reward of the decoded answer."""
+    from actors.environments import one_turn
+    from actors.episodes import run_episodes
+    from actors.sampler import SamplingParams, generate_completions
+    from common.models import chat_prompt_ids
+
+    def reward(prompt: str, completion: str) -> float:
+        return len(completion) / (1 + len(prompt))
+
+    prompts = ["Say hello.", "Name a colour, please."]
+    params = SamplingParams(max_new_tokens=8)
+    env_cls = one_turn(reward)
+    episodes = run_episodes(tiny.model, tiny.tokenizer, [env_cls() for _ in prompts],
+                            [{"prompt": p} for p in prompts], params, lambda i, t: 100 + i)  # fmt: skip
+    stop = set(tiny.tokenizer.eos_token_ids)
+    ids = [chat_prompt_ids(tiny.tokenizer, p) for p in prompts]
+    completions = generate_completions(tiny.model, ids, params, stop, seeds=[100, 101])
+    for prompt, episode, completion in zip(prompts, episodes, completions, strict=True):
+        assert episode.ids[episode.prompt_len :] == list(completion.response_ids)
+        assert episode.logprobs == pytest.approx(list(completion.logprobs), abs=1e-5)
+        assert episode.loss_mask == [1] * len(completion.response_ids) and episode.ended == "done"
+        text = tiny.tokenizer.decode([t for t in completion.response_ids if t not in stop])
+        assert episode.rewards == [pytest.approx(reward(prompt, text))]
