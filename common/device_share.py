@@ -5,9 +5,10 @@ right; but a learner and actors on one GPU (a Mac's unified memory, or one CUDA 
 the one that allocates last fails: seen on an H200 with the 1.7B shape, 1 learner + 1 or 2 actors,
 ``cudaMallocAsync ... out of memory`` in the learner after its first update and in an actor mid-decode. The
 launcher tells each local child how many learners and actors share its device (``MLX_PPO_DEVICE_SHARE``,
-"learners,actors"); each then sets MLX's memory limit to its part, so MLX returns cached buffers before crossing
-it, and the learner sizes its automatic micro-batches from its part (``learner/micro_batches.py``). Nothing
-changes on the CPU backend or for a process alone on its device.
+"learners,actors": on a host of several GPUs, only those on the child's own GPU, ``launcher/gpu_placement.py``);
+each then sets MLX's memory limit to its part, so MLX returns cached buffers before crossing it, and the learner
+sizes its automatic micro-batches from its part (``learner/micro_batches.py``). Nothing changes on the CPU backend
+or for a process alone on its device.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def memory_part(role: str, share: str | None) -> float:
     except ValueError:
         logger.warning("%s=%r is not 'learners,actors': using the whole device", SHARE_ENV, share)
         return 1.0
-    if learners < 1 or actors < 0 or learners + actors <= 1:
+    if learners < 0 or actors < 0 or learners + actors <= 1:
         return 1.0
     if actors == 0:
         return 1.0 / learners
-    learner_part = LEARNER_PART if learners else 0.0
-    return learner_part / learners if role == "learner" else (1.0 - learner_part) / actors
+    if learners == 0:  # a GPU of actors only (launcher/gpu_placement.py): they split all of it
+        return 1.0 / actors
+    return LEARNER_PART / learners if role == "learner" else (1.0 - LEARNER_PART) / actors
 
 
 def device_memory_bytes(info: dict) -> int:

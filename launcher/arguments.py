@@ -63,7 +63,10 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--actors", type=int, default=2, help="actor processes to start (default 2)")
     parser.add_argument(
-        "--learners", type=int, default=1, help="learner ranks (mlx.distributed ring; default 1)"
+        "--learners",
+        type=int,
+        default=1,
+        help="learner ranks (mlx.distributed ring, or nccl with a GPU per rank; default 1)",
     )
     parser.add_argument(
         "--one-process", action="store_true", help="learner and actors in this process (debugging)"
