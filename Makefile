@@ -75,6 +75,7 @@ bench: setup
 	$(WITH_BLAS) $(PY) bench/full_sync.py
 	$(WITH_BLAS) $(PY) bench/snapshot_transfer.py
 	$(WITH_BLAS) $(PY) bench/soak.py --minutes $(SOAK_MINUTES)
+	$(WITH_BLAS) $(PY) bench/episode_curve.py
 	$(PY) bench/report.py
 
 clean:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the repository's packages
     sys.path.insert(0, str(ROOT))
 
+from bench.episode_curve import render_episode_curve  # noqa: E402
 from bench.faults import render_faults  # noqa: E402
 from bench.first_update import render_first_updates  # noqa: E402
 from bench.learning_curves import render_learning  # noqa: E402
@@ -351,6 +352,7 @@ BENCHMARKS = [
     Benchmark("h100-learner-b16", "h100-learner-b16.json", CUDA + "bench", render_learner),
     Benchmark("h100-learner-b64", "h100-learner-b64.json", CUDA + "bench", render_learner),
     Benchmark("h100-runtime", "h100-runtime.json", CUDA + "runtime", render_scaling_run),
+    Benchmark("episode-curve", "episode-curve.json", BLAS + " bench/episode_curve.py", render_episode_curve),
     Benchmark(
         "h200-learner",
         "h200/finish/learner17.json",

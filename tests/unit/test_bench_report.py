@@ -198,3 +198,15 @@ def test_scaling_chart_bars_are_proportional_to_samples_per_s() -> None:
     assert bars["sync"] == ["#" * 20, "1.00x"]
     assert bars["2 actors"] == ["#" * 40, "2.00x"]
     assert bars["4 actors"] == ["#" * 30, "1.50x"]
+
+
+def test_the_episode_curve_reports_its_thirds_and_a_running_mean() -> None:
+    from bench.episode_curve import render_episode_curve, thirds
+
+    rows = [
+        {"version": v, "time_s": 10.0 * v, "score_mean": s} for v, s in enumerate([-0.3, 0.0, 0.3, 0.6], 1)
+    ]
+    assert thirds(rows) == (pytest.approx(-0.3), pytest.approx(0.6))
+    text = "\n".join(render_episode_curve({"rows": rows}))
+    assert "first third of the updates: -0.300; last third: 0.600 (4 updates in 40 s)" in text
+    assert "| 4 | 40 | 0.600 | 0.150 |" in text  # the mean of the 4 so far
