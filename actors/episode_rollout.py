@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.nn as nn
@@ -35,6 +35,10 @@ logger.addFilter(
 )  # a broken environment fails every episode: say it, not thousands of times
 
 _FAILED_START = "(the environment failed to start this episode)"
+
+
+MAX_INFO_KEYS = 32
+"""Distinct ``info`` counters kept per episode (an environment that invents keys cannot flood the heartbeat)."""
 
 
 class EnvironmentTimeout(Exception):
@@ -57,6 +61,9 @@ class GuardedEnvironment:
         self.max_chars = max_observation_chars
         self.failed = ""  # '', 'error' (it raised while starting) or 'timeout' (a call ran past timeout_s)
         self.cuts = 0  # answers cut to max_chars
+        self.info: dict[
+            str, float
+        ] = {}  # the numbers of the steps' info, summed (tool_calls, tool_errors ...)
         self.first: str | None = None
         self.max_turns = int(cls.max_turns)
         self.env = self._start(cls, "__init__")
@@ -81,7 +88,11 @@ class GuardedEnvironment:
         if len(observation) > self.max_chars and not done:
             self.cuts += 1
             observation = observation[: self.max_chars]
-        return StepResult(observation, reward, done, dict(getattr(result, "info", None) or {}))
+        info = dict(getattr(result, "info", None) or {})
+        for key, value in info.items():
+            if isinstance(value, int | float) and math.isfinite(value) and len(self.info) < MAX_INFO_KEYS:
+                self.info[str(key)[:40]] = self.info.get(str(key)[:40], 0.0) + float(value)
+        return StepResult(observation, reward, done, info)
 
     def on_wait(self) -> None:
         """Heartbeat while waiting, from the thread that built the guard only (the episode runner steps
@@ -146,6 +157,8 @@ class EpisodeCounts:
     observation_cuts: int = 0
     prompt_too_long: int = 0
     turns: int = 0
+    info: dict[str, float] = field(default_factory=dict)
+    """The environments' own counters (numbers in ``StepResult.info``), summed: ``env/<key>`` in the heartbeat."""
 
     def add(self, episode: Episode, guard: GuardedEnvironment) -> None:
         self.episodes += 1
@@ -156,10 +169,14 @@ class EpisodeCounts:
         self.prompt_too_long += episode.ended == "prompt_too_long"
         self.observation_cuts += guard.cuts
         self.turns += len(model_turns(episode.loss_mask))
+        for key, value in guard.info.items():  # a bounded set of names: the heartbeat carries them all
+            if key in self.info or len(self.info) < MAX_INFO_KEYS:
+                self.info[key] = self.info.get(key, 0.0) + value
 
     def as_dict(self) -> dict[str, float]:
-        counts = {k: float(v) for k, v in vars(self).items() if k != "turns"}
-        return counts | {"turns_per_episode": self.turns / max(self.episodes, 1)}
+        counts = {k: float(v) for k, v in vars(self).items() if k not in ("turns", "info")}
+        info = {f"env/{k}": v for k, v in self.info.items()}
+        return counts | info | {"turns_per_episode": self.turns / max(self.episodes, 1)}
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,38 @@ def test_a_first_message_over_the_prompt_limit_is_not_played_and_is_counted(tiny
     assert 1 in rows[0].loss_mask and math.isfinite(rows[0].score)
     assert rows[1].loss_mask == [0] and math.isnan(rows[1].score) and len(rows[1].prompt) == lens[0]
     assert counts.prompt_too_long == 1 and counts.episodes == 2
+
+
+def test_the_environments_info_counters_are_summed_into_the_heartbeat_and_bounded():
+    """``StepResult.info`` numbers (a tool's calls and errors) add up per episode and over episodes, reach the
+    heartbeat as ``env/<key>``, and an environment that invents a new key every step cannot flood it."""
+    from actors.episode_rollout import MAX_INFO_KEYS
+
+    class Tool:
+        max_turns = 3
+
+        def __init__(self):
+            self.n = 0
+
+        def reset(self, record):
+            return "go"
+
+        def step(self, action_text):
+            self.n += 1
+            return StepResult("ok", info={"tool_calls": 2, "tool_errors": 1, f"key{self.n}": 1, "text": "x"})
+
+    counts = EpisodeCounts()
+    for _ in range(2):
+        guard = GuardedEnvironment(Tool, 5.0, 100, on_wait=lambda: None)
+        guard.reset({})
+        for _ in range(2):
+            guard.step("a")
+        counts.add(_episode([1, 0, 1], "turn_limit", [0.0, 0.0]), guard)
+    stats = counts.as_dict()
+    assert stats["env/tool_calls"] == 8 and stats["env/tool_errors"] == 4 and "env/text" not in stats
+    flood = GuardedEnvironment(Tool, 5.0, 100, on_wait=lambda: None)
+    flood.reset({})
+    for _ in range(3 * MAX_INFO_KEYS):
+        flood.step("a")
+    counts.add(_episode([1], "turn_limit", [0.0]), flood)
+    assert len(flood.info) <= MAX_INFO_KEYS and len(counts.info) <= MAX_INFO_KEYS
