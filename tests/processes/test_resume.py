@@ -141,8 +141,22 @@ def trained_groups(run_dir: Path) -> list[tuple[int, int, int]]:
     return [tuple(g) for row in metric_rows(run_dir) for g in row["trained/groups"]]
 
 
-def assert_each_group_once_and_no_gaps(groups: list[tuple[int, int, int]]) -> None:
+def dropped_for_lag(run_dir: Path) -> bool:
+    """Whether the run dropped a batch for its policy lag (the learner's lag/dropped or an actor's own
+    stale_dropped): on a loaded machine a slow actor's batch can arrive too old, and its batch id is then gone
+    from what was trained without anything being lost to the resume."""
+    rows = metric_rows(run_dir)
+    return any(
+        v > 0 for r in rows for k, v in r.items() if k == "lag/dropped" or k.endswith("/stale_dropped")
+    )
+
+
+def assert_each_group_once_and_no_gaps(
+    groups: list[tuple[int, int, int]], gaps_allowed: bool = False
+) -> None:
     assert len(groups) == len(set(groups)), "a group was trained twice"
+    if gaps_allowed:
+        return
     for actor in {a for a, _, _ in groups}:
         batches = sorted({b for a, b, _ in groups if a == actor})
         assert batches == list(range(len(batches))), f"actor {actor} skipped a batch: {batches}"
@@ -178,9 +192,9 @@ def test_an_async_run_killed_and_resumed_trains_every_group_exactly_once(model_c
     assert resumed.returncode == 0, log[-3000:]
     assert [row["step"] for row in metric_rows(broken)] == [1, 2, 3, 4, 5, 6]
     expected = trained_groups(straight)
-    assert_each_group_once_and_no_gaps(expected)
+    assert_each_group_once_and_no_gaps(expected, gaps_allowed=dropped_for_lag(straight))
     groups = trained_groups(broken)
-    assert_each_group_once_and_no_gaps(groups)
+    assert_each_group_once_and_no_gaps(groups, gaps_allowed=dropped_for_lag(broken))
     assert len(groups) == len(expected) == 6 * 10 // 2
 
 
