@@ -7,7 +7,7 @@ frame order. Nothing is ever unpickled.
 
 Rules: within a version, fields may only be added, with a dataclass default (decoding reads each field as its
 dataclass declares it, ``common.wire.read_fields``: an older peer's message takes the defaults); renaming,
-removing or changing the meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v3`` holds
+removing or changing the meaning of a field bumps ``PROTOCOL_VERSION``. ``tests/fixtures/protocol_v4`` holds
 golden bytes.
 
 ``decode`` raises ``ProtocolError`` with a short ``reason`` (used as a ``reject/<reason>`` counter) for every
@@ -32,7 +32,8 @@ from common.per_token import PER_TOKEN, checked_per_token
 from common.wire import DTYPES as DTYPES  # re-exported: the wire dtypes, where callers look for them
 from common.wire import ProtocolError, check, read_fields
 
-PROTOCOL_VERSION: Final = 3  # v2: Weights as one flat buffer; v3: ExperienceBatch.loss_mask (multi-turn)
+PROTOCOL_VERSION: Final = 4  # v2: Weights as one flat buffer; v3: ExperienceBatch.loss_mask (multi-turn);
+# v4: ExperienceBatch.token_rewards (per-turn rewards: a v3 learner would ignore them and train on the score alone)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 MAX_ACTORS: Final = 4096
 """The most actors a hello may say its run has (the learner reports those that never start, one by one)."""
@@ -135,7 +136,7 @@ class ExperienceBatch:
     token_rewards: np.ndarray | None = None
     """float32 per response token: rewards earned at a model token (a turn's reward on its last token); 0 on
     environment tokens. ``score`` stays the episode's return: the learner puts what these leave of it on the
-    last model token. None: the score alone (an older v3 peer's message decodes so)."""
+    last model token. None: the score alone (v4: a v3 learner would have ignored them, hence the version)."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import numpy as np
 from common import protocol as p
 
 FIXTURES = Path(__file__).parent / "fixtures" / f"protocol_v{p.PROTOCOL_VERSION}"
-# Version 2's last bytes (before v3 added ExperienceBatch.loss_mask): what a peer of an older release sends.
-PREVIOUS_VERSION_FIXTURES = Path(__file__).parent / "fixtures" / "protocol_v2"
+# Version 3's last bytes (before v4 added ExperienceBatch.token_rewards): what a peer of an older release sends.
+PREVIOUS_VERSION_FIXTURES = Path(__file__).parent / "fixtures" / "protocol_v3"
 
 
 def samples() -> dict[str, p.Message]:

@@ -48,8 +48,8 @@ PREVIOUS = sorted(n for n in samples() if (PREVIOUS_VERSION_FIXTURES / f"{n}.bin
 
 @pytest.mark.parametrize("name", PREVIOUS)
 def test_messages_of_the_previous_version_are_refused_by_their_version(name):
-    """v3 changed what an experience message means (environment tokens are not trained on): a v2 peer's message
-    is refused by its header, before its body is read, with the reason counted."""
+    """v4 changed what an experience message means (per-turn rewards, which a v3 learner would ignore): a v3
+    peer's message is refused by its header, before its body is read, with the reason counted."""
     with pytest.raises(p.ProtocolError) as refused:
         p.decode(unpack_frames((PREVIOUS_VERSION_FIXTURES / f"{name}.bin").read_bytes()))
     assert refused.value.reason == "bad_version"
@@ -93,7 +93,7 @@ def test_token_rewards_are_optional_and_need_no_loss_mask():
     # a single-turn batch may carry rewards per token too: every token is the model's
     single = dataclasses.replace(sample, loss_mask=None, token_rewards=np.full(5, 0.25, np.float32))
     assert p.decode([bytes(f) for f in p.encode(single)]).token_rewards.tolist() == [0.25] * 5
-    # the golden v3 experience (no token rewards) decodes to None: a v3 peer of before this field still talks
+    # the golden experience without token rewards decodes to None: the score alone
     golden = p.decode(unpack_frames((FIXTURES / "experience.bin").read_bytes()))
     assert golden.token_rewards is None
 
