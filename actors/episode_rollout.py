@@ -265,17 +265,7 @@ def play_episodes(
     guard = (env_cls, limits.step_timeout_s, limits.max_observation_chars, on_step)
     guards = [GuardedEnvironment(*guard) for _ in records]
     prompt_lens = [len(chat_prompt_ids(tokenizer, g.reset(r))) for g, r in zip(guards, records, strict=True)]
-    fits = [
-        i for i, n in enumerate(prompt_lens) if not limits.max_prompt_tokens or n <= limits.max_prompt_tokens
-    ]
-    episodes = [
-        None if i in fits else _unplayed(tokenizer, guards[i].reset(r), limits.max_prompt_tokens)
-        for i, r in enumerate(records)
-    ]
-    if len(fits) < len(records):  # the learner would refuse them (reject/too_long): no time spent on them
-        logger.error("%d first message(s) of %s over sampling.max_prompt_tokens=%d (the longest %d tokens): not "
-                     "played; raise the limit", len(records) - len(fits), env_cls.__name__,
-                     limits.max_prompt_tokens, max(prompt_lens))  # fmt: skip
+    fits, episodes = _within_prompt_limit(tokenizer, guards, records, prompt_lens, limits.max_prompt_tokens)
     if fits:
         # run_episodes takes one context bound for all: the shortest prompt's keeps every response within
         # budget (a longer prompt's episode gets that much less room).
@@ -292,6 +282,23 @@ def play_episodes(
             episode.ended = "timeout"
         counts.add(episode, guard)
     return [episode_row(e, int(tokenizer.eos_token_id)) for e in episodes]
+
+
+def _within_prompt_limit(
+    tokenizer: Any, guards: list, records: Sequence[dict], prompt_lens: list[int], limit: int
+) -> tuple[list[int], list[Episode | None]]:
+    """The indices of the episodes whose first message fits ``limit`` (0: all), and a stand-in episode for each
+    of the others (None for those to play): the learner would refuse those (reject/too_long), so no generation
+    is spent on them; logged with the limit to raise."""
+    fits = [i for i, n in enumerate(prompt_lens) if not limit or n <= limit]
+    episodes = [
+        None if i in fits else _unplayed(tokenizer, guards[i].reset(r), limit) for i, r in enumerate(records)
+    ]
+    if len(fits) < len(records):
+        logger.error("%d first message(s) of %s over sampling.max_prompt_tokens=%d (the longest %d tokens): not "
+                     "played; raise the limit", len(records) - len(fits), guards[0].name, limit,
+                     max(prompt_lens))  # fmt: skip
+    return fits, episodes
 
 
 def _unplayed(tokenizer: Any, first_message: str, max_prompt_tokens: int) -> Episode:
