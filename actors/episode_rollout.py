@@ -30,9 +30,8 @@ from common.logs import RateLimitFilter
 from common.models import chat_prompt_ids
 
 logger = logging.getLogger(__name__)
-logger.addFilter(
-    RateLimitFilter()
-)  # a broken environment fails every episode: say it, not thousands of times
+# A broken environment fails every episode: say it, not thousands of times.
+logger.addFilter(RateLimitFilter())
 
 _FAILED_START = "(the environment failed to start this episode)"
 
@@ -61,9 +60,8 @@ class GuardedEnvironment:
         self.max_chars = max_observation_chars
         self.failed = ""  # '', 'error' (it raised while starting) or 'timeout' (a call ran past timeout_s)
         self.cuts = 0  # answers cut to max_chars
-        self.info: dict[
-            str, float
-        ] = {}  # the numbers of the steps' info, summed (tool_calls, tool_errors ...)
+        # the numbers of the steps' info, summed (tool_calls, tool_errors ...)
+        self.info: dict[str, float] = {}
         self.first: str | None = None
         self.max_turns = int(cls.max_turns)
         self.env = self._start(cls, "__init__")
@@ -90,8 +88,10 @@ class GuardedEnvironment:
             observation = observation[: self.max_chars]
         info = dict(getattr(result, "info", None) or {})
         for key, value in info.items():
-            if isinstance(value, int | float) and math.isfinite(value) and len(self.info) < MAX_INFO_KEYS:
-                self.info[str(key)[:40]] = self.info.get(str(key)[:40], 0.0) + float(value)
+            name = str(key)[:40]
+            counted = name in self.info or len(self.info) < MAX_INFO_KEYS
+            if counted and isinstance(value, int | float) and math.isfinite(value):
+                self.info[name] = self.info.get(name, 0.0) + float(value)
         return StepResult(observation, reward, done, info)
 
     def on_wait(self) -> None:

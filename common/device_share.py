@@ -27,9 +27,14 @@ actors split the rest. The learner's gradient step is the large user (76 GB peak
 shape with the automatic budget); an actor needs its weights, KV cache and sampling buffers."""
 
 
+def share_value(num_learners: int, num_actors: int) -> str:
+    """The ``"learners,actors"`` value of ``SHARE_ENV`` for the processes on one device (``memory_part`` reads it)."""
+    return f"{num_learners},{num_actors}"
+
+
 def share_env(num_learners: int, num_actors: int) -> dict[str, str]:
     """The variable the launcher gives each child that runs on this machine's device."""
-    return {SHARE_ENV: f"{num_learners},{num_actors}"}
+    return {SHARE_ENV: share_value(num_learners, num_actors)}
 
 
 def memory_part(role: str, share: str | None) -> float:

@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 
-from common.device_share import SHARE_ENV
+from common.device_share import SHARE_ENV, share_value
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,14 @@ def detect_gpus(environ: dict[str, str] | None = None) -> list[str]:
 def place(num_learners: int, num_actors: int, gpus: list[str]) -> Placement:
     """Each learner rank's and actor's GPU and device share, by the rule in this module's docstring."""
     if not gpus:
-        alone = ProcessPlace(None, f"{num_learners},{num_actors}")
+        alone = ProcessPlace(None, share_value(num_learners, num_actors))
         return Placement((alone,) * num_learners, (alone,) * num_actors)
     learner_gpus = [gpus[r % len(gpus)] for r in range(num_learners)]
     actor_pool = gpus[num_learners:] if len(gpus) > num_learners else gpus
     actor_gpus = [actor_pool[i % len(actor_pool)] for i in range(num_actors)]
 
     def at(gpu: str) -> ProcessPlace:
-        return ProcessPlace(gpu, f"{learner_gpus.count(gpu)},{actor_gpus.count(gpu)}")
+        return ProcessPlace(gpu, share_value(learner_gpus.count(gpu), actor_gpus.count(gpu)))
 
     return Placement(tuple(map(at, learner_gpus)), tuple(map(at, actor_gpus)))
 
