@@ -9,6 +9,7 @@
 #   bash bench/cuda_bench.sh e2e OUT_DIR       # issue 17 item 4: one GRPO step, ours (1, 2 actors) vs mlx-lm-lora
 #   bash bench/cuda_bench.sh layouts OUT_DIR   # issue 17 item 3: 4 actors, one wide actor, one process
 #   bash bench/cuda_bench.sh ours-e2e OUT_DIR  # ours alone at 2 and 1 actors (peers from an earlier call)
+#   bash bench/cuda_bench.sh ours-warm OUT_DIR # only ours-e2e's kernel-cache warm-up, as a call of its own
 #
 # bench/runtime/tests are meant to run as CMD of `bench/cuda_host.sh run WHEEL_DIR MODEL_META_DIR`, which leaves
 # the bfloat16 random-weight SmolLM2-135M in /tmp/smollm-bf16. Each step has its own time limit so that one
@@ -45,6 +46,11 @@ e2e_settings() {  # warm/e2e/layouts; every value can be set from the environmen
     peer_shape+=(--lora-rank 16 --lora-alpha 32 --beta "$beta" --learning-rate 1e-5)
 }
 limit() { echo $(($1 * limit_x)); }
+warm_e2e() { # a cold kernel cache warmed by ours alone on the first of E2E_SIZES; marked done in the cache
+    size_fields "${sizes%% *}"
+    (label=warm-$label updates=2 && ours "$label-ours" 330 300 "1") && mkdir -p "$kernels" &&
+        touch "$kernels/.e2e-warm"
+}
 size_fields() { # size_fields LABEL:MODEL:MICRO[:META]: sets label model micro, makes the model when missing
     IFS=: read -r label model micro meta <<<"$1"
     if [ ! -d "$model" ] && [ -n "${meta:-}" ]; then
@@ -129,14 +135,14 @@ layouts) # estimated ~5 min: 4 actors of half a step each, one actor of two step
     done
     table
     ;;
+ours-warm) # only ours-e2e's warm-up (the first of E2E_SIZES, 2 updates, one actor): a call of its own
+    e2e_settings
+    warm_e2e
+    ;;
 ours-e2e) # ours alone at E2E_SIZES (2 actors, then 1, one step a batch each); peers' records from an earlier call
     # are rendered beside these by `bench/e2e_step.py table`. A cold kernel cache is first warmed by ours alone.
     e2e_settings
-    if [ ! -e "$kernels/.e2e-warm" ]; then
-        size_fields "${sizes%% *}"
-        (label=warm-$label updates=2 && ours "$label-ours" 330 300 "1") && mkdir -p "$kernels" &&
-            touch "$kernels/.e2e-warm"
-    fi
+    [ -e "$kernels/.e2e-warm" ] || warm_e2e
     for size in $sizes; do
         size_fields "$size"
         ours "e2e-$label-ours" 300 140 "2x$seqs=2" "1x$seqs=1"

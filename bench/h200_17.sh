@@ -9,6 +9,8 @@
 #   bash bench/h200_17.sh finish-a OUT_DIR       # after the compiled no-grad passes and the memory budget fix:
 #                                                # 135M cold then warm cache, memory-chosen micro-batches (auto)
 #   bash bench/h200_17.sh finish-b OUT_DIR       # 1.7B shape: auto, 1 x 64, chunks, kl 0; generation MBU
+#   bash bench/h200_17.sh decode OUT_DIR         # where a decode step's time goes (bench/decode_profile.py),
+#                                                # 1.7B shape and 135M; 135M generation at batch 32 again
 #
 # Every process logs to OUT_DIR/NAME.log; `first_update.py` rows are the `ROW {json}` lines, collected into
 # OUT_DIR/learner17.jsonl. The kernel cache (MLX_PTX_CACHE_DIR) is one folder for the whole call, so only the
@@ -72,6 +74,15 @@ finish-b)
     first l-auto-nokl $large auto nokl
     step gen-1.7b 240 python3 bench/generation.py --model $large --batch-sizes 32,128,256 --new-tokens 128 \
         --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 2 --output "$out/h200-generation-1.7b.json"
+    ;;
+decode)
+    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    step decode-1.7b 240 python3 bench/decode_profile.py --model $large --batch-sizes 32,256 --context 128,384 \
+        --output "$out/decode-1.7b.json"
+    step decode-135m 90 python3 bench/decode_profile.py --model $small --batch-sizes 32,256 --context 128,384 \
+        --output "$out/decode-135m.json"
+    step gen-135m 120 python3 bench/generation.py --model $small --batch-sizes 32 --new-tokens 128 \
+        --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 3 --output "$out/h200-generation-135m.json"
     ;;
 ptx)
     tar -C "$MLX_PTX_CACHE_DIR" -cf - . | xz -T0 -6 >"$out/ptx-cache.tar.xz"

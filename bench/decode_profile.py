@@ -1,0 +1,146 @@
+"""Where a compiled decode step's time goes (``actors/decode.py``), by leaving one part out at a time.
+
+    python bench/decode_profile.py --model DIR [--batch-sizes 32,256] [--context 128,384] [--steps 48]
+                                   [--output OUT.json]
+
+For each batch width ``W`` and context ``P`` (prompt tokens, every row the same length: no padding, no row
+finishing), the rows are prefilled once and then decoded ``--steps`` tokens with the step the actors run, timed
+two ways: ``host-paced`` reads each step's tokens back before the next step is built (as ``CompletionStream``
+does, the next step queued first) and ``device`` queues every step and evaluates once at the end (no host
+read). Variants, each traced anew and timed on the same rows:
+
+- ``full``: the step as it ships;
+- ``no-mask``: attention without the column mask (wrong samples: it only shows what the masked attention costs
+  against the kernel the backend uses without a mask, ``sdpa_vector`` on CUDA);
+- ``argmax-tail``: the sampling tail (tempered log-softmax over the vocabulary, inverse-CDF draw) replaced by an
+  argmax;
+- ``model-head``: the model's own head in its dtype instead of the float32 copy of the head.
+
+Each row reports ms per step, the bytes the step must read (weights once, the ``W x C`` cache columns it
+attends over) and the GB/s that implies. The difference between two variants is the cost of the part left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from actors import decode
+from actors.sampler import SamplingParams, _prefill_rows
+
+VARIANTS = ("full", "no-mask", "argmax-tail", "model-head")
+
+
+def _argmax_draw(logits: mx.array, uniforms: mx.array, temperature: float):
+    tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+    return tokens, mx.zeros(tokens.shape, mx.float32)
+
+
+def _no_mask(self, n, return_array=False, window_size=None):
+    return None
+
+
+class _Patched:
+    """Within the block, the decode step traced with one part swapped out (``variant``), then restored."""
+
+    def __init__(self, model, variant: str):
+        self.model, self.variant = model, variant
+        self.saved = (decode.draw, decode._LayerCache.make_mask, decode._float32_head)
+
+    def __enter__(self):
+        self.model.__dict__.pop("_compiled_decode_step", None)  # trace anew with the swapped part
+        if self.variant == "argmax-tail":
+            decode.draw = mx.compile(_argmax_draw)
+        elif self.variant == "no-mask":
+            decode._LayerCache.make_mask = _no_mask
+        elif self.variant == "model-head":
+            decode._float32_head = lambda model: []
+        return self
+
+    def __exit__(self, *exc):
+        decode.draw, decode._LayerCache.make_mask, decode._float32_head = self.saved
+        self.model.__dict__.pop("_compiled_decode_step", None)
+
+
+def _rows(model, width: int, context: int, steps: int, vocab: int) -> decode.FixedBatch:
+    """``width`` rows of ``context`` random prompt tokens, prefilled, with room for ``steps`` + warm-up tokens."""
+    rng = np.random.default_rng(width * 1000 + context)
+    prompts = rng.integers(10, vocab - 10, size=(width, context)).tolist()
+    params = SamplingParams(host_sampling=False, compiled_decode=True)
+    uniforms = (1.0 - rng.random((width, steps + 16))).astype(np.float32)
+    cache, left, first = _prefill_rows(model, prompts, uniforms[:, 0], params, share=False)
+    chunk = decode.round_up(context + steps + 16, 32)
+    batch = decode.FixedBatch.from_prefill(cache, left, first, list(range(width)), mx.array(uniforms), chunk)
+    mx.eval(batch.keys, batch.values, batch.tokens)
+    return batch
+
+
+def _time(model, batch: decode.FixedBatch, steps: int, host_paced: bool) -> tuple[float, float]:
+    """(seconds per step, of which building and queueing the step on the host) over ``steps`` steps of
+    ``batch`` (its state advances; the caller gives it room)."""
+    params = SamplingParams(host_sampling=False, compiled_decode=True)
+    start, host = time.perf_counter(), 0.0
+    for _ in range(steps):
+        previous = batch.tokens
+        queued = time.perf_counter()
+        batch.queue(model, params)
+        host += time.perf_counter() - queued
+        if host_paced:
+            previous.tolist()
+    mx.eval(batch.tokens, batch.keys)
+    return (time.perf_counter() - start) / steps, host / steps
+
+
+def profile(model, width: int, context: int, steps: int, kv_bytes: int, weight_bytes: int) -> list[dict]:
+    vocab = model.args.vocab_size
+    rows = []
+    for variant in VARIANTS:
+        with _Patched(model, variant):
+            for host_paced in (True, False):
+                batch = _rows(model, width, context, steps, vocab)
+                _time(model, batch, 4, host_paced)  # trace + first replays
+                seconds, host = _time(model, batch, steps // 2, host_paced)
+                step_bytes = weight_bytes + width * batch.capacity * kv_bytes
+                rows.append(
+                    {"width": width, "context": context, "capacity": batch.capacity, "variant": variant}
+                    | {"timing": "host-paced" if host_paced else "device", "ms_per_step": seconds * 1e3}
+                    | {"host_ms_per_step": host * 1e3}
+                    | {"step_bytes": step_bytes, "gbs": step_bytes / seconds / 1e9}
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                del batch
+    return rows
+
+
+def main() -> None:
+    from bench.generation import kv_position_bytes, weight_bytes_per_step
+    from common.config import ModelConfig
+    from common.models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--batch-sizes", default="32,256")
+    parser.add_argument("--context", default="128")
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    loaded = load_model(ModelConfig(name=args.model))
+    model = loaded.model
+    kv, weights = kv_position_bytes(model, loaded.dtype.size), weight_bytes_per_step(model)
+    rows = []
+    for width in map(int, args.batch_sizes.split(",")):
+        for context in map(int, args.context.split(",")):
+            rows += profile(model, width, context, args.steps, kv, weights)
+    device = str(mx.default_device())
+    result = {"model": args.model, "device": device, "kv_bytes_per_position": kv, "weight_bytes": weights}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result | {"rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
