@@ -14,7 +14,12 @@ read). Variants, each traced anew and timed on the same rows:
   against the kernel the backend uses without a mask, ``sdpa_vector`` on CUDA);
 - ``argmax-tail``: the sampling tail (tempered log-softmax over the vocabulary, inverse-CDF draw) replaced by an
   argmax;
-- ``model-head``: the model's own head in its dtype instead of the float32 copy of the head.
+- ``model-head``: the model's own head in its dtype instead of the float32 copy of the head;
+- ``no-write``: the cache is read but the new token's keys and values are not written (shows whether writing one
+  column costs a copy of the whole cache);
+- ``additive-mask``: the mask as 0 / -inf in the compute dtype instead of booleans;
+- ``matmul-attention``: attention as explicit matmuls and a softmax (MLX's own fallback, written out) instead of
+  ``mx.fast.scaled_dot_product_attention``.
 
 Each row reports ms per step, the bytes the step must read (weights once, the ``W x C`` cache columns it
 attends over) and the GB/s that implies. The difference between two variants is the cost of the part left out.
@@ -32,7 +37,7 @@ import numpy as np
 from actors import decode
 from actors.sampler import SamplingParams, _prefill_rows
 
-VARIANTS = ("full", "no-mask", "argmax-tail", "model-head")
+VARIANTS = ("full", "no-mask", "argmax-tail", "model-head", "no-write", "additive-mask", "matmul-attention")
 
 
 def _argmax_draw(logits: mx.array, uniforms: mx.array, temperature: float):
@@ -44,12 +49,40 @@ def _no_mask(self, n, return_array=False, window_size=None):
     return None
 
 
+def _no_write(self, keys, values):
+    return self.keys, self.values
+
+
+def _additive_mask(self, n, return_array=False, window_size=None):
+    allowed = _BOOL_MASK(self, n)
+    return mx.where(allowed, 0.0, -mx.inf).astype(self.keys.dtype)
+
+
+def _matmul_attention(queries, keys, values, scale, mask=None, sinks=None):
+    w, heads, length, dim = queries.shape
+    kv_heads = keys.shape[1]
+    q = (queries * scale).reshape(w, kv_heads, heads // kv_heads, length, dim)  # grouped heads share a key
+    scores = q @ keys[:, :, None].swapaxes(
+        -1, -2
+    )  # [W, Hkv, rep, 1, C] in the compute dtype, as MLX's fallback
+    if mask is not None:
+        mask = mask[:, :, None]
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
+    out = mx.softmax(scores, axis=-1, precise=True) @ values[:, :, None]
+    return out.reshape(w, heads, length, dim)
+
+
+_BOOL_MASK = decode._LayerCache.make_mask
+_FAST_SDPA = mx.fast.scaled_dot_product_attention
+
+
 class _Patched:
     """Within the block, the decode step traced with one part swapped out (``variant``), then restored."""
 
     def __init__(self, model, variant: str):
         self.model, self.variant = model, variant
         self.saved = (decode.draw, decode._LayerCache.make_mask, decode._float32_head)
+        self.saved += (decode._LayerCache.update_and_fetch,)
 
     def __enter__(self):
         self.model.__dict__.pop("_compiled_decode_step", None)  # trace anew with the swapped part
@@ -59,10 +92,18 @@ class _Patched:
             decode._LayerCache.make_mask = _no_mask
         elif self.variant == "model-head":
             decode._float32_head = lambda model: []
+        elif self.variant == "no-write":
+            decode._LayerCache.update_and_fetch = _no_write
+        elif self.variant == "additive-mask":
+            decode._LayerCache.make_mask = _additive_mask
+        elif self.variant == "matmul-attention":
+            mx.fast.scaled_dot_product_attention = _matmul_attention
         return self
 
     def __exit__(self, *exc):
-        decode.draw, decode._LayerCache.make_mask, decode._float32_head = self.saved
+        decode.draw, decode._LayerCache.make_mask, decode._float32_head = self.saved[:3]
+        decode._LayerCache.update_and_fetch = self.saved[3]
+        mx.fast.scaled_dot_product_attention = _FAST_SDPA
         self.model.__dict__.pop("_compiled_decode_step", None)
 
 
@@ -95,10 +136,12 @@ def _time(model, batch: decode.FixedBatch, steps: int, host_paced: bool) -> tupl
     return (time.perf_counter() - start) / steps, host / steps
 
 
-def profile(model, width: int, context: int, steps: int, kv_bytes: int, weight_bytes: int) -> list[dict]:
-    vocab = model.args.vocab_size
+def profile(model, width: int, context: int, steps: int, sizes: tuple[int, int], variants) -> list[dict]:
+    """Rows of ms per step for each variant at this width and context; ``sizes``: (KV bytes a position, weight
+    bytes a step)."""
+    vocab, (kv_bytes, weight_bytes) = model.args.vocab_size, sizes
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         with _Patched(model, variant):
             for host_paced in (True, False):
                 batch = _rows(model, width, context, steps, vocab)
@@ -126,6 +169,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="32,256")
     parser.add_argument("--context", default="128")
     parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--output")
     args = parser.parse_args()
     loaded = load_model(ModelConfig(name=args.model))
@@ -134,7 +178,7 @@ def main() -> None:
     rows = []
     for width in map(int, args.batch_sizes.split(",")):
         for context in map(int, args.context.split(",")):
-            rows += profile(model, width, context, args.steps, kv, weights)
+            rows += profile(model, width, context, args.steps, (kv, weights), args.variants.split(","))
     device = str(mx.default_device())
     result = {"model": args.model, "device": device, "kv_bytes_per_position": kv, "weight_bytes": weights}
     if args.output:

@@ -11,6 +11,8 @@
 #   bash bench/h200_17.sh finish-b OUT_DIR       # 1.7B shape: auto, 1 x 64, chunks, kl 0; generation MBU
 #   bash bench/h200_17.sh decode OUT_DIR         # where a decode step's time goes (bench/decode_profile.py),
 #                                                # 1.7B shape and 135M; 135M generation at batch 32 again
+#   bash bench/h200_17.sh decode2 OUT_DIR        # the 1.7B step at batch 256 with the cache write, the mask and
+#                                                # the attention kernel swapped in turn; then ours-e2e at 1.7B
 #
 # Every process logs to OUT_DIR/NAME.log; `first_update.py` rows are the `ROW {json}` lines, collected into
 # OUT_DIR/learner17.jsonl. The kernel cache (MLX_PTX_CACHE_DIR) is one folder for the whole call, so only the
@@ -83,6 +85,14 @@ decode)
         --output "$out/decode-135m.json"
     step gen-135m 120 python3 bench/generation.py --model $small --batch-sizes 32 --new-tokens 128 \
         --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 3 --output "$out/h200-generation-135m.json"
+    ;;
+decode2)
+    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    step decode2-1.7b 200 python3 bench/decode_profile.py --model $large --batch-sizes 256 --context 128,384 \
+        --variants full,no-write,no-mask,additive-mask,matmul-attention --output "$out/decode2-1.7b.json"
+    E2E_SIZES="1.7b:$large:16:.devmodel17" E2E_TOKENS=128 E2E_UPDATES=4 bash bench/cuda_bench.sh ours-e2e "$out" \
+        >"$out/e2e.txt" 2>&1
+    tail -n 5 "$out/e2e.txt"
     ;;
 ptx)
     tar -C "$MLX_PTX_CACHE_DIR" -cf - . | xz -T0 -6 >"$out/ptx-cache.tar.xz"

@@ -25,6 +25,12 @@ LEARNER_PART = 0.6
 """Of the device's memory, the learners' part when actors share it (split evenly between learner ranks); the
 actors split the rest. The learner's gradient step is the large user (76 GB peak at 64 x 512 tokens on the 1.7B
 shape with the automatic budget); an actor needs its weights, KV cache and sampling buffers."""
+SHARED_USABLE = 0.85
+"""Of a shared device's memory, what the processes' limits add up to. MLX's limit bounds what it allocates and
+caches, not the CUDA context, cuBLAS/cuDNN workspaces or the allocator's fragmentation of each process, and it is
+a guideline (past it MLX frees its cache and allocates anyway). With limits adding up to the whole H200, 1 learner
++ 2 actors on the 1.7B shape ran out of memory in the learner's first update
+(``bench/results/h200/finish/oom-1.7b-2x128-shares.log``); the 15% left out is ~22 GB there."""
 
 
 def share_value(num_learners: int, num_actors: int) -> str:
@@ -62,6 +68,11 @@ def device_memory_bytes(info: dict) -> int:
     return int(info.get("total_memory") or info.get("max_recommended_working_set_size") or 0)
 
 
+def shared_limit(part: float, total: int) -> int:
+    """The memory limit, in bytes, of a process holding ``part`` (< 1) of a shared device of ``total`` bytes."""
+    return int(part * SHARED_USABLE * total)
+
+
 _applied = {"limit": 0}
 
 
@@ -78,7 +89,7 @@ def apply_device_share(role: str) -> int:
     total = device_memory_bytes(mx.device_info())
     if total <= 0:
         return 0
-    limit = int(part * total)
+    limit = shared_limit(part, total)
     mx.set_memory_limit(limit)
     _applied["limit"] = limit
     logger.info("%s: %.0f%% of the shared device's %.1f GB (memory limit %.1f GB)", role, 100 * part,

@@ -91,6 +91,19 @@ def test_a_shared_device_is_split_between_learners_and_actors():
     assert memory_part("learner", None) == memory_part("actor", "1,0") == memory_part("actor", "x") == 1.0
 
 
+def test_the_limits_on_a_shared_device_leave_room_for_what_mlx_does_not_count():
+    """The limits add up to SHARED_USABLE of the device, not all of it: at 100% (1 learner + 2 actors on one
+    H200) the learner ran out of memory, each process's CUDA context and libraries' workspaces being outside them."""
+    from common.device_share import SHARED_USABLE, memory_part, share_env, shared_limit
+
+    total = 150_754_820_096  # an H200 as MLX reports it
+    share = share_env(1, 2)["MLX_PPO_DEVICE_SHARE"]
+    limits = [shared_limit(memory_part(r, share), total) for r in ("learner", "actor", "actor")]
+    assert sum(limits) <= SHARED_USABLE * total
+    assert total - sum(limits) >= 3 * 5 * 10**9  # >= 5 GB a process outside the limits
+    assert limits[0] > limits[1] == limits[2] > 0
+
+
 def test_a_shared_limit_sizes_the_automatic_budget_from_the_learners_part():
     """With the device shared, the budget comes from the learner's limit, not from the whole free device."""
     from learner.micro_batches import SHARED_PART_FRACTION, budget_memory
