@@ -195,6 +195,10 @@ class FixedBatch:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @property
+    def cache_bytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
     def queue(self, model: nn.Module, params, *_) -> None:
         """Queue the next token of every row (``mx.async_eval``); ``tokens``/``token_lp`` become the new ones.
 

@@ -5,9 +5,8 @@
 
 For each batch width ``W`` and context ``P`` (prompt tokens, every row the same length: no padding, no row
 finishing), the rows are prefilled once and then decoded ``--steps`` tokens with the step the actors run, timed
-two ways: ``host-paced`` reads each step's tokens back before the next step is built (as ``CompletionStream``
-does, the next step queued first) and ``device`` queues every step and evaluates once at the end (no host
-read). Variants, each traced anew and timed on the same rows:
+in the ways ``TIMINGS`` names (``--timings``). Variants (``--variants``), each traced anew and timed on the same
+rows:
 
 - ``full``: the step as it ships;
 - ``no-mask``: attention without the column mask (wrong samples: it only shows what the masked attention costs
@@ -37,6 +36,10 @@ import numpy as np
 from actors import decode
 from actors.sampler import SamplingParams, _prefill_rows
 
+TIMINGS = ("host-paced", "device", "serial", "serial-sync")
+"""``host-paced``: the next step queued, then this one read (``CompletionStream``'s overlapped order); ``device``:
+nothing read until the end; ``serial``: this step read, then the next queued (its order for a large cache);
+``serial-sync``: the same with ``mx.synchronize()`` before queueing."""
 VARIANTS = ("full", "no-mask", "argmax-tail", "model-head", "no-write", "additive-mask", "matmul-attention")
 
 
@@ -120,37 +123,43 @@ def _rows(model, width: int, context: int, steps: int, vocab: int) -> decode.Fix
     return batch
 
 
-def _time(model, batch: decode.FixedBatch, steps: int, host_paced: bool) -> tuple[float, float]:
+def _time(model, batch: decode.FixedBatch, steps: int, timing: str) -> tuple[float, float]:
     """(seconds per step, of which building and queueing the step on the host) over ``steps`` steps of
-    ``batch`` (its state advances; the caller gives it room)."""
+    ``batch`` (its state advances; the caller gives it room), paced as ``timing`` says (``TIMINGS``)."""
     params = SamplingParams(host_sampling=False, compiled_decode=True)
     start, host = time.perf_counter(), 0.0
     for _ in range(steps):
         previous = batch.tokens
+        if timing.startswith("serial"):
+            previous.tolist()
+            if timing == "serial-sync":
+                mx.synchronize()
         queued = time.perf_counter()
         batch.queue(model, params)
         host += time.perf_counter() - queued
-        if host_paced:
+        if timing == "host-paced":
             previous.tolist()
     mx.eval(batch.tokens, batch.keys)
     return (time.perf_counter() - start) / steps, host / steps
 
 
-def profile(model, width: int, context: int, steps: int, sizes: tuple[int, int], variants) -> list[dict]:
-    """Rows of ms per step for each variant at this width and context; ``sizes``: (KV bytes a position, weight
-    bytes a step)."""
+def profile(
+    model, width: int, context: int, steps: int, sizes: tuple[int, int], variants, timings
+) -> list[dict]:
+    """Rows of ms per step for each variant and timing at this width and context; ``sizes``: (KV bytes a
+    position, weight bytes a step)."""
     vocab, (kv_bytes, weight_bytes) = model.args.vocab_size, sizes
     rows = []
     for variant in variants:
         with _Patched(model, variant):
-            for host_paced in (True, False):
+            for timing in timings:
                 batch = _rows(model, width, context, steps, vocab)
-                _time(model, batch, 4, host_paced)  # trace + first replays
-                seconds, host = _time(model, batch, steps // 2, host_paced)
+                _time(model, batch, 4, timing)  # trace + first replays
+                seconds, host = _time(model, batch, steps // 2, timing)
                 step_bytes = weight_bytes + width * batch.capacity * kv_bytes
                 rows.append(
                     {"width": width, "context": context, "capacity": batch.capacity, "variant": variant}
-                    | {"timing": "host-paced" if host_paced else "device", "ms_per_step": seconds * 1e3}
+                    | {"timing": timing, "ms_per_step": seconds * 1e3}
                     | {"host_ms_per_step": host * 1e3}
                     | {"step_bytes": step_bytes, "gbs": step_bytes / seconds / 1e9}
                 )
@@ -170,6 +179,7 @@ def main() -> None:
     parser.add_argument("--context", default="128")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--timings", default="host-paced,device")
     parser.add_argument("--output")
     args = parser.parse_args()
     loaded = load_model(ModelConfig(name=args.model))
@@ -178,7 +188,15 @@ def main() -> None:
     rows = []
     for width in map(int, args.batch_sizes.split(",")):
         for context in map(int, args.context.split(",")):
-            rows += profile(model, width, context, args.steps, (kv, weights), args.variants.split(","))
+            rows += profile(
+                model,
+                width,
+                context,
+                args.steps,
+                (kv, weights),
+                args.variants.split(","),
+                args.timings.split(","),
+            )
     device = str(mx.default_device())
     result = {"model": args.model, "device": device, "kv_bytes_per_position": kv, "weight_bytes": weights}
     if args.output:

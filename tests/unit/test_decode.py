@@ -133,3 +133,42 @@ def test_a_float32_head_decodes_with_its_float32_copy(model_cache):
     params = SamplingParams(temperature=0.9, max_new_tokens=8)
     compiled, plain = both_paths(loaded.model, PROMPTS, params, stop_ids=set(), seeds=[1, 2, 3, 4])
     assert_same(compiled, plain, loaded.model, params)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_one_step_at_a_time_samples_what_the_overlapped_steps_sample(tiny, compiled):
+    """A large cache reads each step before queueing the next (``SERIAL_CACHE_BYTES``): the same tokens and
+    log-probs as queueing ahead, with rows stopping, leaving, joining (``max_rows``) and re-laid out."""
+    prompts = [p for p in MIXED[:3] for _ in range(2)] + MIXED[3:]
+    seeds = list(range(500, 500 + len(prompts)))
+    limits = [10, 3, 7, 10, 5, 9, 10, 2, 6]
+    runs = []
+    for serial in (-1, 0):
+        params = SamplingParams(temperature=0.9, max_new_tokens=10, kv_chunk=4, host_sampling=False,
+                                compiled_decode=compiled, serial_cache_bytes=serial)  # fmt: skip
+        runs.append(
+            generate_completions(tiny.model, prompts, params, {40, 41}, seeds, max_rows=3, max_new=limits)
+        )
+    overlapped, serial = runs
+    for a, b in zip(overlapped, serial, strict=True):
+        assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert [len(c.response_ids) for c in serial] != [10] * len(prompts)  # limits and stops were reached
+
+
+def test_the_cache_size_decides_which_order_a_stream_decodes_in(tiny):
+    from actors.sampler import CompletionStream
+
+    def serial(limit):
+        params = SamplingParams(
+            max_new_tokens=4, host_sampling=False, compiled_decode=True, serial_cache_bytes=limit
+        )
+        stream = CompletionStream(tiny.model, params, set())
+        stream.submit(0, [1, 2, 3], seed=1)
+        stream._refill()
+        return stream._serial(stream._live), stream._live.cache_bytes
+
+    assert serial(0)[0] and not serial(-1)[0]
+    size = serial(0)[1]
+    assert size > 0 and serial(size)[0] and not serial(size + 1)[0]
+    assert not serial(None)[0]  # the CPU backend never waits
