@@ -30,15 +30,6 @@ from common.config import SamplingConfig
 from common.logprobs import sample_on_host
 from common.models import next_token_logits
 
-SERIAL_CACHE_BYTES = 2**32
-"""Why a large cache decodes one step at a time: a step writes its token's keys and values into the cache that
-the step before it reads, and MLX keeps every input of a command buffer in flight alive until the buffer
-completes, so a write queued while the previous step runs cannot reuse the cache's buffer and copies the whole
-cache instead. Measured on an H200 (``bench/decode_profile.py``, 1.7B shape, 256 rows): 33 ms a step over a
-192-column cache (9.7 GB) and 68 ms over 448 columns, against 11 and 21 ms without the write. Waiting for each
-step before queueing the next lets the write happen in place but leaves the device idle while the host builds
-the step (~5-10 ms), which costs more than copying a small cache: 4 GiB is where the two measured even."""
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -56,10 +47,6 @@ class SamplingParams:
     kv_chunk: int = 32
     """Compiled decode: cache columns added at a time (one trace per width and capacity; larger reads more
     masked columns per step, smaller re-lays out and retraces more often)."""
-    serial_cache_bytes: int | None = None
-    """A batch whose KV cache holds at least this many bytes queues each step only once the one before is read
-    (0: always; -1: never); smaller ones queue the next step first. None: ``SERIAL_CACHE_BYTES`` off the CPU,
-    never on the CPU backend (its writes were measured in place, and its steps are bound by the host)."""
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
@@ -181,10 +168,6 @@ class _CacheRows:
     def live(self) -> int:
         return len(self.rows)
 
-    @property
-    def cache_bytes(self) -> int:
-        return sum(a.nbytes for c in self.cache for a in (c.keys, c.values) if a is not None)
-
     def queue(self, model: nn.Module, params: SamplingParams, drawn: np.ndarray) -> None:
         """Queue the draw that follows ``tokens`` (uniform ``drawn[r]`` of row ``r``); ``tokens`` become it."""
         logits = next_token_logits(model, self.tokens[:, None], self.cache)[:, -1, :]
@@ -290,35 +273,14 @@ class CompletionStream:
         live = self._live
         if live is None:
             return []
-        if self._serial(live):
-            return self._read_then_queue(live)
         tokens, token_lp = live.tokens, live.token_lp  # this step's, maybe still computing
-        drawn = self._room(live.rows, ahead=1)
+        drawn = self._room(live.rows)
         if (drawn >= 0).any():  # queue the next step before reading this one
             live.queue(self.model, self.params, drawn)
         keep, finished = self._record(tokens, token_lp, live.rows)
         live.retire(keep)
         if not live.rows:
             self._live = None
-        return finished
-
-    def _serial(self, live: _CacheRows | FixedBatch) -> bool:
-        """Whether this batch waits for each step before queueing the next (``SERIAL_CACHE_BYTES``)."""
-        limit = self.params.serial_cache_bytes
-        if limit is None:
-            limit = -1 if mx.default_device() == mx.cpu else SERIAL_CACHE_BYTES
-        return limit >= 0 and live.cache_bytes >= limit
-
-    def _read_then_queue(self, live: _CacheRows | FixedBatch) -> list[tuple[Hashable, Completion]]:
-        """``step()`` one step at a time: read this step's tokens (waiting for them), then queue the next."""
-        keep, finished = self._record(live.tokens, live.token_lp, live.rows)
-        live.retire(keep)
-        if not live.rows:
-            self._live = None
-            return finished
-        drawn = self._room(live.rows, ahead=0)  # each row's next uniform, its current token recorded
-        if (drawn >= 0).any():
-            live.queue(self.model, self.params, drawn)
         return finished
 
     def _refill(self) -> None:
@@ -343,10 +305,10 @@ class CompletionStream:
             return FixedBatch.from_prefill(cache, left, first, seqs, mx.array(uniforms), self.params.kv_chunk)
         return _CacheRows(cache, first, seqs, uniforms)
 
-    def _room(self, rows: list[int], ahead: int) -> np.ndarray:
-        """For each row, the index of the uniform of the token after its current one when it has room for it,
-        else -1 (-1 rows are filler); ``ahead``: 1 when the current token is not recorded yet, else 0."""
-        drawn = [len(self._seqs[s].response) + ahead if s >= 0 else -1 for s in rows]
+    def _room(self, rows: list[int]) -> np.ndarray:
+        """For each row, the index of its next uniform when it has room for one more token after the current one,
+        else -1 (-1 rows are filler)."""
+        drawn = [len(self._seqs[s].response) + 1 if s >= 0 else -1 for s in rows]
         return np.array(
             [d if s >= 0 and d < self._seqs[s].limit else -1 for s, d in zip(rows, drawn, strict=True)]
         )

@@ -16,6 +16,8 @@ rows:
 - ``model-head``: the model's own head in its dtype instead of the float32 copy of the head;
 - ``no-write``: the cache is read but the new token's keys and values are not written (shows whether writing one
   column costs a copy of the whole cache);
+- ``slice-update``: the column written with ``mx.slice_update`` at a device-array start, as the step did before
+  its scatter (on CUDA that copied the whole cache at every token);
 - ``additive-mask``: the mask as 0 / -inf in the compute dtype instead of booleans;
 - ``matmul-attention``: attention as explicit matmuls and a softmax (MLX's own fallback, written out) instead of
   ``mx.fast.scaled_dot_product_attention``.
@@ -38,9 +40,11 @@ from actors.sampler import SamplingParams, _prefill_rows
 
 TIMINGS = ("host-paced", "device", "serial", "serial-sync")
 """``host-paced``: the next step queued, then this one read (``CompletionStream``'s overlapped order); ``device``:
-nothing read until the end; ``serial``: this step read, then the next queued (its order for a large cache);
+nothing read until the end; ``serial``: this step read, then the next queued (tried for a large cache: no faster);
 ``serial-sync``: the same with ``mx.synchronize()`` before queueing."""
-VARIANTS = ("full", "no-mask", "argmax-tail", "model-head", "no-write", "additive-mask", "matmul-attention")
+VARIANTS = (
+    "full", "no-mask", "argmax-tail", "model-head", "no-write", "slice-update", "additive-mask", "matmul-attention",
+)  # fmt: skip
 
 
 def _argmax_draw(logits: mx.array, uniforms: mx.array, temperature: float):
@@ -53,6 +57,12 @@ def _no_mask(self, n, return_array=False, window_size=None):
 
 
 def _no_write(self, keys, values):
+    return self.keys, self.values
+
+
+def _slice_update_write(self, keys, values):
+    self.keys = mx.slice_update(self.keys, keys, self.pos, axes=(2,))
+    self.values = mx.slice_update(self.values, values, self.pos, axes=(2,))
     return self.keys, self.values
 
 
@@ -97,6 +107,8 @@ class _Patched:
             decode._float32_head = lambda model: []
         elif self.variant == "no-write":
             decode._LayerCache.update_and_fetch = _no_write
+        elif self.variant == "slice-update":
+            decode._LayerCache.update_and_fetch = _slice_update_write
         elif self.variant == "additive-mask":
             decode._LayerCache.make_mask = _additive_mask
         elif self.variant == "matmul-attention":

@@ -16,9 +16,7 @@ can include one-time kernel compilation on CUDA, and our compiled decode step's 
 
 Samplers (``--samplers``): ``ours`` (``generate_completions`` with its defaults for this device: on a GPU the
 compiled decode step of ``actors/decode.py``), ``ours-plain`` (the uncompiled step over mlx-lm's BatchKVCache),
-``ours-compiled`` (the compiled step forced, tokens drawn on the device, e.g. on the CPU), ``ours-overlapped``
-(the compiled step always queued before the previous one is read, whatever the cache's size:
-``SamplingParams.serial_cache_bytes = -1``), ``mlx_lm``.
+``ours-compiled`` (the compiled step forced, tokens drawn on the device, e.g. on the CPU), ``mlx_lm``.
 ``--lora`` samples with the actors' policy (LoRA adapters on every linear layer) instead of the bare model.
 
 MBU (``bench/chips.py``): the bytes the decode steps must read (weights once per step, each sequence's own KV
@@ -56,7 +54,6 @@ SAMPLERS = {
     "ours": "ours",
     "ours-plain": "ours (uncompiled step)",
     "ours-compiled": "ours (compiled step)",
-    "ours-overlapped": "ours (compiled step, always overlapped)",
     "mlx_lm": "mlx_lm.batch_generate",
 }
 MIN_NEW = 16
@@ -87,9 +84,8 @@ def _time_ours(loaded, prompts, lengths, variant: str) -> tuple[int, float, floa
     from actors.sampler import SamplingParams, generate_completions
 
     forced = {"ours-plain": {"compiled_decode": False}, "ours-compiled": {"compiled_decode": True}}
-    forced["ours-overlapped"] = {"compiled_decode": True, "serial_cache_bytes": -1}
     extra = forced.get(variant, {})
-    if variant in ("ours-compiled", "ours-overlapped"):
+    if variant == "ours-compiled":
         extra["host_sampling"] = False
     params = SamplingParams(temperature=1.0, max_new_tokens=max(lengths), **extra)
     first: list[float] = []

@@ -13,8 +13,10 @@
 #                                                # 1.7B shape and 135M; 135M generation at batch 32 again
 #   bash bench/h200_17.sh decode2 OUT_DIR        # the 1.7B step at batch 256 with the cache write, the mask and
 #                                                # the attention kernel swapped in turn; then ours-e2e at 1.7B
-#   bash bench/h200_17.sh decode3 OUT_DIR        # overlapped against one-step-at-a-time decode (the cache write
-#                                                # in place), 1.7B at 32/128/256 rows; generation; ours-e2e
+#   bash bench/h200_17.sh decode3 OUT_DIR        # the decode step with its scatter write against slice_update,
+#                                                # 1.7B at 32/128/256 rows; generation MBU; ours-e2e at 1.7B
+#                                                # (at 575187b this mode timed a one-step-at-a-time order, since
+#                                                # removed: it was no faster)
 #
 # Every process logs to OUT_DIR/NAME.log; `first_update.py` rows are the `ROW {json}` lines, collected into
 # OUT_DIR/learner17.jsonl. The kernel cache (MLX_PTX_CACHE_DIR) is one folder for the whole call, so only the
@@ -99,9 +101,9 @@ decode2)
 decode3)
     [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
     step decode3-1.7b 150 python3 bench/decode_profile.py --model $large --batch-sizes 32,128,256 --context 128 \
-        --variants full,no-write --timings host-paced,serial,serial-sync --output "$out/decode3-1.7b.json"
+        --variants full,slice-update,no-write --timings host-paced --output "$out/decode3-1.7b.json"
     step gen3-1.7b 240 python3 bench/generation.py --model $large --batch-sizes 32,128,256 --new-tokens 128 \
-        --mixed-lengths --samplers ours-compiled,ours-overlapped,mlx_lm --skip-stock --repeats 2 \
+        --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 2 \
         --output "$out/h200-generation-1.7b.json"
     E2E_SIZES="1.7b:$large:16:.devmodel17" E2E_TOKENS=128 E2E_UPDATES=4 bash bench/cuda_bench.sh ours-e2e "$out" \
         >"$out/e2e.txt" 2>&1
