@@ -78,7 +78,9 @@ class _LayerCache:
         # A scatter, not ``mx.slice_update`` at a device-array start: on CUDA (MLX 0.32.4) that one copied the
         # whole cache at every token whether or not its buffer could be reused (0.6 ms for a 0.2 GB layer cache,
         # 0.15 ms as a scatter); the 1.7B shape's step at 256 rows x 192 columns took 33.9 ms with it, 12.5 ms
-        # like this (bench/decode_profile.py, BENCHMARKS.md "One H200").
+        # like this (bench/decode_profile.py, bench/cache_write_probe.py, BENCHMARKS.md "One H200"). On the CPU
+        # backend the scatter is the slower write (0.4 against 0.09 ms at 64 rows), but there tokens are drawn
+        # on the host and this step is not taken unless forced.
         index = mx.broadcast_to(self.pos.reshape(1, 1, 1, 1), keys.shape)
         self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
         self.values = mx.put_along_axis(self.values, index, values, axis=2)

@@ -365,6 +365,10 @@ BENCHMARKS = [
         H200 + "finish-b OUT",
         render_generation,
     ),
+    *(
+        Benchmark(f"h200-{name}", f"h200/finish2/{name}.json", H200 + mode, render_generation)
+        for name, mode in (("generation-1.7b-scatter", "decode3 OUT"), ("generation-135m-b32", "decode OUT"))
+    ),
 ]
 
 
