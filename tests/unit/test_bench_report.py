@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import machine, report
+from bench import machine, report, report_runtime
 
 CPU = {"cpu": "Test CPU", "cores": 2, "system": "Linux x86_64", "gpu": None, "mlx": "0.0", "backend": "CPU"}
 GPU = {**CPU, "gpu": "Test GPU", "backend": "GPU"}
@@ -193,7 +193,7 @@ def test_scaling_chart_bars_are_proportional_to_samples_per_s() -> None:
         {"mode": "async", "actors": 2, "samples_per_s": 1.0},
         {"mode": "async", "actors": 4, "samples_per_s": 0.75},
     ]
-    chart = report.scaling_chart(rows, width=40)
+    chart = report_runtime.scaling_chart(rows, width=40)
     bars = {line.split("|")[0].strip(): line.split("|")[1].split() for line in chart if "|" in line}
     assert bars["sync"] == ["#" * 20, "1.00x"]
     assert bars["2 actors"] == ["#" * 40, "2.00x"]
