@@ -8,8 +8,8 @@ compiled step is replayed from its trace without running the Python again (~3x l
 mlx-lm's ``BatchKVCache`` cannot be compiled: ``update_and_fetch`` returns ``keys[..., :idx, :]``, one column more
 at every token, so a compiled step would retrace at every token (and its ``filter`` reads ``left_padding`` back to
 the host, a device sync per layer whenever a row leaves). Here each layer keeps ``[W, Hkv, C, D]`` keys and values,
-the step writes column ``pos`` (a device array) with a scatter (``put_along_axis``), and attention reads all ``C`` columns under a
-mask (masked columns add exact zeros to the softmax), so one trace serves up to ``chunk`` tokens:
+the step writes column ``pos`` (a device array) with a scatter (``put_along_axis``), and attention reads all ``C``
+columns under a mask (masked columns add exact zeros to the softmax), so one trace serves up to ``chunk`` tokens:
 
 - the rows are laid out again (finished rows dropped, common left padding cut, room for up to ``chunk`` more
   tokens) only when the buffer is full or half of its rows have finished; a finished row decodes filler until

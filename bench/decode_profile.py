@@ -75,9 +75,8 @@ def _matmul_attention(queries, keys, values, scale, mask=None, sinks=None):
     w, heads, length, dim = queries.shape
     kv_heads = keys.shape[1]
     q = (queries * scale).reshape(w, kv_heads, heads // kv_heads, length, dim)  # grouped heads share a key
-    scores = q @ keys[:, :, None].swapaxes(
-        -1, -2
-    )  # [W, Hkv, rep, 1, C] in the compute dtype, as MLX's fallback
+    # [W, Hkv, rep, 1, C] in the compute dtype, as MLX's fallback computes them
+    scores = q @ keys[:, :, None].swapaxes(-1, -2)
     if mask is not None:
         mask = mask[:, :, None]
         scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
@@ -86,39 +85,38 @@ def _matmul_attention(queries, keys, values, scale, mask=None, sinks=None):
 
 
 _BOOL_MASK = decode._LayerCache.make_mask
-_FAST_SDPA = mx.fast.scaled_dot_product_attention
+
+
+def _patches() -> dict[str, tuple[object, str, object]]:
+    """Per variant, the (owner, attribute, replacement) its trace swaps in (``full`` swaps nothing)."""
+    cache = decode._LayerCache
+    return {
+        "argmax-tail": (decode, "draw", mx.compile(_argmax_draw)),
+        "no-mask": (cache, "make_mask", _no_mask),
+        "model-head": (decode, "_float32_head", lambda model: []),
+        "no-write": (cache, "update_and_fetch", _no_write),
+        "slice-update": (cache, "update_and_fetch", _slice_update_write),
+        "additive-mask": (cache, "make_mask", _additive_mask),
+        "matmul-attention": (mx.fast, "scaled_dot_product_attention", _matmul_attention),
+    }
 
 
 class _Patched:
     """Within the block, the decode step traced with one part swapped out (``variant``), then restored."""
 
     def __init__(self, model, variant: str):
-        self.model, self.variant = model, variant
-        self.saved = (decode.draw, decode._LayerCache.make_mask, decode._float32_head)
-        self.saved += (decode._LayerCache.update_and_fetch,)
+        self.model, self.patch = model, _patches().get(variant)
+        self.saved = None if self.patch is None else getattr(*self.patch[:2])
 
     def __enter__(self):
         self.model.__dict__.pop("_compiled_decode_step", None)  # trace anew with the swapped part
-        if self.variant == "argmax-tail":
-            decode.draw = mx.compile(_argmax_draw)
-        elif self.variant == "no-mask":
-            decode._LayerCache.make_mask = _no_mask
-        elif self.variant == "model-head":
-            decode._float32_head = lambda model: []
-        elif self.variant == "no-write":
-            decode._LayerCache.update_and_fetch = _no_write
-        elif self.variant == "slice-update":
-            decode._LayerCache.update_and_fetch = _slice_update_write
-        elif self.variant == "additive-mask":
-            decode._LayerCache.make_mask = _additive_mask
-        elif self.variant == "matmul-attention":
-            mx.fast.scaled_dot_product_attention = _matmul_attention
+        if self.patch is not None:
+            setattr(*self.patch)
         return self
 
     def __exit__(self, *exc):
-        decode.draw, decode._LayerCache.make_mask, decode._float32_head = self.saved[:3]
-        decode._LayerCache.update_and_fetch = self.saved[3]
-        mx.fast.scaled_dot_product_attention = _FAST_SDPA
+        if self.patch is not None:
+            setattr(*self.patch[:2], self.saved)
         self.model.__dict__.pop("_compiled_decode_step", None)
 
 

@@ -41,6 +41,12 @@ first() {  # first NAME MODEL MICRO [nokl] [chunk=N]: 64 x (128 + 384), LoRA r16
     shift 3
     step "$name" "${FIRST_LIMIT:-150}" python3 bench/first_update.py "$model" 64 128 384 "$micro" 16 3 "$@"
 }
+large_model() { [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16; }
+e2e_large() {  # ours-e2e (2 actors, then 1) on the 1.7B shape, its log in OUT_DIR/e2e.txt
+    E2E_SIZES="1.7b:$large:16:.devmodel17" E2E_TOKENS=128 E2E_UPDATES=4 bash bench/cuda_bench.sh ours-e2e "$out" \
+        >"$out/e2e.txt" 2>&1
+    tail -n 5 "$out/e2e.txt"
+}
 case $mode in
 learner-small)
     first s-m16 $small 16
@@ -49,7 +55,7 @@ learner-small)
     step s-profile 120 python3 bench/learner_profile.py --model $small --micro 16 --output "$out/profile-135m.json"
     ;;
 learner-large)
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     first l-m16 $large 16
     first l-auto $large auto
     first l-auto-chunk $large auto chunk=2048
@@ -59,7 +65,7 @@ learner-large)
 trl)  # TRL GRPOTrainer + peft on the host's own PyTorch (carry .whltrl); TRL_TOKENS new tokens, TRL_BETA
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/trlsite .whltrl/*.whl
     python3 -c "import pyarrow, fsspec, peft, torch; print(pyarrow.__version__, fsspec.__version__, peft.__version__, torch.__version__)"
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     for pair in 135m:$small 1.7b:$large; do
         step trl-${pair%%:*} 240 env PYTHONPATH=/tmp/trlsite:$PWD python3 bench/peer_trl.py --model ${pair#*:} \
             --steps ${TRL_STEPS:-3} --max-new-tokens ${TRL_TOKENS:-128} --beta ${TRL_BETA:-0.04} \
@@ -70,10 +76,10 @@ finish-a)
     FIRST_LIMIT=300 first s-auto-cold $small auto   # the first process here: the kernel cache starts empty
     first s-auto $small auto        # the same shapes with the cache the first filled: the warm first update
     first s-auto-nokl $small auto nokl
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     ;;
 finish-b)
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     first l-auto $large auto
     first l-m64 $large 64
     first l-auto-chunk $large auto chunk=2048
@@ -82,7 +88,7 @@ finish-b)
         --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 2 --output "$out/h200-generation-1.7b.json"
     ;;
 decode)
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     step decode-1.7b 240 python3 bench/decode_profile.py --model $large --batch-sizes 32,256 --context 128,384 \
         --output "$out/decode-1.7b.json"
     step decode-135m 90 python3 bench/decode_profile.py --model $small --batch-sizes 32,256 --context 128,384 \
@@ -91,23 +97,19 @@ decode)
         --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 3 --output "$out/h200-generation-135m.json"
     ;;
 decode2)
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     step decode2-1.7b 200 python3 bench/decode_profile.py --model $large --batch-sizes 256 --context 128,384 \
         --variants full,no-write,no-mask,additive-mask,matmul-attention --output "$out/decode2-1.7b.json"
-    E2E_SIZES="1.7b:$large:16:.devmodel17" E2E_TOKENS=128 E2E_UPDATES=4 bash bench/cuda_bench.sh ours-e2e "$out" \
-        >"$out/e2e.txt" 2>&1
-    tail -n 5 "$out/e2e.txt"
+    e2e_large
     ;;
 decode3)
-    [ -d $large ] || python3 bench/random_weights.py .devmodel17 $large bfloat16
+    large_model
     step decode3-1.7b 150 python3 bench/decode_profile.py --model $large --batch-sizes 32,128,256 --context 128 \
         --variants full,slice-update,no-write --timings host-paced --output "$out/decode3-1.7b.json"
     step gen3-1.7b 240 python3 bench/generation.py --model $large --batch-sizes 32,128,256 --new-tokens 128 \
         --mixed-lengths --samplers ours-compiled,mlx_lm --skip-stock --repeats 2 \
         --output "$out/h200-generation-1.7b.json"
-    E2E_SIZES="1.7b:$large:16:.devmodel17" E2E_TOKENS=128 E2E_UPDATES=4 bash bench/cuda_bench.sh ours-e2e "$out" \
-        >"$out/e2e.txt" 2>&1
-    tail -n 5 "$out/e2e.txt"
+    e2e_large
     ;;
 ptx)
     tar -C "$MLX_PTX_CACHE_DIR" -cf - . | xz -T0 -6 >"$out/ptx-cache.tar.xz"

@@ -6,8 +6,8 @@ the one that allocates last fails: seen on an H200 with the 1.7B shape, 1 learne
 ``cudaMallocAsync ... out of memory`` in the learner after its first update and in an actor mid-decode. The
 launcher tells each local child how many learners and actors share its device (``MLX_PPO_DEVICE_SHARE``,
 "learners,actors": on a host of several GPUs, only those on the child's own GPU, ``launcher/gpu_placement.py``);
-each then sets MLX's memory limit to its part, so MLX returns cached buffers before crossing it, and the learner
-sizes its automatic micro-batches from its part (``learner/micro_batches.py``). Nothing changes on the CPU backend
+each then sets MLX's memory limit to its part of ``SHARED_USABLE`` of the device, so MLX returns cached buffers
+before crossing it, and the learner sizes its automatic micro-batches from its part (``learner/micro_batches.py``). Nothing changes on the CPU backend
 or for a process alone on its device.
 """
 
@@ -92,6 +92,6 @@ def apply_device_share(role: str) -> int:
     limit = shared_limit(part, total)
     mx.set_memory_limit(limit)
     _applied["limit"] = limit
-    logger.info("%s: %.0f%% of the shared device's %.1f GB (memory limit %.1f GB)", role, 100 * part,
-                total / 1e9, limit / 1e9)  # fmt: skip
+    logger.info("%s: %.0f%% of the %.0f%% the processes share of the device's %.1f GB (memory limit %.1f GB)",
+                role, 100 * part, 100 * SHARED_USABLE, total / 1e9, limit / 1e9)  # fmt: skip
     return limit
